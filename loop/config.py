@@ -1,0 +1,231 @@
+"""Project configuration: one YAML file loaded into an explicit pydantic-settings object.
+
+Environment variables override the YAML (prefix ``DEFECT_LOOP_``, nested with ``__``, e.g.
+``DEFECT_LOOP_LABELSTUDIO__URL``). Secrets come only from the environment: the Label Studio API
+token is ``DEFECT_LOOP_LABELSTUDIO__API_TOKEN`` and a YAML file that contains it is refused.
+Nothing here runs at import time; call `load_config`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+from loop.errors import ConfigError
+
+DEFAULT_CONFIG_NAME = "defect-loop.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LabelStudioConfig(_Section):
+    url: str = "http://127.0.0.1:8080"
+    username: str = "admin@defect-loop.local"
+    # The password and token are secrets: environment only (see module docstring).
+    password: SecretStr | None = None
+    api_token: SecretStr | None = None
+    project_title: str | None = None
+    # Label Studio's LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT; the images folder must lie below it.
+    # Default: the workspace (what `defect-loop services up` starts the server with).
+    document_root: Path | None = None
+    batch_size: int = Field(500, ge=1, description="tasks per bulk import call")
+    timeout_s: float = Field(30.0, gt=0)
+
+
+class MlflowConfig(_Section):
+    tracking_uri: str | None = None  # default: sqlite file in the workspace
+    experiment: str = "defect-loop"
+    registered_model: str = "defect-loop-detector"
+
+
+class TrainConfig(_Section):
+    model: str = "yolov8n.yaml"
+    imgsz: int = Field(256, ge=32)
+    epochs: int = Field(30, ge=1)
+    batch: int = Field(16, ge=1)
+    seed: int = 0
+    threads: int = Field(2, ge=1)
+    warm_start: bool = True
+    patience: int = Field(100, ge=0)
+
+
+class SplitConfig(_Section):
+    """Fractions of images per split, assigned from the image hash (frozen forever)."""
+
+    val: float = Field(0.15, ge=0, lt=1)
+    test: float = Field(0.15, ge=0, lt=1)
+
+
+class SelectConfig(_Section):
+    strategy: str = "entropy"
+    reduction: Literal["max", "mean", "sum", "topk_mean"] = "max"
+    batch_size: int = Field(20, ge=1, description="images pushed to Label Studio per cycle")
+    candidate_conf: float = Field(0.01, gt=0, lt=1, description="lowest score kept for scoring")
+    preannotation_conf: float = Field(
+        0.25, gt=0, lt=1, description="lowest score shown to labelers"
+    )
+    seed: int = 0
+
+
+class IngestConfig(_Section):
+    max_bytes: int = Field(50_000_000, ge=1)
+    max_pixels: int = Field(40_000_000, ge=1)
+    min_side: int = Field(8, ge=1)
+
+
+class ProjectConfig(BaseSettings):
+    """Everything a cycle needs. Paths are absolute after `load_config`."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="DEFECT_LOOP_", env_nested_delimiter="__", extra="forbid"
+    )
+
+    name: str = "defect-loop"
+    classes: list[str]
+    workspace: Path = Path(".defect-loop")
+    guidelines: str = (
+        "Draw a tight box around every visible defect and pick its class. "
+        "If the image shows no defect, submit it with no regions: that is a defect-free example."
+    )
+    labelstudio: LabelStudioConfig = LabelStudioConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    train: TrainConfig = TrainConfig()
+    split: SplitConfig = SplitConfig()
+    select: SelectConfig = SelectConfig()
+    ingest: IngestConfig = IngestConfig()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The environment wins over the YAML (passed as init kwargs).
+        return (env_settings, init_settings)
+
+    @field_validator("classes")
+    @classmethod
+    def _check_classes(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("classes must list at least one class name")
+        stripped = [c.strip() for c in v]
+        if any(not c for c in stripped):
+            raise ValueError("class names must not be empty")
+        if len(set(stripped)) != len(stripped):
+            raise ValueError(f"class names must be unique, got {stripped}")
+        return stripped
+
+    # --- derived paths (the workspace layout lives here and only here) ---
+    @property
+    def images_dir(self) -> Path:
+        """Content-addressed image store; also Label Studio's local-storage folder."""
+        return self.workspace / "images"
+
+    @property
+    def datasets_dir(self) -> Path:
+        return self.workspace / "datasets"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.workspace / "runs"
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.workspace / "exports"
+
+    @property
+    def yolo_config_dir(self) -> Path:
+        return self.workspace / "ultralytics"
+
+    @property
+    def state_path(self) -> Path:
+        return self.workspace / "state.json"
+
+    @property
+    def mlflow_uri(self) -> str:
+        if self.mlflow.tracking_uri:
+            return self.mlflow.tracking_uri
+        return f"sqlite:///{(self.workspace / 'mlflow.db').resolve()}"
+
+    @property
+    def mlflow_artifact_location(self) -> str:
+        return (self.workspace / "mlartifacts").resolve().as_uri()
+
+    @property
+    def ls_document_root(self) -> Path:
+        return self.labelstudio.document_root or self.workspace
+
+    @property
+    def ls_project_title(self) -> str:
+        return self.labelstudio.project_title or f"defect-loop: {self.name}"
+
+    def class_index(self, name: str) -> int:
+        """The fixed id of class ``name``; unknown names raise `UnknownLabelError`."""
+        from loop.errors import UnknownLabelError
+
+        try:
+            return self.classes.index(name)
+        except ValueError:
+            raise UnknownLabelError(
+                f"label {name!r} is not in the project's classes {self.classes}; "
+                "fix the label or add the class to the config"
+            ) from None
+
+
+_SECRET_KEYS = {("labelstudio", "api_token"), ("labelstudio", "password")}
+
+
+def load_config(path: Path | str, **overrides: Any) -> ProjectConfig:
+    """Load ``path`` (YAML), apply environment overrides, resolve paths against the file's folder.
+
+    Raises `ConfigError` when the file is missing, malformed, holds a secret or fails validation.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(
+            f"config file {path} not found; create one with `defect-loop init` or pass --config"
+        )
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping at the top level")
+    for section, key in _SECRET_KEYS:
+        if isinstance(data.get(section), dict) and key in data[section]:
+            raise ConfigError(
+                f"{path} sets {section}.{key}: secrets must not live in the YAML; set "
+                f"DEFECT_LOOP_{section.upper()}__{key.upper()} in the environment instead"
+            )
+    data.update(overrides)
+    try:
+        cfg = ProjectConfig(**data)
+    except ValidationError as exc:
+        raise ConfigError(f"{path} is invalid:\n{exc}") from exc
+    if not cfg.workspace.is_absolute():
+        cfg.workspace = (path.parent / cfg.workspace).resolve()
+    return cfg
+
+
+def write_default_config(path: Path, classes: list[str], name: str = "defect-loop") -> None:
+    """Write a starter YAML for ``classes``; refuses to overwrite an existing file."""
+    if path.exists():
+        raise ConfigError(f"{path} already exists; edit it or choose another path")
+    doc = {
+        "name": name,
+        "classes": classes,
+        "workspace": ".defect-loop",
+        "labelstudio": {"url": "http://127.0.0.1:8080"},
+        "train": {"model": "yolov8n.yaml", "imgsz": 256, "epochs": 30},
+        "select": {"strategy": "entropy", "reduction": "max", "batch_size": 20},
+    }
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))

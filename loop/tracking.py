@@ -1,0 +1,289 @@
+"""MLflow: training runs, dataset versions as run inputs, the model registry and the promotion gate.
+
+Default store: a SQLite file plus local artifacts in the workspace (no server). Every training run
+logs params, per-epoch metrics, val and test metrics, per-class AP, the dataset version (manifest
+artifact + an ``mlflow.data`` input with our own full-content digest), and the weights, which are
+registered as a model version with alias ``candidate``; the gate moves ``champion``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loop.config import ProjectConfig
+from loop.datasets import DatasetStore, DatasetVersion
+from loop.errors import ModelError
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+    from loop.model import EvalResult, TrainResult
+
+CANDIDATE = "candidate"
+CHAMPION = "champion"
+
+
+def quiet_mlflow_env() -> None:
+    """Telemetry off before mlflow is used (mlflow ignores DO_NOT_TRACK=1, honours `true`)."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@dataclass(frozen=True)
+class Champion:
+    version: str
+    run_id: str
+    weights: Path
+    test_map50_95: float | None
+
+
+@dataclass(frozen=True)
+class Promotion:
+    promoted: bool
+    reason: str
+
+
+def _metric_dict(prefix: str, ev: EvalResult, classes: list[str]) -> dict[str, float]:
+    out = {
+        f"{prefix}_map50": ev.map50,
+        f"{prefix}_map50_95": ev.map50_95,
+        f"{prefix}_precision": ev.precision,
+        f"{prefix}_recall": ev.recall,
+    }
+    for c in classes:
+        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c)
+        out[f"{prefix}_ap50_{safe}"] = float(ev.per_class_ap50.get(c, 0.0))
+        out[f"{prefix}_ap50_95_{safe}"] = float(ev.per_class_ap50_95.get(c, 0.0))
+    return out
+
+
+class Tracker:
+    """Thin wrapper over MLflow for one project. No connection is opened until a method runs."""
+
+    def __init__(self, cfg: ProjectConfig) -> None:
+        self.cfg = cfg
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            quiet_mlflow_env()
+            import mlflow
+
+            mlflow.set_tracking_uri(self.cfg.mlflow_uri)
+            mlflow.set_registry_uri(self.cfg.mlflow_uri)
+            self._client = mlflow.MlflowClient(self.cfg.mlflow_uri, self.cfg.mlflow_uri)
+        return self._client
+
+    def experiment_id(self) -> str:
+        exp = self.client.get_experiment_by_name(self.cfg.mlflow.experiment)
+        if exp is not None:
+            return str(exp.experiment_id)
+        return str(
+            self.client.create_experiment(
+                self.cfg.mlflow.experiment, artifact_location=self.cfg.mlflow_artifact_location
+            )
+        )
+
+    def log_training(
+        self,
+        *,
+        version: DatasetVersion,
+        store: DatasetStore,
+        result: TrainResult,
+        test: EvalResult | None,
+        params: Mapping[str, Any],
+        round_index: int,
+    ) -> str:
+        """Log one training run; returns the MLflow run id. Batches metrics (one call per kind)."""
+        import mlflow
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client
+        classes = list(version.classes)
+        run = client.create_run(
+            self.experiment_id(),
+            run_name=f"round-{round_index}-train-{version.short}",
+            tags={
+                "defect_loop.kind": "train",
+                "defect_loop.round": str(round_index),
+                "defect_loop.dataset_digest": version.digest,
+                "defect_loop.dataset_parent": version.parent or "",
+            },
+        )
+        run_id = run.info.run_id
+        try:
+            all_params = {**params, "dataset_digest": version.digest, "n_images": len(version)}
+            client.log_batch(
+                run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(all_params.items())]
+            )
+            metrics: list[Metric] = []
+            for step, ep in enumerate(result.epochs):
+                for k, v in ep.items():
+                    key = "epoch_" + "".join(
+                        ch if ch.isalnum() or ch in "-_./" else "_" for ch in k
+                    )
+                    metrics.append(Metric(key, float(v), 0, step))
+            finals = _metric_dict("val", result.val, classes)
+            if test is not None:
+                finals.update(_metric_dict("test", test, classes))
+            metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items()]
+            for i in range(0, len(metrics), 900):
+                client.log_batch(run_id, metrics=metrics[i : i + 900])
+            client.log_artifact(
+                run_id, str(store.path(version.digest) / "manifest.parquet"), "dataset"
+            )
+            client.log_artifact(run_id, str(store.path(version.digest) / "meta.json"), "dataset")
+            client.log_artifact(run_id, str(result.weights), "weights")
+            if test is not None and test.confusion_matrix:
+                with tempfile.TemporaryDirectory() as d:
+                    p = Path(d) / "confusion_matrix.json"
+                    p.write_text(json.dumps({"classes": classes, "matrix": test.confusion_matrix}))
+                    client.log_artifact(run_id, str(p), "eval")
+            with mlflow.start_run(run_id=run_id):
+                mlflow.log_input(self._mlflow_dataset(version, store), context="training")
+            client.set_tag(run_id, "defect_loop.weights_file", result.weights.name)
+            client.log_batch(run_id, tags=[RunTag("defect_loop.status", "logged")])
+        except Exception:
+            client.set_terminated(run_id, "FAILED")
+            raise
+        client.set_terminated(run_id, "FINISHED")
+        return str(run_id)
+
+    def _mlflow_dataset(self, version: DatasetVersion, store: DatasetStore) -> Any:
+        import pandas as pd
+        from mlflow.data.pandas_dataset import from_pandas
+
+        df = pd.DataFrame(
+            {
+                "sha256": [r.sha256 for r in version.rows],
+                "path": [r.path for r in version.rows],
+                "split": [r.split for r in version.rows],
+                "n_boxes": [len(r.boxes) for r in version.rows],
+            }
+        )
+        source = (store.path(version.digest) / "manifest.parquet").resolve().as_uri()
+        # Our digest covers every row and box; MLflow's default covers only the first 10k rows.
+        return from_pandas(
+            df, source=source, name=f"labels-{version.short}", digest=version.digest[:36]
+        )
+
+    def register(self, run_id: str) -> str:
+        """Register the run's weights as a new model version with alias ``candidate``."""
+        client = self.client
+        name = self.cfg.mlflow.registered_model
+        if not client.search_registered_models(filter_string=f"name = '{name}'"):
+            client.create_registered_model(name)
+        source = f"{client.get_run(run_id).info.artifact_uri}/weights"
+        mv = client.create_model_version(name, source=source, run_id=run_id)
+        client.set_registered_model_alias(name, CANDIDATE, mv.version)
+        return str(mv.version)
+
+    def champion(self) -> Champion | None:
+        """The current champion with its weights downloaded locally, or None before the first."""
+        from mlflow.exceptions import MlflowException
+
+        name = self.cfg.mlflow.registered_model
+        try:
+            mv = self.client.get_model_version_by_alias(name, CHAMPION)
+        except MlflowException:
+            return None
+        if mv.run_id is None:
+            raise ModelError(f"model version {mv.version} of {name} has no run; re-register it")
+        run = self.client.get_run(mv.run_id)
+        weights = self._download_weights(str(mv.version), run)
+        return Champion(
+            str(mv.version), str(mv.run_id), weights, run.data.metrics.get("test_map50_95")
+        )
+
+    def _download_weights(self, version: str, run: Any) -> Path:
+        import mlflow.artifacts
+
+        dest = self.cfg.workspace / "models" / f"v{version}"
+        name = run.data.tags.get("defect_loop.weights_file", "best.pt")
+        if not (dest / "weights" / name).exists():
+            dest.mkdir(parents=True, exist_ok=True)
+            mlflow.artifacts.download_artifacts(
+                artifact_uri=f"models:/{self.cfg.mlflow.registered_model}@{CHAMPION}",
+                dst_path=str(dest / "weights"),
+                tracking_uri=self.cfg.mlflow_uri,
+            )
+        found = sorted((dest / "weights").rglob(name))
+        if not found:
+            raise ModelError(
+                f"champion v{version} has no weights file {name}; retrain with `defect-loop train`"
+            )
+        return found[0]
+
+    def promote_if_better(
+        self, model_version: str, run_id: str, tolerance: float = 0.0
+    ) -> Promotion:
+        """Move ``champion`` to ``model_version`` unless its test mAP50-95 is below the champion's
+        minus ``tolerance``. The decision and reason are tagged on the run."""
+        client = self.client
+        name = self.cfg.mlflow.registered_model
+        new = client.get_run(run_id).data.metrics.get("test_map50_95")
+        current = self.champion_metrics()
+        if current is None:
+            decision = Promotion(True, "first model: no champion yet")
+        elif new is None:
+            decision = Promotion(False, "candidate has no test metrics (no labeled test images)")
+        elif current[1] is None or new >= current[1] - tolerance:
+            decision = Promotion(
+                True,
+                f"test mAP50-95 {new:.4f} >= champion v{current[0]} {current[1]} - {tolerance}",
+            )
+        else:
+            decision = Promotion(
+                False,
+                f"test mAP50-95 {new:.4f} < champion v{current[0]} {current[1]:.4f} - {tolerance}",
+            )
+        if decision.promoted:
+            client.set_registered_model_alias(name, CHAMPION, model_version)
+        client.set_tag(run_id, "defect_loop.promoted", str(decision.promoted).lower())
+        client.set_tag(run_id, "defect_loop.promotion_reason", decision.reason)
+        return decision
+
+    def champion_metrics(self) -> tuple[str, float | None] | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client.get_model_version_by_alias(self.cfg.mlflow.registered_model, CHAMPION)
+        except MlflowException:
+            return None
+        metrics = self.client.get_run(str(mv.run_id)).data.metrics
+        return str(mv.version), metrics.get("test_map50_95")
+
+    def last_trained_digest(self) -> str | None:
+        """Dataset digest of the newest finished training run (None before the first)."""
+        runs = self.client.search_runs(
+            [self.experiment_id()],
+            filter_string="tags.`defect_loop.kind` = 'train' and attributes.status = 'FINISHED'",
+            order_by=["attributes.start_time DESC"],
+            max_results=1,
+        )
+        return runs[0].data.tags.get("defect_loop.dataset_digest") if runs else None
+
+    def training_runs(self) -> list[dict[str, Any]]:
+        """All training runs, oldest first, with their dataset digest and test metrics."""
+        runs = self.client.search_runs(
+            [self.experiment_id()],
+            filter_string="tags.`defect_loop.kind` = 'train'",
+            order_by=["attributes.start_time ASC"],
+        )
+        return [
+            {
+                "run_id": r.info.run_id,
+                "round": r.data.tags.get("defect_loop.round"),
+                "dataset_digest": r.data.tags.get("defect_loop.dataset_digest"),
+                "metrics": dict(r.data.metrics),
+                "status": r.info.status,
+            }
+            for r in runs
+        ]

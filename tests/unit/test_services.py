@@ -1,0 +1,219 @@
+"""Unit tests of `loop.services` and the pure/offline parts of `loop.labelstudio`."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+from label_studio_sdk.core.api_error import ApiError
+
+from loop import labelstudio as lsmod
+from loop.errors import ConfigError, LabelStudioError, ServiceError
+from loop.labelstudio import LabelStudioGateway, classes_from_label_config, label_config_xml
+from loop.services import (
+    LabelStudioService,
+    free_port,
+    load_or_create_credentials,
+)
+
+CLASSES = ["scratch", "dent", "crack", "stain"]
+
+
+# --- label config ----------------------------------------------------------------------------
+def test_label_config_is_valid_xml_with_one_label_per_class():
+    xml = label_config_xml(CLASSES, 'Box defects <carefully> & "tightly".')
+    root = ET.fromstring(xml)
+    (image,) = root.iter("Image")
+    assert image.get("name") == "image" and image.get("value") == "$image"
+    (rect,) = root.iter("RectangleLabels")
+    assert rect.get("name") == "label" and rect.get("toName") == "image"
+    labels = list(rect.iter("Label"))
+    assert [lb.get("value") for lb in labels] == CLASSES
+    colours = [lb.get("background") for lb in labels]
+    assert len(set(colours)) == len(CLASSES)
+    assert all(c and c.startswith("#") and len(c) == 7 for c in colours)
+    (header,) = root.iter("Header")
+    assert header.get("value") == 'Box defects <carefully> & "tightly".'
+    assert classes_from_label_config(xml) == CLASSES
+
+
+def test_label_config_many_classes_get_distinct_colours():
+    names = [f"c{i}" for i in range(40)]
+    root = ET.fromstring(label_config_xml(names, ""))
+    colours = [lb.get("background") for lb in root.iter("Label")]
+    assert len(set(colours)) == 40
+    assert not list(root.iter("Header"))
+
+
+@pytest.mark.parametrize("bad", [[], ["a", "a"], ["a", " "]])
+def test_label_config_rejects_bad_class_lists(bad):
+    with pytest.raises(ConfigError):
+        label_config_xml(bad, "")
+
+
+def test_classes_from_foreign_config_is_refused():
+    with pytest.raises(LabelStudioError, match="RectangleLabels"):
+        classes_from_label_config('<View><Image name="img" value="$img"/></View>')
+
+
+# --- credentials -----------------------------------------------------------------------------
+def test_credentials_created_0600_and_reused(tmp_path):
+    path = tmp_path / "ls" / "credentials.json"
+    a = load_or_create_credentials(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert 6 <= len(a.api_token) <= 40
+    assert len(a.password) >= 16
+    b = load_or_create_credentials(path)
+    assert a == b
+    assert json.loads(path.read_text())["api_token"] == a.api_token
+    c = load_or_create_credentials(tmp_path / "other.json")
+    assert c.api_token != a.api_token and c.password != a.password
+
+
+def test_credentials_file_with_loose_mode_is_tightened(tmp_path):
+    path = tmp_path / "credentials.json"
+    load_or_create_credentials(path)
+    path.chmod(0o644)
+    load_or_create_credentials(path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+def test_broken_credentials_file_raises(tmp_path):
+    path = tmp_path / "credentials.json"
+    path.write_text("{}")
+    with pytest.raises(ServiceError, match="credentials file"):
+        load_or_create_credentials(path)
+
+
+# --- service without a server ----------------------------------------------------------------
+def _service(tmp_path: Path, **kw) -> LabelStudioService:
+    creds = load_or_create_credentials(tmp_path / "credentials.json")
+    return LabelStudioService.from_credentials(
+        creds,
+        tmp_path / "data",
+        tmp_path / "root",
+        port=free_port(),
+        venv_dir=tmp_path / "no-venv",
+        **kw,
+    )
+
+
+def test_status_when_not_running(tmp_path):
+    svc = _service(tmp_path)
+    st = svc.status()
+    assert st["running"] is False and st["pid"] is None and st["healthy"] is False
+    assert st["url"] == svc.url == f"http://127.0.0.1:{svc.port}"
+    assert st["log"] == str(svc.data_dir / "label-studio.log")
+    assert svc.stop() is False  # no error when nothing runs
+
+
+def test_stale_pid_file_is_ignored_and_removed(tmp_path):
+    svc = _service(tmp_path)
+    svc.data_dir.mkdir(parents=True)
+    svc.pid_file.write_text(f"{os.getpid()}\n")  # alive, but not Label Studio
+    assert svc.status()["running"] is False
+    svc.pid_file.write_text("999999999\n")  # no such process
+    assert svc.status()["running"] is False
+    svc.stop()
+    assert not svc.pid_file.exists()
+
+
+def test_start_without_install_says_what_to_do(tmp_path):
+    svc = _service(tmp_path)
+    with pytest.raises(ServiceError, match="ensure_installed|services up"):
+        svc.start(timeout_s=1)
+
+
+def test_token_length_is_checked(tmp_path):
+    with pytest.raises(ServiceError, match="6-40"):
+        LabelStudioService(tmp_path, tmp_path / "r", "u@x.y", "pw", "short")
+    with pytest.raises(ServiceError, match="6-40"):
+        LabelStudioService(tmp_path, tmp_path / "r", "u@x.y", "pw", "x" * 41)
+
+
+def test_server_env_is_clean_and_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOST", "http://evil.example")
+    monkeypatch.setenv("DEBUG", "true")
+    monkeypatch.setenv("LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK", "false")
+    svc = _service(tmp_path, extra_env={"LOG_LEVEL": "INFO"})
+    env = svc.server_env()
+    assert "HOST" not in env and "DEBUG" not in env
+    assert env["LABEL_STUDIO_DISABLE_SIGNUP_WITHOUT_LINK"] == "true"
+    assert env["LABEL_STUDIO_ENABLE_LEGACY_API_TOKEN"] == "true"
+    assert env["LABEL_STUDIO_USER_TOKEN"] == svc.api_token
+    assert env["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"] == str(svc.document_root)
+    assert env["LABEL_STUDIO_BASE_DATA_DIR"] == str(svc.data_dir)
+    assert env["LATEST_VERSION_CHECK"] == "false"
+    assert env["COLLECT_ANALYTICS"] == "false"
+    assert env["SENTRY_DSN"] == ""
+    assert env["LOG_LEVEL"] == "INFO"
+
+
+def test_start_refuses_a_busy_port(tmp_path):
+    import socket
+
+    svc = _service(tmp_path)
+    exe = svc.executable
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\nexit 1\n")
+    exe.chmod(0o755)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", svc.port))
+        s.listen()
+        with pytest.raises(ServiceError, match="already in use"):
+            svc.start(timeout_s=1)
+
+
+def test_start_reports_early_exit_with_log_tail(tmp_path):
+    svc = _service(tmp_path)
+    exe = svc.executable
+    exe.parent.mkdir(parents=True)
+    exe.write_text("#!/bin/sh\necho 'boom: database is locked' >&2\nexit 3\n")
+    exe.chmod(0o755)
+    with pytest.raises(ServiceError) as info:
+        svc.start(timeout_s=20)
+    msg = str(info.value)
+    assert "exited" in msg and str(svc.log_file) in msg and "boom: database is locked" in msg
+    assert not svc.pid_file.exists()
+
+
+# --- gateway retries (no server needed) -------------------------------------------------------
+def _gateway() -> LabelStudioGateway:
+    return LabelStudioGateway("http://127.0.0.1:9", "0123456789abcdef")
+
+
+def test_gateway_retries_5xx_then_succeeds(monkeypatch):
+    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ApiError(status_code=503, body={"detail": "busy"})
+        return "ok"
+
+    assert _gateway()._call("test", flaky) == "ok"
+    assert len(calls) == 3
+
+
+def test_gateway_does_not_retry_4xx(monkeypatch):
+    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    calls = []
+
+    def bad():
+        calls.append(1)
+        raise ApiError(status_code=400, body={"detail": "Validation error"})
+
+    with pytest.raises(LabelStudioError, match="HTTP 400.*Validation error"):
+        _gateway()._call("test", bad)
+    assert len(calls) == 1
+
+
+def test_gateway_unreachable_server_is_a_service_error(monkeypatch):
+    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    with pytest.raises(ServiceError, match="unreachable"):
+        _gateway().ensure_project("some project", CLASSES, "")

@@ -24,16 +24,16 @@ $(STAMP): pyproject.toml constraints.txt
 install: $(STAMP) label-studio
 
 label-studio: $(STAMP)
-	$(BIN)/python -c "from loop.services import LabelStudioService as S; S.default_venv_install()"
+	$(BIN)/python -c "from loop.services import install_label_studio; install_label_studio()"
 
 lint: $(STAMP)
-	$(BIN)/ruff check loop flows tests bench
-	$(BIN)/ruff format --check loop flows tests bench
+	$(BIN)/ruff check loop flows tests
+	$(BIN)/ruff format --check loop flows tests
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format loop flows tests bench
-	$(BIN)/ruff check --fix loop flows tests bench
+	$(BIN)/ruff format loop flows tests
+	$(BIN)/ruff check --fix loop flows tests
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -28,7 +28,7 @@ def write_demo_config(path: Path, port: int) -> None:
             "marks a defect-free image."
         ),
         "labelstudio": {"url": f"http://127.0.0.1:{port}"},
-        "train": {"model": "yolov8n.yaml", "imgsz": 160, "epochs": 30, "batch": 16},
+        "train": {"model": "yolov8n.yaml", "imgsz": 160, "epochs": 40, "batch": 4},
         "select": {"strategy": "entropy", "reduction": "max", "batch_size": 24},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

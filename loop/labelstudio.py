@@ -25,12 +25,13 @@ from __future__ import annotations
 
 import colorsys
 import html
+import json
 import math
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -229,12 +230,15 @@ def _without_scores(det: Detections) -> Detections:
     return Detections(det.xyxy, det.class_id, det.image_wh)
 
 
-def _sort_key(annotation: dict[str, Any]) -> tuple[bool, str, int]:
-    return (
-        bool(annotation.get("ground_truth")),
-        str(annotation.get("updated_at") or annotation.get("created_at") or ""),
-        int(annotation.get("id") or 0),
-    )
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def _sort_key(annotation: dict[str, Any]) -> tuple[bool, datetime, int]:
+    # Ground truth first, then the most recently updated, then the highest id.
+    when = _parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return (bool(annotation.get("ground_truth")), when, int(annotation.get("id") or 0))
 
 
 class LabelStudioGateway:
@@ -435,9 +439,7 @@ class LabelStudioGateway:
         return out
 
     @staticmethod
-    def _task_payload(
-        item: PushItem, model_version: str, class_names: list[str]
-    ) -> dict[str, Any]:
+    def _task_payload(item: PushItem, model_version: str, class_names: list[str]) -> dict[str, Any]:
         if not item.sha256:
             raise ConversionError("sha256 must not be empty")
         if not item.image_url:
@@ -533,9 +535,7 @@ class LabelStudioGateway:
                 # task_ids is in the JSON but not in the SDK's model (extra field)
                 return [int(i) for i in (getattr(res, "task_ids", None) or [])]
 
-            task_ids = self._call(
-                f"import {len(batch)} tasks", do_import, before_retry=recheck
-            )
+            task_ids = self._call(f"import {len(batch)} tasks", do_import, before_retry=recheck)
             done = state["batch"]
             if len(task_ids) != len(done):
                 raise LabelStudioError(
@@ -640,7 +640,6 @@ class LabelStudioGateway:
 
     def export_annotated(self, project_id: int) -> list[dict[str, Any]]:
         """Label Studio's JSON export of every task with at least one annotation."""
-        import json
 
         def fetch() -> bytes:
             return b"".join(

@@ -40,6 +40,7 @@ _TOKEN_MIN, _TOKEN_MAX = 6, 40
 _LOG_TAIL_LINES = 25
 # Environment variables passed through to the server; everything else is dropped because
 # Label Studio reads many un-prefixed names (HOST, PORT, DEBUG, CI, USERNAME, PASSWORD, ...).
+_PYTHON_ENV_LEAKS = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"})
 _PASSTHROUGH_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ")
 
 
@@ -153,6 +154,84 @@ def _is_label_studio(pid: int) -> bool:
     return b"label-studio" in raw or b"label_studio" in raw
 
 
+def install_label_studio(
+    venv_dir: Path | None = None, progress: bool = True, timeout_s: float = 1800
+) -> Path:
+    """Create the server's venv and ``pip install label-studio==LABEL_STUDIO_VERSION`` if
+    ``bin/label-studio`` is missing (about 60 s and 1 GB). Returns the executable's path.
+
+    Raises `ServiceError` naming the pip log when the venv or the install fails.
+    """
+    venv_dir = _default_venv_dir() if venv_dir is None else Path(venv_dir).expanduser()
+    exe = venv_dir / "bin" / "label-studio"
+    if exe.exists():
+        return exe
+    log = venv_dir.with_name(venv_dir.name + "-pip.log")
+    venv_dir.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.monotonic()
+    if progress:
+        print(
+            f"Installing Label Studio {LABEL_STUDIO_VERSION} into {venv_dir} "
+            f"(about a minute; log: {log})",
+            file=sys.stderr,
+            flush=True,
+        )
+    python = venv_dir / "bin" / "python"
+    steps: list[list[str]] = []
+    if not python.exists():
+        steps.append([sys.executable, "-m", "venv", str(venv_dir)])
+    steps.append(
+        [
+            str(python),
+            "-m",
+            "pip",
+            "install",
+            "--disable-pip-version-check",
+            "--no-input",
+            f"label-studio=={LABEL_STUDIO_VERSION}",
+        ]
+    )
+    # The project's own import paths must not leak into the server's venv (pip would see
+    # and check the project's packages); pip's index settings (PIP_*) pass through.
+    env = {k: v for k, v in os.environ.items() if k not in _PYTHON_ENV_LEAKS}
+    with log.open("a") as fh:
+        fh.write(f"\n=== {datetime.now(UTC).isoformat()} install label-studio ===\n")
+        for cmd in steps:
+            fh.write("$ " + " ".join(cmd) + "\n")
+            fh.flush()
+            try:
+                rc = subprocess.run(
+                    cmd,
+                    stdout=fh,
+                    stderr=subprocess.STDOUT,
+                    timeout=timeout_s,
+                    check=False,
+                    env=env,
+                    cwd=venv_dir.parent,  # `python -m` puts the cwd on sys.path
+                ).returncode
+            except (OSError, subprocess.TimeoutExpired) as exc:
+                raise ServiceError(
+                    f"installing Label Studio failed at `{' '.join(cmd)}`: {exc}; see {log}"
+                ) from exc
+            if rc != 0:
+                raise ServiceError(
+                    f"installing Label Studio failed (`{' '.join(cmd[:3])} ...` exit {rc}); "
+                    f"see {log}. Last lines:\n{_tail(log)}\nFix the cause (network access to "
+                    f"the package index, disk space) and run again, or delete {venv_dir}."
+                )
+    if not exe.exists():
+        raise ServiceError(
+            f"pip finished but {exe} is missing; see {log} and delete {venv_dir} to retry"
+        )
+    if progress:
+        print(
+            f"Label Studio installed in {time.monotonic() - t0:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+    return exe
+
+
 @dataclass
 class LabelStudioService:
     """A local Label Studio server: install, start, check, stop.
@@ -224,70 +303,8 @@ class LabelStudioService:
 
     # --- install -----------------------------------------------------------------------------
     def ensure_installed(self, progress: bool = True, timeout_s: float = 1800) -> Path:
-        """Create the server's venv and ``pip install label-studio==LABEL_STUDIO_VERSION`` if
-        ``bin/label-studio`` is missing (about 60 s and 1 GB). Returns the executable's path.
-
-        Raises `ServiceError` naming the pip log when the venv or the install fails.
-        """
-        exe = self.executable
-        if exe.exists():
-            return exe
-        log = self.pip_log_file
-        self.venv_dir.parent.mkdir(parents=True, exist_ok=True)
-        t0 = time.monotonic()
-        if progress:
-            print(
-                f"Installing Label Studio {LABEL_STUDIO_VERSION} into {self.venv_dir} "
-                f"(about a minute; log: {log})",
-                file=sys.stderr,
-                flush=True,
-            )
-        python = self.venv_dir / "bin" / "python"
-        steps: list[list[str]] = []
-        if not python.exists():
-            steps.append([sys.executable, "-m", "venv", str(self.venv_dir)])
-        steps.append(
-            [
-                str(python),
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                f"label-studio=={LABEL_STUDIO_VERSION}",
-            ]
-        )
-        with log.open("a") as fh:
-            fh.write(f"\n=== {datetime.now(UTC).isoformat()} install label-studio ===\n")
-            for cmd in steps:
-                fh.write("$ " + " ".join(cmd) + "\n")
-                fh.flush()
-                try:
-                    rc = subprocess.run(
-                        cmd, stdout=fh, stderr=subprocess.STDOUT, timeout=timeout_s, check=False
-                    ).returncode
-                except (OSError, subprocess.TimeoutExpired) as exc:
-                    raise ServiceError(
-                        f"installing Label Studio failed at `{' '.join(cmd)}`: {exc}; "
-                        f"see {log}"
-                    ) from exc
-                if rc != 0:
-                    raise ServiceError(
-                        f"installing Label Studio failed (`{' '.join(cmd[:3])} ...` exit {rc}); "
-                        f"see {log}. Last lines:\n{_tail(log)}\nFix the cause (network access to "
-                        f"the package index, disk space) and run again, or delete {self.venv_dir}."
-                    )
-        if not exe.exists():
-            raise ServiceError(
-                f"pip finished but {exe} is missing; see {log} and delete {self.venv_dir} to retry"
-            )
-        if progress:
-            print(
-                f"Label Studio installed in {time.monotonic() - t0:.0f} s",
-                file=sys.stderr,
-                flush=True,
-            )
-        return exe
+        """Install the server into ``venv_dir`` when missing; see `install_label_studio`."""
+        return install_label_studio(self.venv_dir, progress=progress, timeout_s=timeout_s)
 
     # --- lifecycle ---------------------------------------------------------------------------
     def _read_pid(self) -> int | None:
@@ -440,7 +457,7 @@ class LabelStudioService:
             f"data folder {self.data_dir} was created with another token (credentials file "
             "replaced?) or legacy tokens were off at its first start. Restore the original "
             "credentials file, or enable legacy tokens in Label Studio (Organization > API Tokens "
-            "settings, or POST /api/jwt/settings {\"legacy_api_tokens_enabled\": true}), or delete "
+            'settings, or POST /api/jwt/settings {"legacy_api_tokens_enabled": true}), or delete '
             "the data folder to start over."
         )
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -170,9 +171,12 @@ class Tracker:
         )
         source = (store.path(version.digest) / "manifest.parquet").resolve().as_uri()
         # Our digest covers every row and box; MLflow's default covers only the first 10k rows.
-        return from_pandas(
-            df, source=source, name=f"labels-{version.short}", digest=version.digest[:36]
-        )
+        with warnings.catch_warnings():
+            # MLflow warns that integer columns could hold missing values; ours never do.
+            warnings.simplefilter("ignore", UserWarning)
+            return from_pandas(
+                df, source=source, name=f"labels-{version.short}", digest=version.digest[:36]
+            )
 
     def register(self, run_id: str) -> str:
         """Register the run's weights as a new model version with alias ``candidate``."""

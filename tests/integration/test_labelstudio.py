@@ -225,6 +225,36 @@ def test_annotate_and_pull(gw, pushed, ls_server):
     assert gt_label.detections.same_boxes(gt, atol=1e-6)
 
 
+def test_push_retry_after_a_lost_response_does_not_duplicate(gw, ls_server, monkeypatch):
+    """The import commits but the response is lost (timeout): the retry must not re-import."""
+    from loop import labelstudio as lsmod
+
+    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    pid = gw.ensure_project("defect-loop: retry", CLASSES, GUIDE)
+    real = gw._client.projects.import_tasks
+    calls = []
+
+    def lossy(*args, **kwargs):
+        calls.append(len(kwargs["request"]))
+        res = real(*args, **kwargs)
+        if len(calls) == 1:
+            raise httpx.ReadTimeout("simulated lost response")
+        return res
+
+    monkeypatch.setattr(gw._client.projects, "import_tasks", lossy)
+    det = Detections(np.array([[1.0, 2, 10, 12]]), np.array([1]), (32, 32), confidence=[0.4])
+    items = [
+        PushItem(f"{i:064x}", f"/data/local-files/?d=images/r{i}.png", det, 1.0) for i in range(4)
+    ]
+    s = gw.push(pid, items[:2], model_version="m", class_names=CLASSES, batch_size=2)
+    assert (s.created, s.skipped) == (2, 0)
+    s = gw.push(pid, items, model_version="m", class_names=CLASSES, batch_size=2)
+    assert (s.created, s.skipped) == (2, 2)
+    assert calls == [2, 2]  # first call lost its response; no re-send of committed items
+    tasks = gw.list_tasks(pid)
+    assert sorted(t["data"]["sha256"] for t in tasks) == sorted(it.sha256 for it in items)
+
+
 def test_service_start_is_idempotent_and_restart_keeps_token(ls_server, gw, pushed):
     svc = ls_server.service
     t0 = time.monotonic()

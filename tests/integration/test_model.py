@@ -216,3 +216,20 @@ def test_embed(trained: TrainResult, data_yaml: Path, yolo_dir: Path) -> None:
     # Same image twice -> same vector, regardless of batch composition.
     again = embed(trained.weights, [paths[1]], IMGSZ, yolo_dir)
     np.testing.assert_allclose(again[0], vecs[1], rtol=1e-4, atol=1e-5)
+
+
+def test_predict_matches_stock_ultralytics(trained: TrainResult, data_yaml: Path, yolo_dir: Path) -> None:
+    """Our predictor only adds class_probs: boxes, scores and classes equal Ultralytics' own."""
+    from ultralytics import YOLO  # configured by the `trained` fixture already
+
+    paths = _test_images(data_yaml)
+    ours = list(predict(trained.weights, paths, IMGSZ, 0.001, yolo_dir, len(CLASSES)))
+    stock = YOLO(str(trained.weights)).predict(
+        [str(p) for p in paths], imgsz=IMGSZ, conf=0.001, iou=0.7, device="cpu", verbose=False
+    )
+    by_path = {r.path: r for r in stock}  # Ultralytics sorts path lists; ours keep input order
+    for d in ours:
+        ref = by_path[d.meta["path"]].boxes
+        np.testing.assert_allclose(d.xyxy, ref.xyxy.numpy(), atol=1e-3)
+        np.testing.assert_allclose(d.confidence, ref.conf.numpy(), atol=1e-5)
+        np.testing.assert_array_equal(d.class_id, ref.cls.numpy().astype(np.int64))

@@ -124,7 +124,7 @@ def test_stale_pid_file_is_ignored_and_removed(tmp_path):
 
 def test_start_without_install_says_what_to_do(tmp_path):
     svc = _service(tmp_path)
-    with pytest.raises(ServiceError, match="ensure_installed|services up"):
+    with pytest.raises(ServiceError, match=r"ensure_installed|services up"):
         svc.start(timeout_s=1)
 
 
@@ -208,7 +208,7 @@ def test_gateway_does_not_retry_4xx(monkeypatch):
         calls.append(1)
         raise ApiError(status_code=400, body={"detail": "Validation error"})
 
-    with pytest.raises(LabelStudioError, match="HTTP 400.*Validation error"):
+    with pytest.raises(LabelStudioError, match=r"HTTP 400.*Validation error"):
         _gateway()._call("test", bad)
     assert len(calls) == 1
 
@@ -217,3 +217,101 @@ def test_gateway_unreachable_server_is_a_service_error(monkeypatch):
     monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
     with pytest.raises(ServiceError, match="unreachable"):
         _gateway().ensure_project("some project", CLASSES, "")
+
+
+def test_failed_install_names_the_pip_log(tmp_path):
+    svc = _service(tmp_path)
+    python = svc.venv_dir / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text("#!/bin/sh\necho 'ERROR: No matching distribution found' >&2\nexit 1\n")
+    python.chmod(0o755)
+    with pytest.raises(ServiceError) as info:
+        svc.ensure_installed(progress=False)
+    msg = str(info.value)
+    assert str(svc.pip_log_file) in msg and "No matching distribution" in msg
+
+
+# --- pull selection logic on a canned export (no server) ---------------------------------------
+def _rect(x, y, w, h, label, ow=200, oh=100):
+    return {
+        "id": "r",
+        "type": "rectanglelabels",
+        "from_name": "label",
+        "to_name": "image",
+        "original_width": ow,
+        "original_height": oh,
+        "value": {
+            "x": x,
+            "y": y,
+            "width": w,
+            "height": h,
+            "rotation": 0,
+            "rectanglelabels": [label],
+        },
+    }
+
+
+def _ann(aid, result, updated, gt=False, cancelled=False):
+    return {
+        "id": aid,
+        "result": result,
+        "was_cancelled": cancelled,
+        "ground_truth": gt,
+        "updated_at": updated,
+        "completed_by": 1,
+        "lead_time": 3.0,
+    }
+
+
+def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
+    data = {"image": "/x", "sha256": "s", "width": 200, "height": 100}
+    export = [
+        {  # latest wins (note: no microseconds on the later time)
+            "id": 1,
+            "data": {**data, "sha256": "s1"},
+            "annotations": [
+                _ann(10, [_rect(10, 10, 20, 20, "dent")], "2026-01-01T10:00:00.900000Z"),
+                _ann(11, [], "2026-01-01T10:00:01Z"),
+            ],
+        },
+        {  # ground truth wins over a later one
+            "id": 2,
+            "data": {**data, "sha256": "s2"},
+            "annotations": [
+                _ann(20, [_rect(0, 0, 50, 50, "crack")], "2026-01-01T10:00:00Z", gt=True),
+                _ann(21, [], "2026-01-02T10:00:00Z"),
+            ],
+        },
+        {
+            "id": 3,
+            "data": {**data, "sha256": "s3"},
+            "annotations": [_ann(30, [], "t", cancelled=True)],
+        },
+        {"id": 4, "data": {"image": "/x"}, "annotations": [_ann(40, [], "2026-01-01T00:00:00Z")]},
+        {  # drawn on another image size
+            "id": 5,
+            "data": {**data, "sha256": "s5"},
+            "annotations": [_ann(50, [_rect(1, 1, 2, 2, "dent", ow=100)], "2026-01-01T00:00:00Z")],
+        },
+        {  # empty and no stored size
+            "id": 6,
+            "data": {"image": "/x", "sha256": "s6"},
+            "annotations": [_ann(60, [], "2026-01-01T00:00:00Z")],
+        },
+    ]
+    gw = _gateway()
+    monkeypatch.setattr(gw, "export_annotated", lambda pid: export)
+    monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@b.c"})
+    res = gw.pull(1, CLASSES)
+    by = {lb.task_id: lb for lb in res.labels}
+    assert sorted(by) == [1, 2]
+    assert by[1].annotation_id == 11 and len(by[1].detections) == 0
+    assert by[1].detections.image_wh == (200, 100) and by[1].annotator == "a@b.c"
+    assert by[2].annotation_id == 20 and by[2].ground_truth
+    assert by[2].detections.xyxy.tolist() == [[0.0, 0.0, 100.0, 50.0]]
+    assert by[2].detections.class_id.tolist() == [CLASSES.index("crack")]
+    assert res.skipped_task_ids == [3]
+    assert [r.task_id for r in res.rejected] == [4, 5, 6]
+    assert "sha256" in res.rejected[0].reason
+    assert "200x100" in res.rejected[1].reason
+    assert "image size unknown" in res.rejected[2].reason

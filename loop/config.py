@@ -67,6 +67,9 @@ class SelectConfig(_Section):
     reduction: Literal["max", "mean", "sum", "topk_mean"] = "max"
     batch_size: int = Field(20, ge=1, description="images pushed to Label Studio per cycle")
     candidate_conf: float = Field(0.01, gt=0, lt=1, description="lowest score kept for scoring")
+    min_candidates: int = Field(
+        3, ge=0, description="images with fewer boxes above candidate_conf keep their best N"
+    )
     preannotation_conf: float = Field(
         0.25, gt=0, lt=1, description="lowest score shown to labelers"
     )
@@ -77,6 +80,18 @@ class IngestConfig(_Section):
     max_bytes: int = Field(50_000_000, ge=1)
     max_pixels: int = Field(40_000_000, ge=1)
     min_side: int = Field(8, ge=1)
+
+
+class PromotionConfig(_Section):
+    """The gate that moves the ``champion`` alias, on the frozen test split.
+
+    A candidate is promoted when there is no champion yet, or when its test mAP50-95 is at least
+    the champion's minus ``tolerance`` AND no class's test AP50-95 falls by more than
+    ``max_class_drop`` (both absolute, in AP units 0..1).
+    """
+
+    tolerance: float = Field(0.0, ge=0, le=1)
+    max_class_drop: float = Field(0.05, ge=0, le=1)
 
 
 class ProjectConfig(BaseSettings):
@@ -99,6 +114,7 @@ class ProjectConfig(BaseSettings):
     split: SplitConfig = SplitConfig()
     select: SelectConfig = SelectConfig()
     ingest: IngestConfig = IngestConfig()
+    promotion: PromotionConfig = PromotionConfig()
 
     @classmethod
     def settings_customise_sources(

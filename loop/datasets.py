@@ -1,12 +1,25 @@
 """Dataset versions: immutable, content-addressed manifests of labeled images.
 
-A version is a set of `LabeledImage` rows (one per image sha256) plus the class list. Its digest
-is the sha256 of a canonical text form (rows sorted by sha256, boxes with 3 decimals), so the same
-labels always give the same digest and any change gives a new one. Provenance (who labeled, which
-Label Studio task) is stored but not hashed: it describes the labels, it is not the labels.
+A version is a set of `LabeledImage` rows (one per image sha256) plus the ordered class list. Its
+digest (64 hex) is the sha256 of a canonical text form, so the same labels always give the same
+digest and any change to a box, a class, a split or the class list gives a new one:
+
+- first ``"classes:" + "\n".join(classes) + "\n"`` (order matters: it fixes the class ids),
+- then one line per image, the lines sorted (byte order), each followed by ``"\n"``::
+
+      <sha256>|<width>x<height>|<split>|<box>;<box>;...
+
+  where each box is ``<class name>:<x1>,<y1>,<x2>,<y2>`` in pixels formatted with ``"{:.3f}"``
+  (Python's round-half-even of the binary float; ``-0.000`` stays as written) and the boxes of an
+  image are sorted as strings. A defect-free image has an empty box list (line ends in ``|``).
+
+So row order in the manifest, box order within an image and sub-millipixel float noise do not
+change the digest. Provenance (who labeled, which Label Studio task) is stored but not hashed: it
+describes the labels, it is not the labels.
 
 Stored as ``<datasets_dir>/<digest>/manifest.parquet`` + ``meta.json``; a version is never
-overwritten. Splits come from the image hash (`assign_split`), so an image never changes split.
+overwritten. Splits come from the image hash (`assign_split`), never from the labels, so an image
+never changes split and defect-free images land in every split like any other.
 """
 
 from __future__ import annotations
@@ -14,11 +27,13 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections import Counter
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
@@ -34,7 +49,11 @@ SPLITS: tuple[Split, ...] = ("train", "val", "test")
 
 
 def assign_split(sha256: str, ratios: SplitConfig) -> Split:
-    """Deterministic split from the image hash: the first 8 hex digits as a fraction of 2**32."""
+    """Deterministic split from the image hash: the first 8 hex digits as a fraction of 2**32.
+
+    Depends on the hash and the ratios only, never on the labels: a defect-free image is split
+    like any other, and adding images never moves an existing one.
+    """
     u = int(sha256[:8], 16) / 2**32
     if u < ratios.test:
         return "test"
@@ -55,11 +74,19 @@ class LabeledImage:
     boxes: Detections
     provenance: Mapping[str, str] = field(default_factory=dict)
 
-    def canonical(self, classes: list[str]) -> str:
-        boxes = sorted(
-            f"{classes[int(c)]}:{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}"
-            for (x1, y1, x2, y2), c in zip(self.boxes.xyxy, self.boxes.class_id, strict=True)
+    def box_keys(self, classes: Iterable[str]) -> list[str]:
+        """Sorted ``"<class>:<x1>,<y1>,<x2>,<y2>"`` strings, pixels with 3 decimals (see module)."""
+        names = list(classes)
+        return sorted(
+            f"{names[int(c)]}:{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}"
+            for (x1, y1, x2, y2), c in zip(
+                self.boxes.xyxy.tolist(), self.boxes.class_id.tolist(), strict=True
+            )
         )
+
+    def canonical(self, classes: list[str]) -> str:
+        """This image's line of the digest input: ``sha|WxH|split|box;box;...``."""
+        boxes = self.box_keys(classes)
         return f"{self.sha256}|{self.width}x{self.height}|{self.split}|{';'.join(boxes)}"
 
 
@@ -113,14 +140,29 @@ class DatasetVersion:
         return counts
 
     def with_labels(self, new_rows: Iterable[LabeledImage]) -> DatasetVersion:
-        """A child version: this version's rows, replaced or extended by ``new_rows``."""
+        """A child version: this version's rows, replaced or extended by ``new_rows``.
+
+        An image already in this version keeps its split even if ``new_rows`` says otherwise
+        (e.g. after the split ratios were edited): the test split is frozen.
+        """
         merged = {r.sha256: r for r in self.rows}
         for r in new_rows:
-            merged[r.sha256] = r
+            old = merged.get(r.sha256)
+            merged[r.sha256] = (
+                r if old is None or old.split == r.split else replace(r, split=old.split)
+            )
         return DatasetVersion.create(self.classes, merged.values(), parent=self.digest)
+
+    def split_digest(self, split: Split) -> str:
+        """sha256 (64 hex) of the class list and the canonical lines of ``split``'s rows only.
+
+        Two versions with the same test-split digest evaluate models on the same test set.
+        """
+        return compute_digest(self.classes, (r for r in self.rows if r.split == split))
 
 
 def compute_digest(classes: Iterable[str], rows: Iterable[LabeledImage]) -> str:
+    """sha256 hex of the canonical form described in the module docstring (64 characters)."""
     classes_l = list(classes)
     h = hashlib.sha256()
     h.update(("classes:" + "\n".join(classes_l) + "\n").encode())
@@ -157,6 +199,7 @@ _SCHEMA = pa.schema(
 
 
 def version_to_table(version: DatasetVersion) -> pa.Table:
+    """The manifest: one row per image in digest order; boxes as float64 pixels, class by name."""
     cols: dict[str, list[object]] = {name: [] for name in _SCHEMA.names}
     for r in version.rows:
         cols["sha256"].append(r.sha256)
@@ -181,6 +224,7 @@ def version_to_table(version: DatasetVersion) -> pa.Table:
 
 
 def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
+    """Parse manifest rows (schema of `version_to_table`); class names must be in ``classes``."""
     rows = []
     for rec in table.to_pylist():
         boxes = rec["boxes"] or []
@@ -209,6 +253,58 @@ def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
     return rows
 
 
+def version_meta(version: DatasetVersion) -> dict[str, Any]:
+    """The ``meta.json`` content of ``version`` (JSON-ready)."""
+    return {
+        "digest": version.digest,
+        "parent": version.parent,
+        "classes": list(version.classes),
+        "created_at": version.created_at,
+        "n_images": len(version),
+        "splits": version.split_counts(),
+        "class_counts": version.class_counts(),
+    }
+
+
+def write_version_dir(version: DatasetVersion, dest: Path) -> Path:
+    """Write ``manifest.parquet`` and ``meta.json`` of ``version`` into ``dest`` (created)."""
+    dest.mkdir(parents=True, exist_ok=True)
+    pq.write_table(version_to_table(version), dest / "manifest.parquet")
+    (dest / "meta.json").write_text(json.dumps(version_meta(version), indent=1))
+    return dest
+
+
+def read_version_dir(folder: Path, expected: str | None = None) -> DatasetVersion:
+    """Read a folder holding ``manifest.parquet`` + ``meta.json`` and verify its digest.
+
+    ``expected``: the digest the caller wants (e.g. from a run tag); raises `DatasetError` when the
+    files are missing, the content does not hash to the recorded digest, or it is not ``expected``.
+    """
+    meta_path, manifest = folder / "meta.json", folder / "manifest.parquet"
+    if not meta_path.is_file() or not manifest.is_file():
+        raise DatasetError(
+            f"{folder} holds no dataset version (needs manifest.parquet and meta.json); "
+            "pass a folder written by `DatasetStore.save` or a run's `dataset` artifact"
+        )
+    meta = json.loads(meta_path.read_text())
+    classes = list(meta["classes"])
+    rows = table_to_rows(pq.read_table(manifest), classes)
+    digest = compute_digest(classes, rows)
+    recorded = str(meta["digest"])
+    if digest != recorded:
+        raise DatasetError(
+            f"dataset version {recorded[:12]} in {folder} does not match its digest "
+            f"(content hashes to {digest[:12]}): the files were edited; restore them from a copy"
+        )
+    if expected is not None and digest != expected:
+        raise DatasetError(
+            f"{folder} holds dataset version {digest[:12]}, not the expected {expected[:12]}"
+        )
+    return DatasetVersion(
+        tuple(classes), tuple(rows), meta.get("parent"), recorded, str(meta.get("created_at", ""))
+    )
+
+
 class DatasetStore:
     """Versions on disk under ``root``: ``<digest>/manifest.parquet`` and ``<digest>/meta.json``."""
 
@@ -219,56 +315,55 @@ class DatasetStore:
         return self.root / digest
 
     def save(self, version: DatasetVersion) -> Path:
-        """Write ``version`` once. Saving an existing digest is a no-op (same content by definition)."""
+        """Write ``version`` once. Saving an existing digest is a no-op (same content by definition).
+
+        Written into a hidden temporary folder and renamed: a crash or a concurrent save never
+        leaves a half-written version.
+        """
+        if not version.digest:
+            raise DatasetError("version has no digest; build it with DatasetVersion.create")
         dest = self.path(version.digest)
         if (dest / "meta.json").exists():
             return dest
         tmp = self.root / f".{version.digest}.tmp{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        pq.write_table(version_to_table(version), tmp / "manifest.parquet")
-        meta = {
-            "digest": version.digest,
-            "parent": version.parent,
-            "classes": list(version.classes),
-            "created_at": version.created_at,
-            "n_images": len(version),
-            "splits": version.split_counts(),
-            "class_counts": version.class_counts(),
-        }
-        (tmp / "meta.json").write_text(json.dumps(meta, indent=1))
-        os.replace(tmp, dest)  # atomic: a crash never leaves a half-written version
+        write_version_dir(version, tmp)
+        try:
+            os.replace(tmp, dest)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not (dest / "meta.json").exists():  # not a lost race with an identical save
+                raise
         return dest
 
     def resolve(self, ref: str) -> str:
         """Full digest for a unique prefix of at least 6 characters."""
-        matches = [p.name for p in self.root.glob(f"{ref}*") if (p / "meta.json").exists()]
-        if len(ref) < 6 or len(matches) != 1:
+        ref = ref.strip().lower()
+        ok = len(ref) >= 6 and all(ch in "0123456789abcdef" for ch in ref)
+        matches = (
+            [p.name for p in self.root.glob(f"{ref}*") if (p / "meta.json").exists()] if ok else []
+        )
+        if len(matches) != 1:
             raise DatasetError(
                 f"dataset version {ref!r} matches {len(matches)} versions; "
-                "give at least 6 characters of a digest from `defect-loop datasets list`"
+                "give at least 6 hex characters of a digest from `defect-loop datasets list`"
             )
         return matches[0]
 
     def load(self, ref: str) -> DatasetVersion:
+        """The version whose digest starts with ``ref``, verified against its digest."""
         digest = self.resolve(ref)
-        meta = json.loads((self.path(digest) / "meta.json").read_text())
-        table = pq.read_table(self.path(digest) / "manifest.parquet")
-        classes = list(meta["classes"])
-        rows = table_to_rows(table, classes)
-        version = DatasetVersion(
-            tuple(classes), tuple(rows), meta["parent"], meta["digest"], meta["created_at"]
-        )
-        if compute_digest(classes, rows) != digest:
-            raise DatasetError(f"dataset version {digest[:12]} on disk does not match its digest")
-        return version
+        return read_version_dir(self.path(digest), digest)
 
-    def list(self) -> list[dict[str, object]]:
+    def list(self) -> list[dict[str, Any]]:
+        """``meta.json`` of every version, oldest first (ties by digest)."""
+        if not self.root.is_dir():
+            return []
         metas = [
             json.loads((p / "meta.json").read_text())
-            for p in self.root.glob("*")
-            if (p / "meta.json").exists()
+            for p in self.root.iterdir()
+            if not p.name.startswith(".") and (p / "meta.json").exists()
         ]
-        return sorted(metas, key=lambda m: str(m["created_at"]))
+        return sorted(metas, key=lambda m: (str(m["created_at"]), str(m["digest"])))
 
 
 def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Path:
@@ -305,3 +400,160 @@ def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Pat
         f"val: {out_dir / 'val' / 'images'}\n{test_line}names:\n{names}\n"
     )
     return data_yaml
+
+
+@dataclass(frozen=True)
+class VersionDiff:
+    """What changed from version ``a`` to version ``b`` (see `diff_versions`).
+
+    Image lists hold sha256s, sorted. Box counts are per class name; a box is "the same" when its
+    class and its coordinates rounded to 3 decimals (the digest's form) are equal, so moving a box
+    counts as one removed plus one added. ``before``/``after``: boxes per class in ``a``/``b``;
+    for every class ``after - before == boxes_added - boxes_removed``.
+    """
+
+    a: str
+    b: str
+    classes: tuple[str, ...]
+    added: tuple[str, ...]
+    removed: tuple[str, ...]
+    relabeled: tuple[str, ...]
+    resplit: tuple[str, ...]
+    unchanged: int
+    boxes_added: Mapping[str, int]
+    boxes_removed: Mapping[str, int]
+    before: Mapping[str, int]
+    after: Mapping[str, int]
+    splits_before: Mapping[str, int]
+    splits_after: Mapping[str, int]
+
+    @property
+    def identical(self) -> bool:
+        return self.a == self.b
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form; image lists in full."""
+        return {
+            "a": self.a,
+            "b": self.b,
+            "classes": list(self.classes),
+            "images": {
+                "added": list(self.added),
+                "removed": list(self.removed),
+                "relabeled": list(self.relabeled),
+                "resplit": list(self.resplit),
+                "unchanged": self.unchanged,
+            },
+            "boxes": {
+                c: {
+                    "before": self.before[c],
+                    "after": self.after[c],
+                    "added": self.boxes_added[c],
+                    "removed": self.boxes_removed[c],
+                }
+                for c in self.classes
+            },
+            "splits": {
+                s: {"before": self.splits_before[s], "after": self.splits_after[s]} for s in SPLITS
+            },
+        }
+
+    def to_text(self, max_listed: int = 10) -> str:
+        """A plain-text report: image counts, splits, a per-class box table, changed images
+        (at most ``max_listed`` 12-character sha prefixes per list)."""
+        lines = [
+            f"dataset diff {self.a[:12]} -> {self.b[:12]}",
+            f"images: {len(self.added)} added, {len(self.removed)} removed, "
+            f"{len(self.relabeled)} relabeled, {len(self.resplit)} changed split, "
+            f"{self.unchanged} unchanged",
+            "splits: "
+            + ", ".join(f"{s} {self.splits_before[s]} -> {self.splits_after[s]}" for s in SPLITS),
+        ]
+        width = max([len("class"), len("total"), *(len(c) for c in self.classes)])
+        header = f"{'class':<{width}}  {'before':>7}  {'after':>7}  {'+boxes':>7}  {'-boxes':>7}"
+        lines += ["", header, "-" * len(header)]
+        for c in self.classes:
+            lines.append(
+                f"{c:<{width}}  {self.before[c]:>7}  {self.after[c]:>7}  "
+                f"{self.boxes_added[c]:>7}  {self.boxes_removed[c]:>7}"
+            )
+        tot = [
+            sum(d.values()) for d in (self.before, self.after, self.boxes_added, self.boxes_removed)
+        ]
+        lines.append(f"{'total':<{width}}  {tot[0]:>7}  {tot[1]:>7}  {tot[2]:>7}  {tot[3]:>7}")
+        for title, shas in (
+            ("added", self.added),
+            ("removed", self.removed),
+            ("relabeled", self.relabeled),
+            ("changed split", self.resplit),
+        ):
+            if shas:
+                shown = " ".join(x[:12] for x in shas[:max_listed])
+                more = f" ... and {len(shas) - max_listed} more" if len(shas) > max_listed else ""
+                lines.append(f"{title}: {shown}{more}")
+        return "\n".join(lines) + "\n"
+
+
+def _box_counter(r: LabeledImage | None, classes: tuple[str, ...]) -> Counter[tuple[str, str]]:
+    """Multiset of (class name, "x1,y1,x2,y2" to 3 decimals) of one image; empty for None."""
+    if r is None:
+        return Counter()
+    return Counter(
+        (classes[int(c)], f"{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}")
+        for (x1, y1, x2, y2), c in zip(
+            r.boxes.xyxy.tolist(), r.boxes.class_id.tolist(), strict=True
+        )
+    )
+
+
+def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
+    """Compare two versions image by image and box by box (pure; no I/O).
+
+    Images are matched by sha256: in ``b`` only -> added, in ``a`` only -> removed, in both with a
+    different box multiset -> relabeled, with a different split -> resplit (can overlap with
+    relabeled), otherwise unchanged. Boxes are matched by class name + coordinates to 3 decimals.
+    Classes: ``a``'s, then any only ``b`` has.
+    """
+    classes = tuple(dict.fromkeys((*a.classes, *b.classes)))
+    rows_a, rows_b = a.by_sha(), b.by_sha()
+    added = tuple(sorted(rows_b.keys() - rows_a.keys()))
+    removed = tuple(sorted(rows_a.keys() - rows_b.keys()))
+    relabeled: list[str] = []
+    resplit: list[str] = []
+    unchanged = 0
+    plus: Counter[str] = Counter()
+    minus: Counter[str] = Counter()
+    for sha in sorted(rows_a.keys() | rows_b.keys()):
+        ra, rb = rows_a.get(sha), rows_b.get(sha)
+        keys_a = _box_counter(ra, a.classes)
+        keys_b = _box_counter(rb, b.classes)
+        for (cls_name, _), n in (keys_b - keys_a).items():
+            plus[cls_name] += n
+        for (cls_name, _), n in (keys_a - keys_b).items():
+            minus[cls_name] += n
+        if ra is None or rb is None:
+            continue
+        changed = keys_a != keys_b
+        if changed:
+            relabeled.append(sha)
+        if ra.split != rb.split:
+            resplit.append(sha)
+        elif not changed:
+            unchanged += 1
+    before, after = a.class_counts(), b.class_counts()
+    return VersionDiff(
+        a=a.digest,
+        b=b.digest,
+        classes=classes,
+        added=added,
+        removed=removed,
+        relabeled=tuple(relabeled),
+        resplit=tuple(resplit),
+        unchanged=unchanged,
+        boxes_added={c: plus[c] for c in classes},
+        boxes_removed={c: minus[c] for c in classes},
+        before={c: before.get(c, 0) for c in classes},
+        after={c: after.get(c, 0) for c in classes},
+        splits_before=a.split_counts(),
+        splits_after=b.split_counts(),
+    )

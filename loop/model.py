@@ -32,8 +32,8 @@ from loop.offline import configure_ultralytics
 if TYPE_CHECKING:
     from ultralytics import YOLO
 
-# A prediction counts in the confusion matrix from this score on (Ultralytics' own default for
-# its confusion-matrix plot); boxes match ground truth at IoU >= 0.45, class-agnostic.
+# A prediction counts in the confusion matrix when it scores above this (Ultralytics' default
+# for its confusion-matrix plot); boxes match ground truth at IoU >= 0.45, class-agnostic.
 CONFUSION_CONF = 0.25
 
 
@@ -46,7 +46,7 @@ class EvalResult:
     with no labels in the split gets 0.0 there (check ``n_instances`` to tell "absent" from "missed").
     ``confusion_matrix[p][t]``: ``(nc + 1) x (nc + 1)`` box counts, rows = predicted class,
     columns = true class, index ``nc`` = background (row ``nc``: missed objects, column ``nc``:
-    false positives); predictions with score >= `CONFUSION_CONF`.
+    false positives); only predictions scoring above `CONFUSION_CONF` count.
     """
 
     map50: float
@@ -67,6 +67,7 @@ class TrainResult:
     ``weights``: ``best.pt`` (``last.pt`` if no best was written). ``epochs``: one dict per epoch,
     the columns of Ultralytics' ``results.csv`` (``epoch``, ``train/box_loss``,
     ``metrics/mAP50(B)``, ``lr/pg0`` ...). ``val``: metrics of ``weights`` on the ``val`` split.
+    ``seconds``: wall-clock time of the whole call.
     """
 
     weights: Path
@@ -460,12 +461,17 @@ def predict(
     batch: int = 16,
     iou: float = 0.7,
     threads: int = 2,
+    min_candidates: int = 0,
 ) -> Iterator[Detections]:
     """Stream one `Detections` per image, in input order, with ``confidence`` and ``class_probs``.
 
+    ``min_candidates``: an image with fewer boxes above ``conf`` keeps its strongest
+    ``min_candidates`` boxes below it instead (still with their true, low confidences), so that
+    an image where the model sees nothing still gets a defined uncertainty score.
+
     Boxes are pixel ``xyxy`` in the original image; ``class_probs`` is ``(n, num_classes)``
-    independent sigmoid scores with ``class_probs[i, class_id[i]] == confidence[i]``; boxes with
-    score < ``conf`` are dropped, NMS at ``iou``. ``meta={"path": str(path)}``. Images are read
+    independent sigmoid scores with ``class_probs[i, class_id[i]] == confidence[i]``; only boxes
+    scoring above ``conf`` are kept (at most 300 an image), class-aware NMS at ``iou``. ``meta={"path": str(path)}``. Images are read
     ``batch`` at a time, so memory stays bounded for any number of images. The model is loaded
     once, when this function is called; missing weights or a class-count mismatch raise
     `ModelError` right away, an unreadable image raises `ImageError` when reached.
@@ -474,13 +480,15 @@ def predict(
         raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
     if batch < 1:
         raise ModelError(f"batch must be >= 1, got {batch}")
+    if min_candidates < 0:
+        raise ModelError(f"min_candidates must be >= 0, got {min_candidates}")
     model = load_model(weights, yolo_config_dir, threads)
     if len(model.names) != num_classes:
         raise ModelError(
             f"model {weights} predicts {len(model.names)} classes but the project has "
             f"{num_classes}; retrain on the current class list"
         )
-    return _predict_stream(model, images, imgsz, conf, iou, batch, num_classes)
+    return _predict_stream(model, images, imgsz, conf, iou, batch, num_classes, min_candidates)
 
 
 def _predict_stream(
@@ -491,8 +499,11 @@ def _predict_stream(
     iou: float,
     batch: int,
     num_classes: int,
+    min_candidates: int = 0,
 ) -> Iterator[Detections]:
     predictor = _probs_predictor_cls()
+    # With a candidate floor NMS must see every anchor; the threshold is applied afterwards.
+    nms_conf = 0.0 if min_candidates else conf
     for chunk in _batched(images, batch):
         arrays = _read_images(chunk)
         # Arrays, not paths: Ultralytics sorts path lists and skips unreadable files silently.
@@ -500,7 +511,7 @@ def _predict_stream(
             arrays,
             predictor=predictor,
             imgsz=imgsz,
-            conf=conf,
+            conf=nms_conf,
             iou=iou,
             batch=batch,  # constant, so the predictor is built once and reused
             device="cpu",
@@ -510,7 +521,7 @@ def _predict_stream(
         for path, arr, res in zip(chunk, arrays, results, strict=True):
             boxes = res.boxes
             h, w = arr.shape[:2]
-            yield Detections(
+            det = Detections(
                 xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
                 class_id=boxes.cls.cpu().numpy().astype(np.int64),
                 image_wh=(w, h),
@@ -518,6 +529,11 @@ def _predict_stream(
                 class_probs=res.class_probs.numpy().astype(np.float64).reshape(-1, num_classes),
                 meta={"path": str(path)},
             )
+            if min_candidates and det.confidence is not None:
+                order = np.argsort(-det.confidence, kind="stable")
+                n_keep = max(int((det.confidence >= conf).sum()), min_candidates)
+                det = det[order[:n_keep]]
+            yield det
 
 
 def embed(

@@ -259,6 +259,8 @@ class Project:
             self.cfg.select.candidate_conf,
             self.cfg.yolo_config_dir,
             len(self.cfg.classes),
+            threads=self.cfg.train.threads,
+            min_candidates=self.cfg.select.min_candidates,
         )
 
     def score(

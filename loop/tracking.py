@@ -6,34 +6,115 @@ artifact + an ``mlflow.data`` input with our own full-content digest), and the w
 registered as a model version with alias ``candidate``; the gate moves ``champion``.
 """
 
+"""MLflow: training runs, dataset versions as run inputs, the model registry and the promotion gate.
+
+Default store: a SQLite file plus local artifacts in the workspace (no server); with
+``mlflow.tracking_uri: http://...`` the server stores artifacts. Every training run logs params,
+per-epoch metrics, val and test metrics (mAP, precision, recall, per-class AP), the confusion
+matrix, the project config, the dataset version (``dataset/manifest.parquet`` + ``meta.json``
+artifacts and an ``mlflow.data`` input whose source is a `DefectLoopManifestSource` pointing at
+that artifact, digest = our full-content digest cut to the 36 characters MLflow stores) and the
+weights, which are registered as a model version with alias ``candidate``; the gate moves
+``champion``.
+
+Run tags written here (all prefixed ``defect_loop.``): ``kind``, ``round``, ``dataset_digest``
+(64 hex), ``dataset_parent``, ``test_split_digest``, ``dataset_uri``, ``weights_file``, ``status``
+and, after the gate, ``promoted``, ``promotion_reason``, ``compared_to``, ``class_drops`` (JSON).
+"""
+
 from __future__ import annotations
 
+import functools
 import json
 import os
 import tempfile
 import warnings
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loop.config import ProjectConfig
-from loop.datasets import DatasetStore, DatasetVersion
-from loop.errors import ModelError
+from loop.datasets import DatasetStore, DatasetVersion, read_version_dir
+from loop.errors import DatasetError, ModelError
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
+    from mlflow.data.dataset_source import DatasetSource
 
     from loop.model import EvalResult, TrainResult
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
+MANIFEST_SOURCE_TYPE = "defect_loop_manifest"
+TAG = "defect_loop."
 
 
 def quiet_mlflow_env() -> None:
     """Telemetry off before mlflow is used (mlflow ignores DO_NOT_TRACK=1, honours `true`)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+
+
+@functools.cache
+def manifest_source_class() -> type[DatasetSource]:
+    """The `DefectLoopManifestSource` class, defined and registered with ``mlflow.data`` on first
+    call (mlflow is imported lazily). Also reachable as ``loop.tracking.DefectLoopManifestSource``.
+
+    A source is ``{"uri": ..., "digest": <64 hex>}``; ``uri`` is anything
+    ``mlflow.artifacts.download_artifacts`` takes: ``runs:/<run>/dataset/manifest.parquet``,
+    ``mlflow-artifacts:/...``, ``file:///...``, ``s3://...``. ``load()`` downloads the manifest and
+    returns its local path; the built-in sources refuse ``runs:/`` and ``mlflow-artifacts:/``.
+    """
+    from mlflow.data.dataset_source import DatasetSource
+    from mlflow.data.dataset_source_registry import get_registered_sources, register_dataset_source
+
+    class DefectLoopManifestSource(DatasetSource):
+        """A defect-loop manifest (``manifest.parquet``) stored as an MLflow artifact."""
+
+        def __init__(self, uri: str, digest: str = "") -> None:
+            self.uri = uri
+            self.digest = digest
+
+        @staticmethod
+        def _get_source_type() -> str:
+            return MANIFEST_SOURCE_TYPE
+
+        def load(self, dst_path: str | None = None) -> str:
+            """Download the manifest (to ``dst_path`` or a temporary folder); its local path."""
+            import mlflow.artifacts
+
+            return mlflow.artifacts.download_artifacts(artifact_uri=self.uri, dst_path=dst_path)
+
+        @staticmethod
+        def _can_resolve(raw_source: Any) -> bool:
+            return False  # built explicitly, never guessed from a bare URI
+
+        @classmethod
+        def _resolve(cls, raw_source: Any) -> DefectLoopManifestSource:
+            raise NotImplementedError("build DefectLoopManifestSource(uri, digest) explicitly")
+
+        def to_dict(self) -> dict[str, Any]:
+            return {"uri": self.uri, "digest": self.digest}
+
+        @classmethod
+        def from_dict(cls, source_dict: dict[Any, Any]) -> DefectLoopManifestSource:
+            return cls(str(source_dict["uri"]), str(source_dict.get("digest", "")))
+
+    if not any(
+        getattr(src, "__name__", "") == "DefectLoopManifestSource"
+        for src in get_registered_sources()
+    ):
+        register_dataset_source(DefectLoopManifestSource)
+    return DefectLoopManifestSource
+
+
+def __getattr__(name: str) -> Any:
+    # Lazy so that importing loop.tracking does not import mlflow (an mlflow.dataset_source
+    # entry point may name "loop.tracking:DefectLoopManifestSource").
+    if name == "DefectLoopManifestSource":
+        return manifest_source_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 @dataclass(frozen=True)
@@ -46,8 +127,23 @@ class Champion:
 
 @dataclass(frozen=True)
 class Promotion:
+    """The gate's decision; ``class_drops``: class -> AP50-95 drop (champion - candidate) of the
+    classes that failed the per-class check (empty when none did)."""
+
     promoted: bool
     reason: str
+    class_drops: Mapping[str, float] = field(default_factory=dict)
+
+
+def metric_name(text: str, keep: str = "-_.") -> str:
+    """``text`` with every character MLflow refuses in a metric key replaced by ``_``."""
+    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text)
+
+
+def class_metric(prefix: str, kind: str, class_name: str) -> str:
+    """Key of a per-class metric, e.g. ``class_metric("test", "ap50_95", "pit")`` ->
+    ``test_ap50_95_pit``."""
+    return f"{prefix}_{kind}_{metric_name(class_name)}"
 
 
 def _metric_dict(prefix: str, ev: EvalResult, classes: list[str]) -> dict[str, float]:
@@ -58,12 +154,59 @@ def _metric_dict(prefix: str, ev: EvalResult, classes: list[str]) -> dict[str, f
         f"{prefix}_recall": ev.recall,
     }
     for c in classes:
-        safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in c)
-        out[f"{prefix}_ap50_{safe}"] = float(ev.per_class_ap50.get(c, 0.0))
-        out[f"{prefix}_ap50_95_{safe}"] = float(ev.per_class_ap50_95.get(c, 0.0))
+        out[class_metric(prefix, "ap50", c)] = float(ev.per_class_ap50.get(c, 0.0))
+        out[class_metric(prefix, "ap50_95", c)] = float(ev.per_class_ap50_95.get(c, 0.0))
     return out
 
 
+def gate(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    classes: list[str],
+    tolerance: float,
+    max_class_drop: float,
+    champion_version: str = "?",
+) -> Promotion:
+    """The promotion rule on two runs' metric dicts (pure; see `PromotionConfig`).
+
+    Promote when there is no champion, when the champion has no test mAP50-95, or when the
+    candidate's ``test_map50_95 >= champion's - tolerance`` and, for every class both runs have a
+    ``test_ap50_95_<class>`` for, ``champion's - candidate's <= max_class_drop``.
+    """
+    if champion is None:
+        return Promotion(True, "first model: no champion yet")
+    new = candidate.get("test_map50_95")
+    old = champion.get("test_map50_95")
+    if new is None:
+        return Promotion(False, "candidate has no test metrics (no labeled test images)")
+    if old is None:
+        return Promotion(True, f"champion v{champion_version} has no test metrics to beat")
+    drops: dict[str, float] = {}
+    for c in classes:
+        key = class_metric("test", "ap50_95", c)
+        if key in candidate and key in champion:
+            drop = champion[key] - candidate[key]
+            if drop > max_class_drop + 1e-12:
+                drops[c] = round(drop, 6)
+    overall_ok = new >= old - tolerance - 1e-12
+    if overall_ok and not drops:
+        return Promotion(
+            True,
+            f"test mAP50-95 {new:.4f} >= champion v{champion_version} {old:.4f} - {tolerance:g} "
+            f"and no class AP50-95 dropped by more than {max_class_drop:g}",
+        )
+    parts = []
+    if not overall_ok:
+        parts.append(
+            f"test mAP50-95 {new:.4f} < champion v{champion_version} {old:.4f} - {tolerance:g}"
+        )
+    for c, d in sorted(drops.items(), key=lambda kv: -kv[1]):
+        key = class_metric("test", "ap50_95", c)
+        parts.append(
+            f"class {c!r} test AP50-95 {candidate[key]:.4f} < champion v{champion_version} "
+            f"{champion[key]:.4f} - {max_class_drop:g} (drop {d:.4f})"
+        )
+    return Promotion(False, "; ".join(parts), drops)
 class Tracker:
     """Thin wrapper over MLflow for one project. No connection is opened until a method runs."""
 
@@ -147,7 +290,9 @@ class Tracker:
                     p = Path(d) / "confusion_matrix.json"
                     p.write_text(json.dumps({"classes": classes, "matrix": test.confusion_matrix}))
                     client.log_artifact(run_id, str(p), "eval")
-            with mlflow.start_run(run_id=run_id):
+            with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
+                # MLflow warns that integer columns could hold missing values; ours never do.
+                warnings.simplefilter("ignore", UserWarning)
                 mlflow.log_input(self._mlflow_dataset(version, store), context="training")
             client.set_tag(run_id, "defect_loop.weights_file", result.weights.name)
             client.log_batch(run_id, tags=[RunTag("defect_loop.status", "logged")])

@@ -49,9 +49,15 @@ def cycle_config(ls_server: Any) -> Iterator[Path]:
                     "project_title": "defect-loop cycle test",
                 },
                 "train": {"imgsz": 96, "epochs": 2, "batch": 8, "warm_start": True},
-                # An untrained model is unsure of everything: show every candidate so the test
-                # labeler has suggestions to accept, move, relabel and delete.
-                "select": {"batch_size": 6, "candidate_conf": 0.001, "preannotation_conf": 0.001},
+                # A 2-epoch model is sure of nothing: each image keeps its 5 strongest candidates
+                # and labelers see them all, so the test labeler has suggestions to accept,
+                # move, relabel and delete.
+                "select": {
+                    "batch_size": 6,
+                    "candidate_conf": 0.5,
+                    "min_candidates": 5,
+                    "preannotation_conf": 1e-9,
+                },
             }
         )
     )
@@ -108,8 +114,8 @@ def test_full_cycle_with_real_services(prefect: None, cycle_config: Path, ls_ser
         scores = [t["predictions"][0]["score"] for t in tasks]
         assert scores == sorted(scores)
 
-        with_preds = [t for t in tasks if len(t["predictions"][0]["result"]) >= 4]
-        assert len(with_preds) >= 2, "need tasks with >= 4 suggestions for the labeler actions"
+        with_preds = [t for t in tasks if len(t["predictions"][0]["result"]) == 5]
+        assert len(with_preds) == 6, "every task shows its 5 strongest candidates"
         a, b = with_preds[0], with_preds[1]
         pa = [_keep_fields(r) for r in a["predictions"][0]["result"]]
         pb = [_keep_fields(r) for r in b["predictions"][0]["result"]]

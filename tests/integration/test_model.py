@@ -102,8 +102,9 @@ def _assert_finite_eval(ev: EvalResult, n_images: int) -> None:
     assert cm[:, :nc].sum(axis=0).tolist() == [ev.n_instances[c] for c in CLASSES]
 
 
-def test_train_from_yaml(trained: TrainResult) -> None:
+def test_train_from_yaml(trained: TrainResult, workdir: Path) -> None:
     assert trained.weights.is_file() and trained.weights.name in {"best.pt", "last.pt"}
+    assert trained.run_dir == (workdir / "runs" / "scratch").resolve()
     assert trained.run_dir.is_dir() and trained.weights.is_relative_to(trained.run_dir)
     assert [int(e["epoch"]) for e in trained.epochs] == [1, 2]
     assert all(math.isfinite(v) for v in trained.epochs[-1].values())
@@ -148,6 +149,26 @@ def test_predict_probabilities(trained: TrainResult, data_yaml: Path, yolo_dir: 
         n_boxes += len(d)
     # At conf 0.001 an untrained model still emits boxes, so the gather is really exercised.
     assert n_boxes > 0
+
+
+def test_predict_min_candidates_keeps_strongest_below_threshold(
+    trained: TrainResult, data_yaml: Path, yolo_dir: Path
+) -> None:
+    paths = _test_images(data_yaml)
+    # conf 0.99: an untrained model has nothing that sure, so only the candidate floor speaks.
+    plain = list(predict(trained.weights, paths, IMGSZ, 0.99, yolo_dir, len(CLASSES)))
+    floored = list(
+        predict(trained.weights, paths, IMGSZ, 0.99, yolo_dir, len(CLASSES), min_candidates=3)
+    )
+    low = list(predict(trained.weights, paths, IMGSZ, 0.0, yolo_dir, len(CLASSES)))
+    assert all(len(d) == 0 for d in plain)
+    for f, ref in zip(floored, low, strict=True):
+        assert len(f) == min(3, len(ref))
+        # The kept candidates are the strongest ones, in descending confidence.
+        np.testing.assert_allclose(f.confidence, np.sort(ref.confidence)[::-1][: len(f)], atol=1e-6)
+        assert f.class_probs is not None and f.class_probs.shape == (len(f), len(CLASSES))
+    with pytest.raises(ModelError, match="min_candidates"):
+        predict(trained.weights, paths, IMGSZ, 0.5, yolo_dir, len(CLASSES), min_candidates=-1)
 
 
 def test_predict_errors(
@@ -218,7 +239,9 @@ def test_embed(trained: TrainResult, data_yaml: Path, yolo_dir: Path) -> None:
     np.testing.assert_allclose(again[0], vecs[1], rtol=1e-4, atol=1e-5)
 
 
-def test_predict_matches_stock_ultralytics(trained: TrainResult, data_yaml: Path, yolo_dir: Path) -> None:
+def test_predict_matches_stock_ultralytics(
+    trained: TrainResult, data_yaml: Path, yolo_dir: Path
+) -> None:
     """Our predictor only adds class_probs: boxes, scores and classes equal Ultralytics' own."""
     from ultralytics import YOLO  # configured by the `trained` fixture already
 

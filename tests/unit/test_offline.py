@@ -24,7 +24,7 @@ REPO = Path(loop.__file__).resolve().parent.parent
 
 def _run_py(code: str, extra_env: dict[str, str] | None = None) -> dict[str, object]:
     """Run ``code`` in a fresh interpreter; it must print one JSON object as its last line."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "OMP_NUM_THREADS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "OMP_"))}
     env["PYTHONPATH"] = str(REPO)
     env.update(extra_env or {})
     proc = subprocess.run(
@@ -151,7 +151,7 @@ print(json.dumps({{
     "user_config_dir": str(USER_CONFIG_DIR), "online": ONLINE, "font": font, "font_u": font_u,
     "omp": os.environ["OMP_NUM_THREADS"], "torch_threads": torch.get_num_threads(),
     "env": {{k: os.environ[k] for k in ("YOLO_OFFLINE", "YOLO_AUTOINSTALL", "YOLO_VERBOSE",
-                                        "YOLO_CONFIG_DIR")}},
+                                        "YOLO_CONFIG_DIR", "OMP_WAIT_POLICY")}},
     "attempts": [repr(a) for a in attempts],
 }}))
 """
@@ -166,6 +166,7 @@ def test_configure_before_import(tmp_path: Path) -> None:
         "YOLO_AUTOINSTALL": "false",
         "YOLO_VERBOSE": "false",
         "YOLO_CONFIG_DIR": str(cfg),
+        "OMP_WAIT_POLICY": "PASSIVE",
     }
     assert out["user_config_dir"] == str(udir)
     assert out["settings_file"] == str(udir / "settings.json")
@@ -238,7 +239,7 @@ print(json.dumps({
 
 def test_configure_after_import_patches_live_settings(tmp_path: Path) -> None:
     early, late = tmp_path / "early", tmp_path / "late"
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "OMP_NUM_THREADS"))}
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("YOLO_", "OMP_"))}
     # YOLO_OFFLINE only so the import-time online probe does no DNS lookup on this offline box.
     env.update({"PYTHONPATH": str(REPO), "YOLO_CONFIG_DIR": str(early), "YOLO_OFFLINE": "1"})
     proc = subprocess.run(

@@ -352,8 +352,8 @@ def demo(
     directory: Annotated[Path, typer.Option("--dir", help="where the demo project lives")] = Path(
         "demo"
     ),
-    images: Annotated[int, typer.Option(help="synthetic images to generate")] = 240,
-    seed_labels: Annotated[int, typer.Option(help="images labeled before the first cycle")] = 80,
+    images: Annotated[int, typer.Option(help="synthetic images to generate")] = 300,
+    seed_labels: Annotated[int, typer.Option(help="images labeled before the first cycle")] = 120,
     port: Annotated[int, typer.Option(help="Label Studio port")] = 8080,
 ) -> None:
     """Generate a synthetic defect dataset, start Label Studio and run the loop on it."""

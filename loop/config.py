@@ -52,6 +52,9 @@ class TrainConfig(_Section):
     seed: int = 0
     threads: int = Field(2, ge=1)
     warm_start: bool = True
+    # Epochs when fine-tuning from the champion (None: same as ``epochs``); fine-tuning
+    # converges much faster than training from scratch.
+    finetune_epochs: int | None = Field(None, ge=1)
     patience: int = Field(100, ge=0)
 
 

@@ -28,7 +28,13 @@ def write_demo_config(path: Path, port: int) -> None:
             "marks a defect-free image."
         ),
         "labelstudio": {"url": f"http://127.0.0.1:{port}"},
-        "train": {"model": "yolov8n.yaml", "imgsz": 160, "epochs": 40, "batch": 4},
+        "train": {
+            "model": "yolov8n.yaml",
+            "imgsz": 160,
+            "epochs": 40,
+            "finetune_epochs": 15,
+            "batch": 8,
+        },
         "select": {"strategy": "entropy", "reduction": "max", "batch_size": 24},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))

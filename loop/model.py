@@ -15,7 +15,7 @@ import csv
 import functools
 import math
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -297,8 +297,11 @@ def train(
     yolo_config_dir: Path,
     init_weights: Path | None = None,
     name: str = "train",
+    on_epoch: Callable[[int, int, dict[str, float]], None] | None = None,
 ) -> TrainResult:
     """Train a detector on ``data_yaml`` (Ultralytics format) into ``<out_dir>/<name>/``.
+
+    ``on_epoch(epoch, epochs, metrics)`` is called after each epoch's validation (1-based epoch).
 
     From scratch from ``cfg.model`` (a ``.yaml`` shipped with Ultralytics, e.g. ``yolov8n.yaml``)
     when ``init_weights`` is None, else fine-tuned from that ``.pt`` (all weights transferred, a
@@ -325,6 +328,13 @@ def train(
     started = time.time()
     try:
         model = YOLO(source, task="detect")
+        if on_epoch is not None:
+
+            def _report(trainer: Any) -> None:
+                metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
+                on_epoch(int(trainer.epoch) + 1, int(trainer.epochs), metrics)
+
+            model.add_callback("on_fit_epoch_end", _report)
         model.train(
             trainer=_trainer_cls(),
             data=str(data_path),

@@ -180,13 +180,21 @@ class Project:
         round_index = self.state.round + 1
         if progress:
             progress(f"training round {round_index} on {version.short} ({len(version)} images)")
+        train_cfg = self.cfg.train
+        if init is not None and train_cfg.finetune_epochs is not None:
+            train_cfg = train_cfg.model_copy(update={"epochs": train_cfg.finetune_epochs})
         result = model.train(
             data_yaml,
             self.cfg.runs_dir,
-            self.cfg.train,
+            train_cfg,
             self.cfg.yolo_config_dir,
             init_weights=init,
             name=f"round{round_index}-{version.short}",
+            on_epoch=None
+            if progress is None
+            else lambda e, n, m: progress(
+                f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}"
+            ),
         )
         test = None
         if version.split_counts()["test"]:

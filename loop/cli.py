@@ -26,7 +26,7 @@ app = typer.Typer(
 )
 services_app = typer.Typer(help="Start, stop and inspect the local Label Studio server.")
 app.add_typer(services_app, name="services")
-console = Console()
+console = Console(soft_wrap=True)
 
 ConfigOpt = Annotated[
     Path,
@@ -364,6 +364,16 @@ def demo(
             directory, auto=auto, n_images=images, n_seed=seed_labels, port=port, console=console
         )
     )
+
+
+def _register_subcommands() -> None:
+    # Sub-apps live in their own modules; they import helpers from this one, hence the late import.
+    from loop.cli_datasets import datasets_app
+
+    app.add_typer(datasets_app, name="datasets")
+
+
+_register_subcommands()
 
 
 def main() -> None:  # pragma: no cover - console script entry

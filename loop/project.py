@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import yaml
 
 from loop.config import ProjectConfig
 from loop.datasets import DatasetStore, DatasetVersion, LabeledImage, assign_split, export_yolo
@@ -216,6 +217,11 @@ class Project:
             "champion_version": fit.init_version or "",
             "classes": ",".join(self.cfg.classes),
         }
+        # The config is logged for reproducibility, without its secrets.
+        config_text = yaml.safe_dump(
+            self.cfg.model_dump(mode="json", exclude={"labelstudio": {"password", "api_token"}}),
+            sort_keys=False,
+        )
         run_id = tracker.log_training(
             version=fit.version,
             store=self.store,
@@ -223,6 +229,7 @@ class Project:
             test=fit.test,
             params=params,
             round_index=fit.round_index,
+            config_text=config_text,
         )
         mv = tracker.register(run_id)
         decision = tracker.promote_if_better(mv, run_id)

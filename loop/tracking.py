@@ -1,13 +1,5 @@
 """MLflow: training runs, dataset versions as run inputs, the model registry and the promotion gate.
 
-Default store: a SQLite file plus local artifacts in the workspace (no server). Every training run
-logs params, per-epoch metrics, val and test metrics, per-class AP, the dataset version (manifest
-artifact + an ``mlflow.data`` input with our own full-content digest), and the weights, which are
-registered as a model version with alias ``candidate``; the gate moves ``champion``.
-"""
-
-"""MLflow: training runs, dataset versions as run inputs, the model registry and the promotion gate.
-
 Default store: a SQLite file plus local artifacts in the workspace (no server); with
 ``mlflow.tracking_uri: http://...`` the server stores artifacts. Every training run logs params,
 per-epoch metrics, val and test metrics (mAP, precision, recall, per-class AP), the confusion
@@ -51,9 +43,13 @@ TAG = "defect_loop."
 
 
 def quiet_mlflow_env() -> None:
-    """Telemetry off before mlflow is used (mlflow ignores DO_NOT_TRACK=1, honours `true`)."""
+    """Telemetry, progress bars and run-URL printing off before mlflow is used (mlflow ignores
+    DO_NOT_TRACK=1, honours `true`). Explicit settings in the environment win."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("DO_NOT_TRACK", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # With a server, finishing a run prints "View run ... at: URL" to stdout (breaks JSON output).
+    os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
 
 
 @functools.cache
@@ -65,6 +61,7 @@ def manifest_source_class() -> type[DatasetSource]:
     ``mlflow.artifacts.download_artifacts`` takes: ``runs:/<run>/dataset/manifest.parquet``,
     ``mlflow-artifacts:/...``, ``file:///...``, ``s3://...``. ``load()`` downloads the manifest and
     returns its local path; the built-in sources refuse ``runs:/`` and ``mlflow-artifacts:/``.
+    Those two resolve against the current ``mlflow.set_tracking_uri`` (a `Tracker` sets it).
     """
     from mlflow.data.dataset_source import DatasetSource
     from mlflow.data.dataset_source_registry import get_registered_sources, register_dataset_source
@@ -105,8 +102,16 @@ def manifest_source_class() -> type[DatasetSource]:
         getattr(src, "__name__", "") == "DefectLoopManifestSource"
         for src in get_registered_sources()
     ):
-        register_dataset_source(DefectLoopManifestSource)
+        # mlflow annotates the argument as an instance; it stores and uses the class.
+        register_dataset_source(DefectLoopManifestSource)  # type: ignore[arg-type]
     return DefectLoopManifestSource
+
+
+def manifest_source(uri: str, digest: str = "") -> DatasetSource:
+    """A `DefectLoopManifestSource` for the manifest at ``uri`` with our 64-hex ``digest``."""
+    cls: Any = manifest_source_class()
+    source: DatasetSource = cls(uri, digest)
+    return source
 
 
 def __getattr__(name: str) -> Any:
@@ -207,6 +212,8 @@ def gate(
             f"{champion[key]:.4f} - {max_class_drop:g} (drop {d:.4f})"
         )
     return Promotion(False, "; ".join(parts), drops)
+
+
 class Tracker:
     """Thin wrapper over MLflow for one project. No connection is opened until a method runs."""
 
@@ -222,8 +229,16 @@ class Tracker:
 
             mlflow.set_tracking_uri(self.cfg.mlflow_uri)
             mlflow.set_registry_uri(self.cfg.mlflow_uri)
+            manifest_source_class()  # so mlflow.data.get_source can parse our inputs
             self._client = mlflow.MlflowClient(self.cfg.mlflow_uri, self.cfg.mlflow_uri)
         return self._client
+
+    def _artifact_location(self) -> str | None:
+        """Workspace folder for a local store; None (the server's choice) for a tracking server."""
+        uri = self.cfg.mlflow_uri
+        if uri.startswith(("http://", "https://", "databricks")):
+            return None
+        return self.cfg.mlflow_artifact_location
 
     def experiment_id(self) -> str:
         exp = self.client.get_experiment_by_name(self.cfg.mlflow.experiment)
@@ -231,7 +246,7 @@ class Tracker:
             return str(exp.experiment_id)
         return str(
             self.client.create_experiment(
-                self.cfg.mlflow.experiment, artifact_location=self.cfg.mlflow_artifact_location
+                self.cfg.mlflow.experiment, artifact_location=self._artifact_location()
             )
         )
 
@@ -244,24 +259,40 @@ class Tracker:
         test: EvalResult | None,
         params: Mapping[str, Any],
         round_index: int,
+        config_text: str | None = None,
     ) -> str:
-        """Log one training run; returns the MLflow run id. Batches metrics (one call per kind)."""
-        import mlflow
-        from mlflow.entities import Metric, Param, RunTag
+        """Log one training run; returns the MLflow run id. Batches metrics (one call per kind).
 
+        ``version`` must be saved in ``store``. ``result``: ``epochs`` (one dict per epoch ->
+        ``epoch_<key>`` metrics at step = epoch index), ``val``, ``weights`` (a file).
+        ``config_text``: the project YAML, logged as ``config/defect-loop.yaml``.
+        """
+        from mlflow.entities import DatasetInput, InputTag, Metric, Param, RunTag
+        from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
+
+        folder = store.path(version.digest)
+        if not (folder / "manifest.parquet").is_file():
+            raise DatasetError(
+                f"dataset version {version.short} is not saved in {store.root}; "
+                "call DatasetStore.save(version) before logging a run on it"
+            )
+        if not Path(result.weights).is_file():
+            raise ModelError(f"weights file {result.weights} does not exist; train again")
         client = self.client
         classes = list(version.classes)
         run = client.create_run(
             self.experiment_id(),
             run_name=f"round-{round_index}-train-{version.short}",
             tags={
-                "defect_loop.kind": "train",
-                "defect_loop.round": str(round_index),
-                "defect_loop.dataset_digest": version.digest,
-                "defect_loop.dataset_parent": version.parent or "",
+                TAG + "kind": "train",
+                TAG + "round": str(round_index),
+                TAG + "dataset_digest": version.digest,
+                TAG + "dataset_parent": version.parent or "",
+                TAG + "test_split_digest": version.split_digest("test"),
             },
         )
-        run_id = run.info.run_id
+        run_id = str(run.info.run_id)
+        manifest_uri = f"runs:/{run_id}/dataset/manifest.parquet"
         try:
             all_params = {**params, "dataset_digest": version.digest, "n_images": len(version)}
             client.log_batch(
@@ -270,39 +301,50 @@ class Tracker:
             metrics: list[Metric] = []
             for step, ep in enumerate(result.epochs):
                 for k, v in ep.items():
-                    key = "epoch_" + "".join(
-                        ch if ch.isalnum() or ch in "-_./" else "_" for ch in k
-                    )
-                    metrics.append(Metric(key, float(v), 0, step))
+                    metrics.append(Metric("epoch_" + metric_name(k, "-_./"), float(v), 0, step))
             finals = _metric_dict("val", result.val, classes)
             if test is not None:
                 finals.update(_metric_dict("test", test, classes))
             metrics += [Metric(k, float(v), 0, 0) for k, v in finals.items()]
             for i in range(0, len(metrics), 900):
                 client.log_batch(run_id, metrics=metrics[i : i + 900])
-            client.log_artifact(
-                run_id, str(store.path(version.digest) / "manifest.parquet"), "dataset"
-            )
-            client.log_artifact(run_id, str(store.path(version.digest) / "meta.json"), "dataset")
+            client.log_artifact(run_id, str(folder / "manifest.parquet"), "dataset")
+            client.log_artifact(run_id, str(folder / "meta.json"), "dataset")
             client.log_artifact(run_id, str(result.weights), "weights")
             if test is not None and test.confusion_matrix:
-                with tempfile.TemporaryDirectory() as d:
-                    p = Path(d) / "confusion_matrix.json"
-                    p.write_text(json.dumps({"classes": classes, "matrix": test.confusion_matrix}))
-                    client.log_artifact(run_id, str(p), "eval")
-            with mlflow.start_run(run_id=run_id), warnings.catch_warnings():
-                # MLflow warns that integer columns could hold missing values; ours never do.
-                warnings.simplefilter("ignore", UserWarning)
-                mlflow.log_input(self._mlflow_dataset(version, store), context="training")
-            client.set_tag(run_id, "defect_loop.weights_file", result.weights.name)
-            client.log_batch(run_id, tags=[RunTag("defect_loop.status", "logged")])
+                client.log_text(
+                    run_id,
+                    json.dumps({"classes": classes, "matrix": test.confusion_matrix}),
+                    "eval/confusion_matrix.json",
+                )
+            if config_text is not None:
+                client.log_text(run_id, config_text, "config/defect-loop.yaml")
+            client.log_inputs(
+                run_id,
+                datasets=[
+                    DatasetInput(
+                        self._mlflow_dataset(version, manifest_uri),
+                        tags=[InputTag(MLFLOW_DATASET_CONTEXT, "training")],
+                    )
+                ],
+            )
+            client.log_batch(
+                run_id,
+                tags=[
+                    RunTag(TAG + "dataset_uri", manifest_uri),
+                    RunTag(TAG + "weights_file", Path(result.weights).name),
+                    RunTag(TAG + "status", "logged"),
+                ],
+            )
         except Exception:
             client.set_terminated(run_id, "FAILED")
             raise
         client.set_terminated(run_id, "FINISHED")
-        return str(run_id)
+        return run_id
 
-    def _mlflow_dataset(self, version: DatasetVersion, store: DatasetStore) -> Any:
+    def _mlflow_dataset(self, version: DatasetVersion, manifest_uri: str) -> Any:
+        """The ``mlflow.entities.Dataset`` of an ``mlflow.data`` PandasDataset (one row per
+        image: sha256, path, split, n_boxes) whose source is the manifest at ``manifest_uri``."""
         import pandas as pd
         from mlflow.data.pandas_dataset import from_pandas
 
@@ -314,14 +356,50 @@ class Tracker:
                 "n_boxes": [len(r.boxes) for r in version.rows],
             }
         )
-        source = (store.path(version.digest) / "manifest.parquet").resolve().as_uri()
+        source = manifest_source(manifest_uri, version.digest)
         # Our digest covers every row and box; MLflow's default covers only the first 10k rows.
         with warnings.catch_warnings():
             # MLflow warns that integer columns could hold missing values; ours never do.
             warnings.simplefilter("ignore", UserWarning)
-            return from_pandas(
+            dataset = from_pandas(
                 df, source=source, name=f"labels-{version.short}", digest=version.digest[:36]
             )
+            return dataset._to_mlflow_entity()  # computes the schema: inside the filter
+
+    def load_dataset_version(
+        self, run_id: str, store: DatasetStore | None = None
+    ) -> DatasetVersion:
+        """The dataset version a training run was logged with, read back from its ``dataset``
+        artifacts and verified against the run's ``defect_loop.dataset_digest`` tag. With
+        ``store``, also saved there (a no-op when it is already)."""
+        from mlflow.exceptions import MlflowException
+
+        client = self.client
+        try:
+            run = client.get_run(run_id)
+        except MlflowException as exc:
+            raise DatasetError(
+                f"MLflow run {run_id} not found at {self.cfg.mlflow_uri}; "
+                "take a run id from `defect-loop status` or the MLflow UI"
+            ) from exc
+        expected = run.data.tags.get(TAG + "dataset_digest")
+        if not expected:
+            raise DatasetError(
+                f"MLflow run {run_id} has no dataset version (tag {TAG}dataset_digest); "
+                "only training runs logged by defect-loop carry one"
+            )
+        with tempfile.TemporaryDirectory(prefix="defect-loop-ds-") as d:
+            try:
+                local = client.download_artifacts(run_id, "dataset", d)
+            except (MlflowException, OSError) as exc:
+                raise DatasetError(
+                    f"could not download the dataset artifacts of run {run_id}: {exc}; "
+                    "check that the artifact store is reachable"
+                ) from exc
+            version = read_version_dir(Path(local), expected)
+        if store is not None:
+            store.save(version)
+        return version
 
     def register(self, run_id: str) -> str:
         """Register the run's weights as a new model version with alias ``candidate``."""
@@ -329,8 +407,10 @@ class Tracker:
         name = self.cfg.mlflow.registered_model
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name)
-        source = f"{client.get_run(run_id).info.artifact_uri}/weights"
-        mv = client.create_model_version(name, source=source, run_id=run_id)
+        run = client.get_run(run_id)
+        source = f"{run.info.artifact_uri}/weights"
+        tags = {"dataset_digest": run.data.tags.get(TAG + "dataset_digest", "")}
+        mv = client.create_model_version(name, source=source, run_id=run_id, tags=tags)
         client.set_registered_model_alias(name, CANDIDATE, mv.version)
         return str(mv.version)
 
@@ -355,11 +435,12 @@ class Tracker:
         import mlflow.artifacts
 
         dest = self.cfg.workspace / "models" / f"v{version}"
-        name = run.data.tags.get("defect_loop.weights_file", "best.pt")
+        name = run.data.tags.get(TAG + "weights_file", "best.pt")
         if not (dest / "weights" / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
+            # By number, not by alias: the alias may move while we download.
             mlflow.artifacts.download_artifacts(
-                artifact_uri=f"models:/{self.cfg.mlflow.registered_model}@{CHAMPION}",
+                artifact_uri=f"models:/{self.cfg.mlflow.registered_model}/{version}",
                 dst_path=str(dest / "weights"),
                 tracking_uri=self.cfg.mlflow_uri,
             )
@@ -371,43 +452,71 @@ class Tracker:
         return found[0]
 
     def promote_if_better(
-        self, model_version: str, run_id: str, tolerance: float = 0.0
+        self,
+        model_version: str,
+        run_id: str,
+        tolerance: float | None = None,
+        max_class_drop: float | None = None,
     ) -> Promotion:
-        """Move ``champion`` to ``model_version`` unless its test mAP50-95 is below the champion's
-        minus ``tolerance``. The decision and reason are tagged on the run."""
+        """Move ``champion`` to ``model_version`` when `gate` allows it (defaults: the config's
+        ``promotion`` section). The decision, reason, compared champion and failing classes are
+        tagged on the run; ``promoted``/``promotion_reason`` also on the model version."""
+        from mlflow.entities import RunTag
+
+        tol = self.cfg.promotion.tolerance if tolerance is None else tolerance
+        mcd = self.cfg.promotion.max_class_drop if max_class_drop is None else max_class_drop
         client = self.client
         name = self.cfg.mlflow.registered_model
-        new = client.get_run(run_id).data.metrics.get("test_map50_95")
-        current = self.champion_metrics()
-        if current is None:
-            decision = Promotion(True, "first model: no champion yet")
-        elif new is None:
-            decision = Promotion(False, "candidate has no test metrics (no labeled test images)")
-        elif current[1] is None or new >= current[1] - tolerance:
-            decision = Promotion(
-                True,
-                f"test mAP50-95 {new:.4f} >= champion v{current[0]} {current[1]} - {tolerance}",
-            )
-        else:
-            decision = Promotion(
-                False,
-                f"test mAP50-95 {new:.4f} < champion v{current[0]} {current[1]:.4f} - {tolerance}",
-            )
+        new_run = client.get_run(run_id)
+        current = self._champion_run()
+        decision = gate(
+            new_run.data.metrics,
+            None if current is None else current[1].data.metrics,
+            list(self.cfg.classes),
+            tol,
+            mcd,
+            "?" if current is None else current[0],
+        )
+        reason = decision.reason
+        if current is not None:
+            old_test = current[1].data.tags.get(TAG + "test_split_digest")
+            new_test = new_run.data.tags.get(TAG + "test_split_digest")
+            if old_test and new_test and old_test != new_test:
+                reason += " (note: the champion was tested on a different test split)"
+        decision = Promotion(decision.promoted, reason, decision.class_drops)
         if decision.promoted:
             client.set_registered_model_alias(name, CHAMPION, model_version)
-        client.set_tag(run_id, "defect_loop.promoted", str(decision.promoted).lower())
-        client.set_tag(run_id, "defect_loop.promotion_reason", decision.reason)
+        client.log_batch(
+            run_id,
+            tags=[
+                RunTag(TAG + "promoted", str(decision.promoted).lower()),
+                RunTag(TAG + "promotion_reason", reason[:5000]),
+                RunTag(TAG + "compared_to", "" if current is None else current[0]),
+                RunTag(TAG + "class_drops", json.dumps(dict(decision.class_drops))),
+            ],
+        )
+        client.set_model_version_tag(
+            name, model_version, "promoted", str(decision.promoted).lower()
+        )
+        client.set_model_version_tag(name, model_version, "promotion_reason", reason[:5000])
         return decision
 
-    def champion_metrics(self) -> tuple[str, float | None] | None:
+    def _champion_run(self) -> tuple[str, Any] | None:
+        """(champion model version, its run) or None."""
         from mlflow.exceptions import MlflowException
 
         try:
             mv = self.client.get_model_version_by_alias(self.cfg.mlflow.registered_model, CHAMPION)
         except MlflowException:
             return None
-        metrics = self.client.get_run(str(mv.run_id)).data.metrics
-        return str(mv.version), metrics.get("test_map50_95")
+        return str(mv.version), self.client.get_run(str(mv.run_id))
+
+    def champion_metrics(self) -> tuple[str, float | None] | None:
+        """(champion model version, its test mAP50-95) or None; downloads nothing."""
+        current = self._champion_run()
+        if current is None:
+            return None
+        return current[0], current[1].data.metrics.get("test_map50_95")
 
     def last_trained_digest(self) -> str | None:
         """Dataset digest of the newest finished training run (None before the first)."""
@@ -417,7 +526,7 @@ class Tracker:
             order_by=["attributes.start_time DESC"],
             max_results=1,
         )
-        return runs[0].data.tags.get("defect_loop.dataset_digest") if runs else None
+        return runs[0].data.tags.get(TAG + "dataset_digest") if runs else None
 
     def training_runs(self) -> list[dict[str, Any]]:
         """All training runs, oldest first, with their dataset digest and test metrics."""
@@ -429,10 +538,11 @@ class Tracker:
         return [
             {
                 "run_id": r.info.run_id,
-                "round": r.data.tags.get("defect_loop.round"),
-                "dataset_digest": r.data.tags.get("defect_loop.dataset_digest"),
+                "round": r.data.tags.get(TAG + "round"),
+                "dataset_digest": r.data.tags.get(TAG + "dataset_digest"),
                 "metrics": dict(r.data.metrics),
                 "status": r.info.status,
+                "promoted": r.data.tags.get(TAG + "promoted"),
             }
             for r in runs
         ]

@@ -27,6 +27,12 @@ runner = CliRunner()
         ["services", "down"],
         ["services", "status"],
         ["demo"],
+        ["label-from-truth"],
+        ["datasets"],
+        ["datasets", "list"],
+        ["datasets", "show"],
+        ["datasets", "diff"],
+        ["datasets", "export"],
     ],
 )
 def test_every_command_has_help(args):

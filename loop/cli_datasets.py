@@ -1,0 +1,180 @@
+"""`defect-loop datasets ...`: list, show, diff and export the project's dataset versions.
+
+Registered on the main app by ``app.add_typer(datasets_app, name="datasets")`` in `loop.cli`.
+Reads only the workspace's dataset store (no MLflow, no Label Studio).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+
+from loop.config import DEFAULT_CONFIG_NAME, load_config
+from loop.datasets import SPLITS, DatasetStore, diff_versions, export_yolo
+from loop.errors import DatasetError, DefectLoopError
+
+datasets_app = typer.Typer(
+    help="Inspect and export dataset versions (immutable, content-addressed label sets).",
+    no_args_is_help=True,
+)
+
+ConfigOpt = Annotated[
+    Path,
+    typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
+VersionArg = Annotated[str, typer.Argument(help="digest or a unique prefix (>= 6 hex characters)")]
+
+T = TypeVar("T")
+
+
+def _run(fn: Callable[[], T]) -> T:
+    """Call ``fn``; a `DefectLoopError` becomes a one-line message and exit code 2."""
+    try:
+        return fn()
+    except DefectLoopError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
+def _store(config: Path) -> tuple[Any, DatasetStore]:
+    from loop.project import Project
+
+    project = Project(load_config(config))
+    return project, project.store
+
+
+def _short(digest: object) -> str:
+    return str(digest)[:12] if digest else "-"
+
+
+def _splits(counts: Any) -> str:
+    return "/".join(str(counts.get(s, 0)) for s in SPLITS)
+
+
+@datasets_app.command("list")
+def list_versions(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME), as_json: JsonOpt = False) -> None:
+    """List dataset versions, oldest first; `*` marks the project's current version."""
+
+    def go() -> None:
+        project, store = _store(config)
+        metas = store.list()
+        current = project.state.current_version
+        if as_json:
+            typer.echo(json.dumps([{**m, "current": m["digest"] == current} for m in metas]))
+            return
+        if not metas:
+            typer.echo("no dataset versions yet: `defect-loop ingest DIR --labels LABELS`")
+            return
+        typer.echo(f"  {'digest':<12}  {'created':<25}  {'parent':<12}  {'images':>6}  splits")
+        for m in metas:
+            mark = "*" if m["digest"] == current else " "
+            typer.echo(
+                f"{mark} {_short(m['digest']):<12}  {m['created_at']:<25}  "
+                f"{_short(m.get('parent')):<12}  {m['n_images']:>6}  "
+                f"{_splits(m['splits'])} (train/val/test)"
+            )
+
+    _run(go)
+
+
+@datasets_app.command()
+def show(
+    version: VersionArg,
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+    as_json: JsonOpt = False,
+) -> None:
+    """Show one version: digest, parent, classes, splits, boxes per class, provenance."""
+
+    def go() -> None:
+        _, store = _store(config)
+        v = store.load(version)
+        defect_free = sum(1 for r in v.rows if len(r.boxes) == 0)
+        sources = Counter(r.provenance.get("source", "?") for r in v.rows)
+        info: dict[str, Any] = {
+            "digest": v.digest,
+            "parent": v.parent,
+            "created_at": v.created_at,
+            "classes": list(v.classes),
+            "n_images": len(v),
+            "defect_free_images": defect_free,
+            "splits": v.split_counts(),
+            "class_counts": v.class_counts(),
+            "test_split_digest": v.split_digest("test"),
+            "label_sources": dict(sorted(sources.items())),
+            "path": str(store.path(v.digest)),
+        }
+        if as_json:
+            typer.echo(json.dumps(info, indent=1))
+            return
+        typer.echo(f"digest:      {v.digest}")
+        typer.echo(f"parent:      {v.parent or '-'}")
+        typer.echo(f"created:     {v.created_at}")
+        typer.echo(f"images:      {len(v)} ({defect_free} defect-free)")
+        splits = v.split_counts()
+        typer.echo("splits:      " + ", ".join(f"{s} {splits[s]}" for s in SPLITS))
+        typer.echo(f"test split:  {info['test_split_digest'][:12]}")
+        typer.echo("sources:     " + ", ".join(f"{k} {n}" for k, n in sorted(sources.items())))
+        typer.echo(f"stored in:   {info['path']}")
+        counts = v.class_counts()
+        width = max([5, *(len(c) for c in v.classes)])
+        typer.echo(f"\n{'class':<{width}}  {'boxes':>7}")
+        for c in v.classes:
+            typer.echo(f"{c:<{width}}  {counts[c]:>7}")
+        typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
+
+    _run(go)
+
+
+@datasets_app.command()
+def diff(
+    a: Annotated[str, typer.Argument(help="older version (digest prefix)")],
+    b: Annotated[str, typer.Argument(help="newer version (digest prefix)")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+    as_json: JsonOpt = False,
+) -> None:
+    """What changed from A to B: images added/removed/relabeled, boxes per class."""
+
+    def go() -> None:
+        _, store = _store(config)
+        d = diff_versions(store.load(a), store.load(b))
+        typer.echo(json.dumps(d.to_dict(), indent=1) if as_json else d.to_text().rstrip("\n"))
+
+    _run(go)
+
+
+@datasets_app.command()
+def export(
+    version: VersionArg,
+    out_dir: Annotated[Path, typer.Argument(help="new or empty folder for the YOLO dataset")],
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+) -> None:
+    """Write a version as a YOLO folder (<split>/images, <split>/labels, data.yaml).
+
+    Images are hard-linked from the pool and named by sha256; exporting the same version twice
+    gives byte-identical files apart from the absolute paths in data.yaml.
+    """
+
+    def go() -> None:
+        project, store = _store(config)
+        v = store.load(version)
+        dest = out_dir.resolve()
+        if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+            raise DatasetError(
+                f"{out_dir} exists and is not an empty folder; "
+                "export into a new folder so no stale labels mix in"
+            )
+        data_yaml = export_yolo(v, project.cfg.images_dir, dest)
+        splits = v.split_counts()
+        typer.echo(
+            f"exported {v.short}: "
+            + ", ".join(f"{s} {splits[s]}" for s in SPLITS)
+            + f" images -> {data_yaml}"
+        )
+
+    _run(go)

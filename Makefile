@@ -27,13 +27,13 @@ label-studio: $(STAMP)
 	$(BIN)/python -c "from loop.services import install_label_studio; install_label_studio()"
 
 lint: $(STAMP)
-	$(BIN)/ruff check loop flows tests
-	$(BIN)/ruff format --check loop flows tests
+	$(BIN)/ruff check loop flows tests bench
+	$(BIN)/ruff format --check loop flows tests bench
 	$(BIN)/mypy
 
 format: $(STAMP)
-	$(BIN)/ruff format loop flows tests
-	$(BIN)/ruff check --fix loop flows tests
+	$(BIN)/ruff format loop flows tests bench
+	$(BIN)/ruff check --fix loop flows tests bench
 
 test: install lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)

@@ -5,7 +5,7 @@ BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 PYTEST_ARGS ?=
 
-.PHONY: help install label-studio lint format test test-unit demo clean
+.PHONY: help install label-studio chromium lint format test test-unit demo clean
 
 help:
 	@echo "make demo        synthetic project + local Label Studio + one cycle (AUTO=1: labeler simulated, 3 cycles)"
@@ -26,6 +26,10 @@ install: $(STAMP) label-studio
 label-studio: $(STAMP)
 	$(BIN)/python -c "from loop.services import install_label_studio; install_label_studio()"
 
+# Headless Chromium (Debian packages) for the report's browser test.
+chromium:
+	scripts/install-chromium.sh
+
 lint: $(STAMP)
 	$(BIN)/ruff check loop flows tests bench
 	$(BIN)/ruff format --check loop flows tests bench
@@ -35,7 +39,7 @@ format: $(STAMP)
 	$(BIN)/ruff format loop flows tests bench
 	$(BIN)/ruff check --fix loop flows tests bench
 
-test: install lint
+test: install chromium lint
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 test-unit: $(STAMP)

@@ -369,8 +369,10 @@ def demo(
 def _register_subcommands() -> None:
     # Sub-apps live in their own modules; they import helpers from this one, hence the late import.
     from loop.cli_datasets import datasets_app
+    from loop.cli_report import report
 
     app.add_typer(datasets_app, name="datasets")
+    app.command("report")(report)
 
 
 _register_subcommands()

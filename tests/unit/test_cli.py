@@ -28,6 +28,7 @@ runner = CliRunner()
         ["services", "status"],
         ["demo"],
         ["label-from-truth"],
+        ["report"],
         ["datasets"],
         ["datasets", "list"],
         ["datasets", "show"],

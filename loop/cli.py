@@ -369,10 +369,12 @@ def demo(
 def _register_subcommands() -> None:
     # Sub-apps live in their own modules; they import helpers from this one, hence the late import.
     from loop.cli_datasets import datasets_app
+    from loop.cli_ls import ls_app
     from loop.cli_report import report
 
     app.add_typer(datasets_app, name="datasets")
     app.command("report")(report)
+    app.add_typer(ls_app, name="labelstudio")
 
 
 _register_subcommands()

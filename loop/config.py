@@ -36,6 +36,18 @@ class LabelStudioConfig(_Section):
     document_root: Path | None = None
     batch_size: int = Field(500, ge=1, description="tasks per bulk import call")
     timeout_s: float = Field(30.0, gt=0)
+    # Labelers may also draw polygons (PolygonLabels); a polygon becomes its bounding box.
+    polygons: bool = False
+    # Progress bars for push (shown only when stderr is a terminal).
+    progress: bool = True
+    # Webhook receiver (`defect-loop labelstudio webhook-serve`): a callback runs once this many
+    # new or changed annotations arrived. Label Studio must run with SSRF_PROTECTION_ENABLED=false
+    # to call a loopback URL; polling stays the default trigger.
+    webhook_threshold: int = Field(20, ge=1, description="annotations that trigger the callback")
+    webhook_host: str = "127.0.0.1"
+    webhook_port: int = Field(8765, ge=0, le=65535)
+    # The URL Label Studio calls (default http://<webhook_host>:<webhook_port>/webhook).
+    webhook_url: str | None = None
 
 
 class MlflowConfig(_Section):
@@ -77,6 +89,22 @@ class SelectConfig(_Section):
         0.25, gt=0, lt=1, description="lowest score shown to labelers"
     )
     seed: int = 0
+    topk: int = Field(3, ge=1, description="k of the topk_mean reduction")
+    empty_score: float = Field(
+        0.0, description="score of an image with no candidate box at all (explicit, never NaN)"
+    )
+    hybrid_base: str = Field("entropy", description="uncertainty strategy hybrid pre-filters by")
+    hybrid_top_m: int | None = Field(
+        None, ge=1, description="hybrid shortlist size M (None: hybrid_factor x batch_size)"
+    )
+    hybrid_factor: float = Field(5.0, ge=1.0, description="M = factor x batch when top_m is None")
+    tta: list[str] = Field(
+        default_factory=lambda: ["hflip", "scale:0.75", "scale:1.25"],
+        description="views for localization_stability: hflip, vflip, scale:<factor>",
+    )
+    committee_size: int = Field(
+        3, ge=2, description="checkpoints in a committee (the newest ones, current included)"
+    )
 
 
 class IngestConfig(_Section):
@@ -95,6 +123,59 @@ class PromotionConfig(_Section):
 
     tolerance: float = Field(0.0, ge=0, le=1)
     max_class_drop: float = Field(0.05, ge=0, le=1)
+
+
+class ScheduleConfig(_Section):
+    """When `defect-loop serve` starts cycles by itself, and what a second cycle does meanwhile.
+
+    ``cycle_cron``: cron string (e.g. ``"0 2 * * *"``, nightly at 02:00 in ``timezone``) or None.
+    ``count_trigger``: start a cycle once at least this many new annotations exist since the
+    last training (checked every ``check_interval_s`` seconds, or when the webhook receiver asks).
+    ``concurrency``: a cycle started while another runs ``wait``s (up to ``wait_timeout_s``)
+    or is ``skip``ped; two cycles never overlap.
+    """
+
+    cycle_cron: str | None = None
+    timezone: str = "UTC"
+    count_trigger: int | None = Field(None, ge=1)
+    check_interval_s: float = Field(300.0, ge=5)
+    concurrency: Literal["wait", "skip"] = "skip"
+    wait_timeout_s: float = Field(6 * 3600.0, gt=0)
+
+    @field_validator("cycle_cron")
+    @classmethod
+    def _check_cron(cls, v: str | None) -> str | None:
+        if v is None or not v.strip():
+            return None
+        v = " ".join(v.split())
+        if not (v.startswith("@") or len(v.split()) in (5, 6)):
+            raise ValueError(
+                f"cycle_cron {v!r} is not a cron string: give 5 fields like '0 2 * * *'"
+            )
+        return v
+
+
+class ScoringConfig(_Section):
+    """How the pool is scored: in batches of ``batch_size`` images, one task each; on a Dask
+    cluster when ``dask_address`` (e.g. ``tcp://scheduler:8786``) is set, else in-process.
+    Per-image scores do not depend on where a batch runs (keep ``batch_size`` a multiple of 16,
+    the model's predict chunk, so they also match the unbatched path)."""
+
+    batch_size: int = Field(256, ge=1)
+    dask_address: str | None = None
+
+    @field_validator("dask_address")
+    @classmethod
+    def _blank_is_none(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        return v.strip() or None
+
+
+class PrefectConfig(_Section):
+    """The local Prefect server `defect-loop prefect-server start` runs (127.0.0.1, SQLite)."""
+
+    port: int = Field(4200, ge=1, le=65535)
 
 
 class ProjectConfig(BaseSettings):
@@ -118,6 +199,9 @@ class ProjectConfig(BaseSettings):
     select: SelectConfig = SelectConfig()
     ingest: IngestConfig = IngestConfig()
     promotion: PromotionConfig = PromotionConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    scoring: ScoringConfig = ScoringConfig()
+    prefect: PrefectConfig = PrefectConfig()
 
     @classmethod
     def settings_customise_sources(

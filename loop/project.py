@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import numpy as np
 import yaml
@@ -37,6 +38,10 @@ class ProjectState:
     ls_project_id: int | None = None
     pending: dict[str, int] = field(default_factory=dict)  # sha256 -> Label Studio task id
     last_model_version: str | None = None
+    # Incremental pull: the newest task ``updated_at`` seen (UTC, Label Studio's filter format)
+    # and the "<project id>:<classes>" it belongs to (another project or class list: pull all).
+    pull_cursor: str | None = None
+    pull_cursor_scope: str | None = None
 
 
 @dataclass(frozen=True)
@@ -71,10 +76,20 @@ class ScoredImage:
 
 @dataclass(frozen=True)
 class PullOutcome:
+    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines;
+    ``unlabeled``: sha256 of images whose Label Studio annotations were deleted (their labels
+    were dropped from the new version; they wait in Label Studio again); ``skipped``: tasks only
+    skipped by labelers; ``corrections``: correction metrics (`loop.corrections.correction_metrics`)
+    of the new version, for MLflow; ``cursor``: where the next incremental pull starts."""
+
     labeled: int
     rejected: list[str]
     new_version: str | None
     parent: str | None
+    unlabeled: list[str] = field(default_factory=list)
+    skipped: int = 0
+    corrections: dict[str, float] = field(default_factory=dict)
+    cursor: str | None = None
 
 
 class Project:
@@ -231,6 +246,12 @@ class Project:
             round_index=fit.round_index,
             config_text=config_text,
         )
+        corrections = self.store.path(fit.version.digest) / "corrections.json"
+        if corrections.exists():
+            # How labelers changed the suggestions that produced this version's new labels.
+            from loop.corrections import correction_metrics, read_report
+
+            tracker.log_metrics(run_id, correction_metrics(read_report(corrections)))
         mv = tracker.register(run_id)
         decision = tracker.promote_if_better(mv, run_id)
         self.state.round = fit.round_index
@@ -251,16 +272,15 @@ class Project:
 
     # ---------------------------------------------------------------- score
     def candidates(self) -> list[str]:
-        """Pool images worth scoring: unlabeled, not waiting in Label Studio, not in the test split
-        (the test split is frozen: the loop never selects test images)."""
+        """Pool images worth scoring: unlabeled and not in the test split (the test split is
+        frozen: the loop never selects test images). Images already waiting in Label Studio are
+        scored too, so that their tasks get the new model's suggestions and priority."""
         version = self.current_version()
         labeled = set() if version is None else {r.sha256 for r in version.rows}
         return [
             p.sha256
             for p in self.pool
-            if p.sha256 not in labeled
-            and p.sha256 not in self.state.pending
-            and assign_split(p.sha256, self.cfg.split) != "test"
+            if p.sha256 not in labeled and assign_split(p.sha256, self.cfg.split) != "test"
         ]
 
     def predict(self, weights: Path, shas: list[str]) -> Iterator[Detections]:
@@ -298,6 +318,52 @@ class Project:
         ranked = rank(shas, scores, rng)
         return [ScoredImage(s, v, shown[s]) for s, v in ranked]
 
+    def score_batch(self, weights: Path, shas: list[str]) -> list[tuple[str, float, Detections]]:
+        """Predict and score one batch: ``(sha256, score, boxes shown to labelers)`` per image,
+        in input order. A mapped scoring task runs this on any worker.
+
+        A score depends only on the image, the model and the config, never on the batch it came
+        in: strategies that draw random numbers get a generator seeded by ``(select.seed,
+        round, image sha256)``. Rank the merged batches with `merge_ranked`.
+        """
+        sel = self.cfg.select
+        out: list[tuple[str, float, Detections]] = []
+        for sha, det in zip(shas, self.predict(weights, shas), strict=True):
+            rng = np.random.default_rng([sel.seed, self.state.round, int(sha[:15], 16)])
+            value = float(
+                score_images(
+                    sel.strategy,
+                    [det],
+                    reduction=sel.reduction,
+                    rng=rng,
+                    empty_score=sel.empty_score,
+                    k=sel.topk,
+                )[0]
+            )
+            out.append((sha, value, det.with_min_confidence(sel.preannotation_conf)))
+        return out
+
+    def merge_ranked(
+        self, shas: list[str], parts: Iterable[list[tuple[str, float, Detections]]]
+    ) -> list[ScoredImage]:
+        """Rank the `score_batch` results of every batch of ``shas``, most valuable first.
+
+        The rows are first put back in ``shas`` order, then ranked with ties broken by ONE
+        generator seeded by ``(select.seed, round)``, so the ranking is the same however the
+        batches were cut, run or returned. Raises `DatasetError` for a missing or doubled image.
+        """
+        from loop.errors import DefectLoopError
+        from loop.scheduling import merge_in_order
+
+        try:
+            rows = merge_in_order(shas, parts)
+        except DefectLoopError as exc:
+            raise DatasetError(str(exc)) from exc
+        rng = np.random.default_rng([self.cfg.select.seed, self.state.round])
+        ranked = rank(shas, [r[1] for r in rows], rng)
+        shown = {r[0]: r[2] for r in rows}
+        return [ScoredImage(s, v, shown[s]) for s, v in ranked]
+
     # ---------------------------------------------------------------- Label Studio
     def ls_token(self) -> str:
         """The API token: from the environment/config, else from a local `services up`."""
@@ -321,8 +387,15 @@ class Project:
         )
 
     def ensure_ls_project(self, gw: Any) -> int:
+        """Get or create the Label Studio project from the config (idempotent): classes, colours,
+        instructions, polygons, the "most valuable first" view and the images' local storage.
+        The remembered project id is its identity, so a project renamed in the UI is kept."""
         pid = gw.ensure_project(
-            self.cfg.ls_project_title, list(self.cfg.classes), self.cfg.guidelines
+            self.cfg.ls_project_title,
+            list(self.cfg.classes),
+            self.cfg.guidelines,
+            polygons=self.cfg.labelstudio.polygons,
+            project_id=self.state.ls_project_id,
         )
         gw.ensure_local_storage(pid, self.cfg.images_dir)
         if self.state.ls_project_id != pid:
@@ -339,14 +412,19 @@ class Project:
                 f"{root}; set labelstudio.document_root or move the workspace"
             )
         rel = path.relative_to(root)
-        return f"/data/local-files/?d={rel.as_posix()}"
+        return f"/data/local-files/?d={quote(rel.as_posix(), safe='/')}"
 
     def push(self, gw: Any, ranked: list[ScoredImage], model_version: str) -> Any:
-        """Push the top ``select.batch_size`` of ``ranked`` as pre-annotated tasks, best first."""
+        """Push the top ``select.batch_size`` new images of ``ranked`` as pre-annotated tasks,
+        best first; images of ``ranked`` already waiting in Label Studio get a prediction of
+        ``model_version`` (and their new priority) when it is a new model version. Returns the
+        gateway's `PushSummary` (created, refreshed, skipped, failed)."""
         from loop.labelstudio import PushItem
 
         pid = self.ensure_ls_project(gw)
-        top = ranked[: self.cfg.select.batch_size]
+        fresh = [s for s in ranked if s.sha256 not in self.state.pending]
+        waiting = [s for s in ranked if s.sha256 in self.state.pending]
+        chosen = fresh[: self.cfg.select.batch_size] + waiting
         items = [
             PushItem(
                 sha256=s.sha256,
@@ -354,7 +432,7 @@ class Project:
                 detections=s.detections,
                 priority=s.score,
             )
-            for s in top
+            for s in chosen
         ]
         summary = gw.push(
             pid,
@@ -362,24 +440,107 @@ class Project:
             model_version=model_version,
             class_names=list(self.cfg.classes),
             batch_size=self.cfg.labelstudio.batch_size,
+            progress=None if self.cfg.labelstudio.progress else False,
         )
         self.state.pending.update(summary.task_ids)
         self.state.last_model_version = model_version
         self.save_state()
         return summary
 
+    def _ls_labeled_tasks(self, version: DatasetVersion | None, pid: int) -> dict[int, str]:
+        """Task id -> sha256 of the rows of ``version`` that came from Label Studio project
+        ``pid`` (rows from before the project id was recorded count as this project's)."""
+        out: dict[int, str] = {}
+        if version is None:
+            return out
+        for r in version.rows:
+            prov = r.provenance
+            if prov.get("source") != "labelstudio" or not str(prov.get("task_id", "")).isdigit():
+                continue
+            if str(prov.get("project_id", pid)) != str(pid):
+                continue
+            out[int(prov["task_id"])] = r.sha256
+        return out
+
+    def _next_version(
+        self, current: DatasetVersion | None, rows: list[LabeledImage], drop: set[str]
+    ) -> DatasetVersion | None:
+        """``current`` with ``rows`` added or replaced and the ``drop`` images removed (None when
+        there is no version and no row). An image keeps its split (the test split is frozen); classes
+        appended to the config extend the version's class list."""
+        classes = tuple(self.cfg.classes)
+        if current is None:
+            return DatasetVersion.create(classes, rows) if rows else None
+        if classes[: len(current.classes)] != current.classes:
+            raise DatasetError(
+                f"the config's classes {list(classes)} do not extend the dataset's "
+                f"{list(current.classes)}; class ids are fixed: restore the class list"
+            )
+        merged = {r.sha256: r for r in current.rows if r.sha256 not in drop}
+        for r in rows:
+            old = merged.get(r.sha256)
+            merged[r.sha256] = (
+                r if old is None or old.split == r.split else replace(r, split=old.split)
+            )
+        return DatasetVersion.create(classes, merged.values(), parent=current.digest)
+
     def pull(self, gw: Any) -> PullOutcome:
-        """Bring submitted annotations back as a new dataset version (none when nothing changed)."""
+        """Bring Label Studio's changes back as a new dataset version (none when nothing changed).
+
+        Incremental: only tasks updated since the stored cursor are read. New or changed
+        annotations add or replace labels; images whose annotations were all deleted lose their
+        label and wait in Label Studio again; rejected tasks (unknown label, rotated box, bad
+        coordinates, unsafe image path, image not in the pool) are reported and never block the
+        others. The correction analytics of the pulled labels that showed a prediction are
+        written to ``<workspace>/datasets/<digest>/corrections.json`` of the new version.
+        """
+        from loop.corrections import (
+            REPORT_NAME,
+            CorrectionInput,
+            build_report,
+            correction_metrics,
+            write_report,
+        )
+
         pid = self.ensure_ls_project(gw)
-        result = gw.pull(pid, list(self.cfg.classes))
-        rows = []
+        classes = list(self.cfg.classes)
+        scope = f"{pid}:{','.join(classes)}"
+        since = self.state.pull_cursor if self.state.pull_cursor_scope == scope else None
+        current = self.current_version()
+        result = gw.pull(
+            pid,
+            classes,
+            since=since,
+            known_labeled=self._ls_labeled_tasks(current, pid),
+            document_root=self.cfg.ls_document_root,
+        )
+        rejected = [str(r) for r in result.rejected]
+        rows: list[LabeledImage] = []
+        inputs: list[CorrectionInput] = []
         for lab in result.labels:
             if lab.sha256 not in self.pool:
-                raise ImageError(
-                    f"Label Studio task {lab.task_id} refers to image {lab.sha256[:12]} that is not "
-                    "in this project's pool; was it imported by hand?"
+                rejected.append(
+                    f"Label Studio task {lab.task_id}: image {lab.sha256[:12]} is not in this "
+                    "project's pool (imported by hand?); delete the task or ingest the image"
                 )
+                continue
             entry = self.pool.get(lab.sha256)
+            prov = {
+                "source": "labelstudio",
+                "project_id": str(pid),
+                "task_id": str(lab.task_id),
+                "annotation_id": str(lab.annotation_id),
+                "annotator": str(lab.annotator),
+                "round": str(self.state.round),
+            }
+            if lab.prediction_model_version:
+                prov["model_version"] = str(lab.prediction_model_version)
+            if lab.lead_time is not None:
+                prov["lead_time_s"] = f"{lab.lead_time:.3f}"
+            if len(lab.annotators) > 1:
+                prov["annotators"] = ",".join(lab.annotators)
+            if lab.agreement is not None:
+                prov["agreement"] = f"{lab.agreement:.4f}"
             rows.append(
                 LabeledImage(
                     entry.sha256,
@@ -388,32 +549,45 @@ class Project:
                     entry.height,
                     assign_split(entry.sha256, self.cfg.split),
                     lab.detections,
-                    {
-                        "source": "labelstudio",
-                        "task_id": str(lab.task_id),
-                        "annotation_id": str(lab.annotation_id),
-                        "annotator": str(lab.annotator),
-                        "round": str(self.state.round),
-                    },
+                    prov,
                 )
             )
-        rejected = [str(r) for r in result.rejected]
-        current = self.current_version()
+            if lab.prediction is not None:
+                inputs.append(
+                    CorrectionInput(
+                        lab.sha256, lab.task_id, lab.prediction, lab.detections, lab.lead_time
+                    )
+                )
+        labeled_now = {r.sha256 for r in rows}
+        drop = {s for s in result.unlabeled_sha256 if s not in labeled_now}
         for r in rows:
             self.state.pending.pop(r.sha256, None)
-        if not rows:
+        for tid, sha in zip(result.unlabeled_task_ids, result.unlabeled_sha256, strict=True):
+            if sha in drop:
+                self.state.pending[sha] = tid  # back in the labeling queue
+        self.state.pull_cursor = result.cursor
+        self.state.pull_cursor_scope = scope
+
+        def outcome(new_version: str | None, parent: str | None, metrics: Any) -> PullOutcome:
+            return PullOutcome(
+                len(rows),
+                rejected,
+                new_version,
+                parent,
+                unlabeled=sorted(drop),
+                skipped=len(result.skipped_task_ids),
+                corrections=metrics,
+                cursor=result.cursor,
+            )
+
+        version = self._next_version(current, rows, drop) if rows or drop else current
+        if version is None or (current is not None and version.digest == current.digest):
             self.save_state()
-            return PullOutcome(0, rejected, None, self.state.current_version)
-        version = (
-            DatasetVersion.create(self.cfg.classes, rows)
-            if current is None
-            else current.with_labels(rows)
-        )
-        if current is not None and version.digest == current.digest:
-            self.save_state()
-            return PullOutcome(len(rows), rejected, None, current.digest)
+            return outcome(None, self.state.current_version, {})
         self._set_version(version)
-        return PullOutcome(len(rows), rejected, version.digest, version.parent)
+        report = build_report(inputs, classes)
+        write_report(self.store.path(version.digest) / REPORT_NAME, report)
+        return outcome(version.digest, version.parent, correction_metrics(report))
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

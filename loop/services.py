@@ -42,6 +42,9 @@ _LOG_TAIL_LINES = 25
 # Label Studio reads many un-prefixed names (HOST, PORT, DEBUG, CI, USERNAME, PASSWORD, ...).
 _PYTHON_ENV_LEAKS = frozenset({"PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "VIRTUAL_ENV"})
 _PASSTHROUGH_ENV = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LC_ALL", "LC_CTYPE", "TMPDIR", "TZ")
+# `LabelStudioService(extra_env=WEBHOOK_ENV)`: Label Studio's SSRF protection refuses webhooks to
+# loopback and private addresses; a local webhook receiver (`loop.webhooks`) needs it off.
+WEBHOOK_ENV = {"SSRF_PROTECTION_ENABLED": "false"}
 
 
 def _default_venv_dir() -> Path:
@@ -239,7 +242,8 @@ class LabelStudioService:
     ``data_dir`` holds the SQLite database, media, the PID file and the log file.
     ``document_root`` is the folder under which Label Studio may serve local files; storages
     must point at a SUBfolder of it. ``api_token`` (6-40 chars) becomes the admin's legacy token
-    on the first start, used as ``Authorization: Token <api_token>``.
+    on the first start, used as ``Authorization: Token <api_token>``. ``extra_env`` is added to
+    the server's environment last (e.g. `WEBHOOK_ENV` to let it call a loopback webhook).
     """
 
     data_dir: Path
@@ -507,4 +511,216 @@ class LabelStudioService:
             "healthy": pid is not None and self.healthy(),
             "log": str(self.log_file),
             "data_dir": str(self.data_dir),
+        }
+
+
+# ============================================================================================
+# Prefect server (for the UI, schedules and triggers of `defect-loop serve`)
+# ============================================================================================
+
+PREFECT_PID_FILE_NAME = "prefect-server.pid"
+PREFECT_LOG_FILE_NAME = "prefect-server.log"
+
+
+def _is_prefect_server(pid: int) -> bool:
+    """Best effort: does ``pid`` run ``prefect server start``? (Guards against a reused PID.)"""
+    cmdline = Path(f"/proc/{pid}/cmdline")
+    if not cmdline.parent.exists():
+        return True
+    try:
+        raw = cmdline.read_bytes()
+    except OSError:
+        return False
+    return b"prefect" in raw and b"server" in raw
+
+
+@dataclass
+class PrefectService:
+    """A local Prefect server: ``prefect server start --host 127.0.0.1 --port P``, detached.
+
+    ``home`` is its PREFECT_HOME: the SQLite database ``prefect.db``, the PID file and the log
+    file. Analytics are off (``PREFECT_SERVER_ANALYTICS_ENABLED=false``, ``DO_NOT_TRACK=true``).
+    Point clients at it with ``PREFECT_API_URL=<api_url>``; the UI is at ``url``.
+    """
+
+    home: Path
+    port: int = 4200
+    host: str = "127.0.0.1"
+    extra_env: dict[str, str] = field(default_factory=dict)
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self.home = Path(self.home).expanduser().resolve()
+
+    @property
+    def url(self) -> str:
+        """The UI, e.g. ``http://127.0.0.1:4200``."""
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def api_url(self) -> str:
+        """What ``PREFECT_API_URL`` must be set to, e.g. ``http://127.0.0.1:4200/api``."""
+        return f"{self.url}/api"
+
+    @property
+    def pid_file(self) -> Path:
+        return self.home / PREFECT_PID_FILE_NAME
+
+    @property
+    def log_file(self) -> Path:
+        return self.home / PREFECT_LOG_FILE_NAME
+
+    @property
+    def database(self) -> Path:
+        return self.home / "prefect.db"
+
+    def command(self) -> list[str]:
+        return [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--analytics-off",
+        ]
+
+    def server_env(self) -> dict[str, str]:
+        """The caller's environment without any ``PREFECT_*`` setting, plus the server's own."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PREFECT_")}
+        env.update(
+            {
+                "PYTHONUNBUFFERED": "1",
+                "PREFECT_HOME": str(self.home),
+                "PREFECT_API_DATABASE_CONNECTION_URL": f"sqlite+aiosqlite:///{self.database}",
+                "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+                "DO_NOT_TRACK": "true",
+                "PREFECT_UI_API_URL": self.api_url,
+            }
+        )
+        env.update(self.extra_env)
+        return env
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """True when ``GET /api/health`` answers 200."""
+        try:
+            return httpx.get(f"{self.api_url}/health", timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _running_pid(self) -> int | None:
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if _pid_alive(pid) and _is_prefect_server(pid):
+            return pid
+        return None
+
+    def start(self, timeout_s: float = 90) -> None:
+        """Start the server detached and wait for ``/api/health`` (~3-6 s; longer on a busy
+        machine). Idempotent: a running server recorded in the PID file is reused.
+
+        Raises `ServiceError` naming the log file and its last lines when the port is taken, the
+        server exits early or does not become healthy within ``timeout_s`` seconds.
+        """
+        pid = self._running_pid()
+        if pid is not None:
+            self._wait_healthy(pid, timeout_s, proc=None)
+            return
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        if _port_in_use(self.host, self.port):
+            raise ServiceError(
+                f"port {self.port} on {self.host} is already in use by another process (not the "
+                f"Prefect server recorded in {self.pid_file}); stop it or set prefect.port in the "
+                "config"
+            )
+        self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
+        cmd = self.command()
+        with self.log_file.open("a") as log:
+            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(cmd)} ===\n")
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=self.home,
+                    env=self.server_env(),
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise ServiceError(f"could not run {' '.join(cmd)}: {exc}") from exc
+        self._proc = proc
+        self.pid_file.write_text(f"{proc.pid}\n")
+        try:
+            self._wait_healthy(proc.pid, timeout_s, proc=proc)
+        except ServiceError:
+            self.stop()
+            raise
+
+    def _wait_healthy(
+        self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.healthy():
+                return
+            exited = proc.poll() is not None if proc is not None else not _pid_alive(pid)
+            if exited:
+                raise ServiceError(
+                    f"the Prefect server exited before answering /api/health; see "
+                    f"{self.log_file}. Last lines:\n{_tail(self.log_file)}"
+                )
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"the Prefect server did not answer {self.api_url}/health within "
+                    f"{timeout_s:.0f} s; see {self.log_file}. Last lines:\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.3)
+
+    def stop(self, timeout_s: float = 20) -> bool:
+        """SIGTERM the server's process group (SIGKILL after ``timeout_s``); remove the PID
+        file. Returns True when a running server was stopped; no error when none runs."""
+        pid = self._running_pid()
+        stopped = pid is not None
+        if pid is not None:
+            try:
+                pgid: int | None = os.getpgid(pid)
+            except ProcessLookupError:
+                pgid = None
+            LabelStudioService._signal(pid, pgid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid):
+                LabelStudioService._signal(pid, pgid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=1)
+            self._proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        return stopped
+
+    def status(self) -> dict[str, Any]:
+        """``{"running", "pid", "url", "api_url", "healthy", "log", "home"}``."""
+        pid = self._running_pid()
+        return {
+            "running": pid is not None,
+            "pid": pid,
+            "url": self.url,
+            "api_url": self.api_url,
+            "healthy": pid is not None and self.healthy(),
+            "log": str(self.log_file),
+            "home": str(self.home),
         }

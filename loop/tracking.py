@@ -401,6 +401,14 @@ class Tracker:
             store.save(version)
         return version
 
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> None:
+        """Log ``metrics`` to a (finished or running) run in batches of 900."""
+        from mlflow.entities import Metric
+
+        items = [Metric(metric_name(k), float(v), 0, step) for k, v in sorted(metrics.items())]
+        for i in range(0, len(items), 900):
+            self.client.log_batch(run_id, metrics=items[i : i + 900])
+
     def register(self, run_id: str) -> str:
         """Register the run's weights as a new model version with alias ``candidate``."""
         client = self.client

@@ -12,7 +12,12 @@ from typing import Any
 import pytest
 
 from loop.errors import ServiceError
-from loop.services import LabelStudioService, free_port, load_or_create_credentials
+from loop.services import (
+    WEBHOOK_ENV,
+    LabelStudioService,
+    free_port,
+    load_or_create_credentials,
+)
 
 
 @dataclass(frozen=True)
@@ -40,8 +45,14 @@ def ls_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LSServer]:
     kwargs: dict[str, Any] = {}
     if os.environ.get("DEFECT_LOOP_LS_VENV"):
         kwargs["venv_dir"] = Path(os.environ["DEFECT_LOOP_LS_VENV"])
+    # Webhook tests need Label Studio to call a loopback receiver: SSRF protection refuses that.
     svc = LabelStudioService.from_credentials(
-        creds, base / "data", base / "root", port=free_port(), **kwargs
+        creds,
+        base / "data",
+        base / "root",
+        port=free_port(),
+        extra_env=dict(WEBHOOK_ENV),
+        **kwargs,
     )
     try:
         svc.ensure_installed(progress=True)

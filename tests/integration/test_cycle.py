@@ -144,6 +144,8 @@ def test_full_cycle_with_real_services(prefect: None, cycle_config: Path, ls_ser
         assert second.pull.new_version is not None
         assert second.pull.parent == seed_version.digest
         assert second.train is not None
+        # The four tasks still waiting got the new model's suggestions and priority.
+        assert second.push.refreshed == 4
 
         project = Project(load_config(cycle_config))
         version = project.current_version()
@@ -167,5 +169,10 @@ def test_full_cycle_with_real_services(prefect: None, cycle_config: Path, ls_ser
         assert [r["dataset_digest"] for r in runs] == [seed_version.digest, version.digest]
         assert all("test_map50" in r["metrics"] and "val_map50_95" in r["metrics"] for r in runs)
         assert all(r["status"] == "FINISHED" for r in runs)
+        # How the labeler changed the suggestions is logged with the run trained on them.
+        corrections = runs[1]["metrics"]
+        assert corrections["corrections.tasks"] == 2.0
+        assert corrections["corrections.accepted"] >= 1.0
+        assert corrections["corrections.removed"] >= 7.0  # 2 deleted on task a, 5 on task b
 
     assert attempts == [], f"non-loopback connections attempted: {attempts}"

@@ -78,12 +78,17 @@ def test_ensure_project_is_idempotent_and_refuses_class_change(gw):
     # New instructions alone are accepted (config updated in place).
     assert gw.ensure_project("defect-loop: idem", CLASSES, "Other words.") == a
     with pytest.raises(LabelStudioError, match="classes"):
-        gw.ensure_project("defect-loop: idem", [*CLASSES, "hole"], GUIDE)
-    with pytest.raises(LabelStudioError, match="classes"):
         gw.ensure_project("defect-loop: idem", list(reversed(CLASSES)), GUIDE)
+    with pytest.raises(LabelStudioError, match="removed"):
+        gw.ensure_project("defect-loop: idem", CLASSES[:2], GUIDE)
     info = gw.project_info(a)
     assert info["classes"] == CLASSES
     assert info["sampling"] == "Uncertainty sampling"
+    # Adding a class at the end keeps the ids of the others.
+    assert gw.ensure_project("defect-loop: idem", [*CLASSES, "hole"], GUIDE) == a
+    assert gw.project_info(a)["classes"] == [*CLASSES, "hole"]
+    with pytest.raises(LabelStudioError, match="removed"):
+        gw.ensure_project("defect-loop: idem", CLASSES, GUIDE)
 
 
 def test_ensure_local_storage_is_idempotent(gw, ls_server):
@@ -231,17 +236,19 @@ def test_push_retry_after_a_lost_response_does_not_duplicate(gw, ls_server, monk
 
     monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
     pid = gw.ensure_project("defect-loop: retry", CLASSES, GUIDE)
-    real = gw._client.projects.import_tasks
+    real = gw._raw
     calls = []
 
-    def lossy(*args, **kwargs):
-        calls.append(len(kwargs["request"]))
-        res = real(*args, **kwargs)
+    def lossy(method, path, **kwargs):
+        if not (method == "POST" and path.endswith("/import")):
+            return real(method, path, **kwargs)
+        calls.append(len(kwargs["body"]))
+        res = real(method, path, **kwargs)
         if len(calls) == 1:
             raise httpx.ReadTimeout("simulated lost response")
         return res
 
-    monkeypatch.setattr(gw._client.projects, "import_tasks", lossy)
+    monkeypatch.setattr(gw, "_raw", lossy)
     det = Detections(np.array([[1.0, 2, 10, 12]]), np.array([1]), (32, 32), confidence=[0.4])
     items = [
         PushItem(f"{i:064x}", f"/data/local-files/?d=images/r{i}.png", det, 1.0) for i in range(4)

@@ -8,11 +8,12 @@ import stat
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import numpy as np
 import pytest
 from label_studio_sdk.core.api_error import ApiError
 
 from loop import labelstudio as lsmod
-from loop.errors import ConfigError, LabelStudioError, ServiceError
+from loop.errors import ConfigError, ConversionError, LabelStudioError, ServiceError
 from loop.labelstudio import LabelStudioGateway, classes_from_label_config, label_config_xml
 from loop.services import (
     LabelStudioService,
@@ -300,9 +301,11 @@ def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
         },
     ]
     gw = _gateway()
-    monkeypatch.setattr(gw, "export_annotated", lambda pid: export)
+    monkeypatch.setattr(gw, "latest_update", lambda pid: "2026-01-03T00:00:00.000000Z")
+    monkeypatch.setattr(gw, "export_tasks", lambda pid, ids=None, all_tasks=False: export)
     monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@b.c"})
     res = gw.pull(1, CLASSES)
+    assert res.cursor == "2026-01-03T00:00:00.000000Z" and res.full
     by = {lb.task_id: lb for lb in res.labels}
     assert sorted(by) == [1, 2]
     assert by[1].annotation_id == 11 and len(by[1].detections) == 0
@@ -312,6 +315,168 @@ def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
     assert by[2].detections.class_id.tolist() == [CLASSES.index("crack")]
     assert res.skipped_task_ids == [3]
     assert [r.task_id for r in res.rejected] == [4, 5, 6]
+    assert all(isinstance(r.__cause__, ConversionError) for r in res.rejected)
     assert "sha256" in res.rejected[0].reason
     assert "200x100" in res.rejected[1].reason
     assert "image size unknown" in res.rejected[2].reason
+
+
+# --- config, image paths, polygons, several annotators, incremental pull (no server) ------------
+def test_label_config_polygons_verdict_and_instructions():
+    xml = label_config_xml(CLASSES, "Box it.", polygons=True)
+    root = ET.fromstring(xml)
+    (poly,) = root.iter("PolygonLabels")
+    assert poly.get("name") == "polygon" and poly.get("toName") == "image"
+    assert [lb.get("value") for lb in poly.iter("Label")] == CLASSES
+    (choices,) = root.iter("Choices")
+    assert choices.get("name") == "verdict"
+    assert [c.get("value") for c in choices.iter("Choice")] == ["defect-free"]
+    assert classes_from_label_config(xml) == CLASSES
+    assert not list(ET.fromstring(label_config_xml(CLASSES)).iter("PolygonLabels"))
+    page = lsmod.instructions_html(["a<b", "dent"], "Line one.\n\nLine <two>.")
+    assert "<p>Line one.</p>" in page and "Line &lt;two&gt;." in page
+    assert "a&lt;b" in page and "NO regions" in page and "not used as negatives" in page
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "/data/local-files/?d=../etc/passwd",
+        "/data/local-files/?d=/etc/passwd",
+        "/data/local-files/?d=images/../../x.png",
+        "/data/local-files/?d=",
+    ],
+)
+def test_image_paths_escaping_the_root_are_refused(url):
+    with pytest.raises(lsmod.UnsafeImagePathError):
+        lsmod.check_image_url(url)
+
+
+def test_image_path_symlink_outside_root_is_refused(tmp_path):
+    root = tmp_path / "root"
+    (root / "images").mkdir(parents=True)
+    (root / "images" / "ok.png").write_bytes(b"x")
+    (root / "images" / "link.png").symlink_to(tmp_path / "elsewhere.png")
+    lsmod.check_image_url("/data/local-files/?d=images/ok.png", root)
+    lsmod.check_image_url("/data/local-files/?d=images%2Fok.png", root)
+    lsmod.check_image_url("https://example.com/a.png", root)  # not a local file: not checked
+    with pytest.raises(lsmod.UnsafeImagePathError, match="symlink"):
+        lsmod.check_image_url("/data/local-files/?d=images/link.png", root)
+    with pytest.raises(ConversionError, match="no image URL"):
+        lsmod.check_image_url(None, root)
+
+
+def test_backoff_has_bounded_jitter(monkeypatch):
+    monkeypatch.setattr(lsmod, "_BACKOFF_S", 1.0)
+    waits = {round(lsmod._backoff(2), 6) for _ in range(50)}
+    assert len(waits) > 1 and all(2.0 <= w <= 6.0 for w in waits)
+
+
+def _poly(points, label):
+    return {
+        "id": "p",
+        "type": "polygonlabels",
+        "from_name": "polygon",
+        "to_name": "image",
+        "original_width": 200,
+        "original_height": 100,
+        "value": {"points": points, "polygonlabels": [label]},
+    }
+
+
+def _verdict():
+    return {
+        "type": "choices",
+        "from_name": "verdict",
+        "to_name": "image",
+        "value": {"choices": ["defect-free"]},
+    }
+
+
+def test_pull_rules_on_canned_export(monkeypatch):
+    data = {"image": "/data/local-files/?d=images/a.png", "width": 200, "height": 100}
+
+    def task(tid, anns, **extra):
+        return {"id": tid, "data": {**data, "sha256": f"s{tid}", **extra}, "annotations": anns}
+
+    def ann(aid, result, updated, by=1, **kw):
+        return {**_ann(aid, result, updated, **kw), "completed_by": by}
+
+    export = [
+        task(1, [ann(10, [_poly([[10, 10], [30, 5], [20, 40]], "dent")], "2026-01-01T00:00:00Z")]),
+        task(2, [ann(20, [_verdict()], "2026-01-01T00:00:00Z")]),  # defect-free by the choice
+        task(3, [ann(30, [_verdict(), _rect(1, 1, 5, 5, "dent")], "2026-01-01T00:00:00Z")]),
+        task(4, [ann(40, [_rect(1, 1, 5, 5, "dent")], "2026-01-01T00:00:00Z")], image="/data/local-files/?d=../x.png"),
+        task(5, [ann(50, [{**_rect(1, 1, 5, 5, "dent"), "value": {**_rect(1, 1, 5, 5, "dent")["value"], "rotation": 30}}], "2026-01-01T00:00:00Z")]),
+        task(6, [ann(60, [_rect(90, 1, 20, 5, "dent")], "2026-01-01T00:00:00Z")]),  # x+w > 100 %
+        task(7, [ann(70, [_poly([[10, 10], [130, 5], [20, 40]], "dent")], "2026-01-01T00:00:00Z")]),
+        task(  # three annotators: latest wins, all kept, agreement measured
+            8,
+            [
+                ann(80, [_rect(10, 10, 20, 20, "dent")], "2026-01-01T00:00:00Z", by=1),
+                ann(81, [_rect(10, 10, 20, 20, "dent")], "2026-01-02T00:00:00Z", by=2),
+                ann(82, [], "2026-01-03T00:00:00Z", by=3),
+                ann(83, [], "2026-01-04T00:00:00Z", by=3, cancelled=True),
+            ],
+        ),
+    ]  # fmt: skip
+    gw = _gateway()
+    monkeypatch.setattr(gw, "latest_update", lambda pid: None)
+    monkeypatch.setattr(gw, "export_tasks", lambda pid, ids=None, all_tasks=False: export)
+    monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@x", 2: "b@x", 3: "c@x"})
+    res = gw.pull(1, CLASSES)
+    by = {lb.task_id: lb for lb in res.labels}
+    assert sorted(by) == [1, 2, 8]
+    np.testing.assert_allclose(by[1].detections.xyxy, [[20.0, 5.0, 60.0, 40.0]])
+    assert by[1].detections.class_id.tolist() == [CLASSES.index("dent")]
+    assert len(by[2].detections) == 0
+    rejected = {r.task_id: r for r in res.rejected}
+    assert sorted(rejected) == [3, 4, 5, 6, 7]
+    assert "defect-free" in rejected[3].reason
+    assert isinstance(rejected[4].__cause__, lsmod.UnsafeImagePathError)
+    assert "UnsafeImagePathError" in str(rejected[4])
+    assert "rotated" in rejected[5].reason and "outside the image" in rejected[6].reason
+    assert "outside the image" in rejected[7].reason
+    multi = by[8]
+    assert multi.annotation_id == 82 and len(multi.detections) == 0
+    assert multi.annotators == ("a@x", "b@x", "c@x")
+    assert sorted(multi.per_annotator) == ["a@x", "b@x", "c@x"]
+    assert multi.agreement == pytest.approx((1.0 + 0.0 + 0.0) / 3)
+
+
+def test_incremental_pull_exports_changed_ids_and_reconciles_deletions(monkeypatch):
+    gw = _gateway()
+    calls = {}
+    changed = [
+        (3, lsmod._parse_time("2026-01-05T00:00:00.5Z")),
+        (4, lsmod._parse_time("2026-01-06T00:00:00Z")),
+    ]
+
+    def export(pid, ids=None, all_tasks=False):
+        calls["export"] = (ids, all_tasks)
+        data = {"image": "/data/local-files/?d=a.png", "width": 200, "height": 100}
+        return [
+            {"id": 3, "data": {**data, "sha256": "s3"}, "annotations": []},  # deleted
+            {"id": 4, "data": {**data, "sha256": "s4"}, "annotations": [_ann(40, [], "2026-01-06T00:00:00Z")]},
+        ]  # fmt: skip
+
+    monkeypatch.setattr(gw, "changed_since", lambda pid, since: changed)
+    monkeypatch.setattr(gw, "export_tasks", export)
+    monkeypatch.setattr(gw, "unannotated_task_ids", lambda pid: [3, 9, 11])
+    monkeypatch.setattr(gw, "_user_emails", lambda: {})
+    res = gw.pull(1, CLASSES, since="2026-01-01T00:00:00.000000Z", known_labeled={3: "s3", 9: "s9"})
+    assert calls["export"] == ([3, 4], True)
+    assert not res.full and res.cursor == "2026-01-06T00:00:00.000000Z"
+    assert [lb.task_id for lb in res.labels] == [4]
+    assert res.unlabeled_task_ids == [3, 9] and res.unlabeled_sha256 == ["s3", "s9"]
+    monkeypatch.setattr(gw, "changed_since", lambda pid, since: [])
+    res = gw.pull(1, CLASSES, since="2026-01-06T00:00:00.000000Z")
+    assert res.labels == [] and res.cursor == "2026-01-06T00:00:00.000000Z"
+
+
+def test_webhook_env_turns_ssrf_protection_off(tmp_path):
+    from loop.services import WEBHOOK_ENV
+
+    env = _service(tmp_path, extra_env=dict(WEBHOOK_ENV)).server_env()
+    assert env["SSRF_PROTECTION_ENABLED"] == "false"
+    assert "SSRF_PROTECTION_ENABLED" not in _service(tmp_path / "b").server_env()

@@ -1,22 +1,34 @@
-"""`score` flow: rank the unlabeled pool with the champion model."""
+"""`score` flow: rank the unlabeled pool with the champion model.
+
+The candidates are cut into batches of ``scoring.batch_size`` images; one ``score-batch`` task
+predicts and scores each batch. Without ``scoring.dask_address`` the batches run one after the
+other in this process; with it they run on that Dask cluster through prefect-dask's
+`DaskTaskRunner`. Either way the batch results are merged in candidate order and ranked once
+(`Project.merge_ranked`), so both paths give the same ranking.
+"""
 
 from __future__ import annotations
 
-from prefect import flow, get_run_logger, task
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from prefect import flow, get_run_logger, task, unmapped
 from prefect.cache_policies import NONE
 
-from flows.common import NETWORK_RETRIES, NETWORK_RETRY_DELAYS, Context, open_context
-from loop.errors import ModelError
+from flows.common import NETWORK_TASK, Context, open_context
+from loop.config import ProjectConfig
+from loop.detections import Detections
+from loop.errors import ConfigError, ModelError, ServiceError
 from loop.project import ScoredImage
+from loop.scheduling import batches
 from loop.tracking import Champion
 
+BatchResult = list[tuple[str, float, Detections]]
+_LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
-@task(
-    name="load-champion",
-    cache_policy=NONE,
-    retries=NETWORK_RETRIES,
-    retry_delay_seconds=NETWORK_RETRY_DELAYS,
-)
+
+@task(name="load-champion", cache_policy=NONE, **NETWORK_TASK)
 def champion_task(ctx: Context) -> Champion:
     champ = ctx.tracker.champion()
     if champ is None:
@@ -24,19 +36,102 @@ def champion_task(ctx: Context) -> Champion:
     return champ
 
 
-@task(name="predict-and-score", cache_policy=NONE)
-def score_task(ctx: Context, champion: Champion) -> list[ScoredImage]:
-    shas = ctx.project.candidates()
-    dets = ctx.project.predict(champion.weights, shas)
-    return ctx.project.score(shas, dets)
+@task(name="score-batch", cache_policy=NONE, task_run_name="score-batch-{index}")
+def score_batch_task(cfg: ProjectConfig, weights: Path, shas: list[str], index: int) -> BatchResult:
+    """Predict and score one batch of images (runs wherever the task runner puts it)."""
+    from loop.project import Project
+
+    return Project(cfg).score_batch(weights, shas)
+
+
+def require_prefect_server(dask_address: str) -> str:
+    """The API URL of the Prefect server the Dask workers will report to.
+
+    Raises `ConfigError` when the flow runs on Prefect's temporary in-process server, which
+    workers in other processes cannot reach (each would try to start its own and fail).
+    """
+    from prefect.settings import get_current_settings
+
+    url = get_current_settings().api.url
+    if not url:
+        raise ConfigError(
+            f"scoring.dask_address is {dask_address!r}, but no Prefect server is configured "
+            "(PREFECT_API_URL is unset, so this run uses a temporary in-process server that Dask "
+            "workers cannot reach). Start one (`defect-loop prefect-server start`, or the "
+            "prefect service of docker/compose.yaml), set PREFECT_API_URL=http://<host>:4200/api "
+            "for this process and the Dask workers, or unset scoring.dask_address to score "
+            "in-process."
+        )
+    return str(url)
+
+
+def scoring_task_runner(cfg: ProjectConfig) -> Any:
+    """A sequential in-process runner, or a `DaskTaskRunner` on ``scoring.dask_address``."""
+    address = cfg.scoring.dask_address
+    if not address:
+        from prefect.task_runners import ThreadPoolTaskRunner
+
+        # One batch at a time: the model already uses train.threads cores.
+        return ThreadPoolTaskRunner(max_workers=1)
+    api_url = require_prefect_server(address)
+    api_host = urlparse(api_url).hostname
+    dask_host = urlparse(address if "://" in address else f"tcp://{address}").hostname
+    if api_host in _LOOPBACK and dask_host not in _LOOPBACK:
+        get_run_logger().warning(
+            "PREFECT_API_URL %s is a loopback address but the Dask scheduler %s is not: workers "
+            "on other hosts cannot report to it; use an address they can reach",
+            api_url,
+            address,
+        )
+    try:
+        from prefect_dask import DaskTaskRunner
+    except ImportError as exc:
+        raise ConfigError(
+            "scoring.dask_address is set but prefect-dask is not installed: "
+            "pip install 'prefect-dask>=0.3.7' 'distributed' (or unset scoring.dask_address)"
+        ) from exc
+    return DaskTaskRunner(address=address, client_kwargs={"timeout": "30s"})
+
+
+def score_batches(ctx: Context, weights: Path, shas: list[str]) -> list[BatchResult]:
+    """Run one ``score-batch`` task per batch of ``shas``; results in batch order."""
+    groups = batches(shas, ctx.cfg.scoring.batch_size)
+    if not groups:
+        return []
+    runner = scoring_task_runner(ctx.cfg)
+    address = ctx.cfg.scoring.dask_address
+    try:
+        runner.__enter__()
+    except (OSError, TimeoutError) as exc:
+        raise ServiceError(
+            f"cannot reach the Dask scheduler at {address} ({type(exc).__name__}: {exc}); start "
+            "the cluster, fix scoring.dask_address, or unset it to score in-process"
+        ) from exc
+    try:
+        futures = runner.map(
+            score_batch_task,
+            {
+                "cfg": unmapped(ctx.cfg),
+                "weights": unmapped(Path(weights)),
+                "shas": groups,
+                "index": list(range(len(groups))),
+            },
+        )
+        return [f.result() for f in futures]
+    finally:
+        runner.__exit__(None, None, None)
 
 
 def run_score(ctx: Context) -> tuple[Champion, list[ScoredImage]]:
     champ = champion_task(ctx)
-    ranked = score_task(ctx, champ)
+    shas = ctx.project.candidates()
+    parts = score_batches(ctx, champ.weights, shas)
+    ranked = ctx.project.merge_ranked(shas, parts)
     get_run_logger().info(
-        "scored %d candidate images with %s/%s",
+        "scored %d candidate images in %d batches (%s) with %s/%s",
         len(ranked),
+        len(parts),
+        f"Dask at {ctx.cfg.scoring.dask_address}" if ctx.cfg.scoring.dask_address else "local",
         ctx.cfg.select.strategy,
         ctx.cfg.select.reduction,
     )
@@ -45,4 +140,5 @@ def run_score(ctx: Context) -> tuple[Champion, list[ScoredImage]]:
 
 @flow(name="score", log_prints=True)
 def score_flow(config_path: str) -> list[ScoredImage]:
+    """Rank every candidate image of the pool with the champion, most valuable first."""
     return run_score(open_context(config_path))[1]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
-from flows.common import NETWORK_RETRIES, NETWORK_RETRY_DELAYS, Context, open_context
+from flows.common import NETWORK_TASK, Context, locked_context
 from flows.score import run_score
 from loop.labelstudio import PushSummary
 from loop.project import PullOutcome, ScoredImage
+from loop.report import write_next_batch
 from loop.tracking import Champion
 
 
@@ -16,24 +17,17 @@ def model_version_name(ctx: Context, champion: Champion) -> str:
     return f"{ctx.cfg.mlflow.registered_model}-v{champion.version}"
 
 
-@task(
-    name="push-tasks",
-    cache_policy=NONE,
-    retries=NETWORK_RETRIES,
-    retry_delay_seconds=NETWORK_RETRY_DELAYS,
-)
+@task(name="push-tasks", cache_policy=NONE, **NETWORK_TASK)
 def push_task(ctx: Context, ranked: list[ScoredImage], model_version: str) -> PushSummary:
     # Safe to retry: tasks are keyed by image sha256, so a re-push creates no duplicates.
-    return ctx.project.push(ctx.project.gateway(), ranked, model_version)
+    summary = ctx.project.push(ctx.project.gateway(), ranked, model_version)
+    write_next_batch(ctx.project, ranked)  # what the lead report calls "the next batch"
+    return summary
 
 
-@task(
-    name="pull-annotations",
-    cache_policy=NONE,
-    retries=NETWORK_RETRIES,
-    retry_delay_seconds=NETWORK_RETRY_DELAYS,
-)
+@task(name="pull-annotations", cache_policy=NONE, **NETWORK_TASK)
 def pull_task(ctx: Context) -> PullOutcome:
+    # Safe to retry: a new dataset version is written atomically, keyed by its digest.
     return ctx.project.pull(ctx.project.gateway())
 
 
@@ -41,8 +35,9 @@ def run_push(ctx: Context) -> PushSummary:
     champ, ranked = run_score(ctx)
     summary = push_task(ctx, ranked, model_version_name(ctx, champ))
     get_run_logger().info(
-        "pushed: %d created, %d skipped, %d failed",
+        "pushed: %d created, %d refreshed, %d skipped, %d failed",
         summary.created,
+        summary.refreshed,
         summary.skipped,
         summary.failed,
     )
@@ -62,9 +57,13 @@ def run_pull(ctx: Context) -> PullOutcome:
 
 @flow(name="push", log_prints=True)
 def push_flow(config_path: str) -> PushSummary:
-    return run_push(open_context(config_path))
+    """Score the pool and push the top batch to Label Studio as pre-annotated tasks."""
+    with locked_context(config_path, "push") as ctx:
+        return run_push(ctx)
 
 
 @flow(name="pull", log_prints=True)
 def pull_flow(config_path: str) -> PullOutcome:
-    return run_pull(open_context(config_path))
+    """Pull submitted annotations from Label Studio into a new dataset version."""
+    with locked_context(config_path, "pull") as ctx:
+        return run_pull(ctx)

@@ -45,6 +45,12 @@ def _prefect_env(cfg: ProjectConfig) -> None:
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
+    from loop.cli_serve import local_api_url
+
+    # Runs go to this project's local Prefect server (and its UI) when one is running.
+    url = local_api_url(cfg)
+    if url and "PREFECT_API_URL" not in os.environ:
+        os.environ["PREFECT_API_URL"] = url
 
 
 def _run(fn: Any) -> Any:
@@ -211,6 +217,9 @@ def cycle(
 
 
 def _print_cycle(out: Any) -> None:
+    if getattr(out, "skipped", None):
+        console.print(f"[yellow]{out.skipped}[/]")
+        return
     if out.pull is not None:
         console.print(
             f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}"
@@ -223,7 +232,12 @@ def _print_cycle(out: Any) -> None:
             f"{'promoted' if t.promoted else 'not promoted'} ({t.reason})"
         )
     s = out.push
-    console.print(f"push: {s.created} created, {s.skipped} skipped, {s.failed} failed")
+    console.print(
+        f"push: {s.created} created, {s.refreshed} refreshed, {s.skipped} skipped, "
+        f"{s.failed} failed"
+    )
+    if getattr(out, "report", None):
+        console.print(f"report: {out.report[0]}")
 
 
 def _fmt(v: float | None) -> str:
@@ -371,10 +385,13 @@ def _register_subcommands() -> None:
     from loop.cli_datasets import datasets_app
     from loop.cli_ls import ls_app
     from loop.cli_report import report
+    from loop.cli_serve import prefect_server_app, serve
 
     app.add_typer(datasets_app, name="datasets")
     app.command("report")(report)
     app.add_typer(ls_app, name="labelstudio")
+    app.command("serve")(serve)
+    app.add_typer(prefect_server_app, name="prefect-server")
 
 
 _register_subcommands()

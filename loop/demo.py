@@ -94,6 +94,9 @@ def run_demo(
     console.print(
         f"Project:       {cfg.ls_project_title}  ({queued} tasks queued, most valuable first)"
     )
+    report_files = getattr(out, "report", None)
+    if report_files is not None:
+        console.print(f"Report:        {report_files[0]}  (also in MLflow: run artifacts report/)")
     console.print(
         f"MLflow:        {cfg.mlflow_uri}  (mlflow ui --backend-store-uri {cfg.mlflow_uri})"
     )

@@ -386,12 +386,15 @@ def _register_subcommands() -> None:
     from loop.cli_ls import ls_app
     from loop.cli_report import report
     from loop.cli_serve import prefect_server_app, serve
+    from loop.cli_sim import import_app, simulate
 
     app.add_typer(datasets_app, name="datasets")
     app.command("report")(report)
     app.add_typer(ls_app, name="labelstudio")
     app.command("serve")(serve)
     app.add_typer(prefect_server_app, name="prefect-server")
+    app.command("simulate")(simulate)
+    app.add_typer(import_app, name="import")
 
 
 _register_subcommands()

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import csv
 import functools
+import importlib.util
 import math
+import os
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -231,6 +233,63 @@ def _probs_predictor_cls() -> type:
             return results
 
     return _ProbsPredictor
+
+
+@functools.cache
+def _floor_predictor_cls(min_candidates: int) -> type:
+    """The probabilities predictor with a candidate floor: NMS at the threshold for the batch;
+    an image left with fewer than ``min_candidates`` boxes gets its strongest sub-threshold ones.
+
+    Greedy NMS keeps a box unless a higher-scoring kept box overlaps it, so the first ``k`` boxes
+    NMS keeps among the ``m`` highest-scoring anchors are the first ``k`` it keeps among all of
+    them: the fallback runs one NMS over the top 64 anchors of each short image (doubling while
+    too few survive) instead of NMS over every anchor of every image, which cost ~5% of the
+    scoring time.
+    """
+    base: Any = _probs_predictor_cls()
+
+    class _FloorPredictor(base):
+        def postprocess(self, preds: Any, img: Any, orig_imgs: Any, **kwargs: Any) -> list[Any]:
+            import torch
+            from ultralytics.utils import nms, ops
+
+            results = super().postprocess(preds, img, orig_imgs, **kwargs)
+            short = [i for i, r in enumerate(results) if len(r.boxes) < min_candidates]
+            if not short:
+                return results
+            raw = preds[0] if isinstance(preds, (list, tuple)) else preds
+            nc, anchors = raw.shape[1] - 4, raw.shape[2]
+            sub_raw = raw[short]  # (S, 4 + nc, anchors)
+            scores = sub_raw[:, 4:].amax(1)  # (S, anchors)
+            m = min(64, anchors)
+            while True:
+                # One NMS call for every short image of the batch, on its m best anchors.
+                top = scores.topk(m, dim=1).indices  # (S, m), descending score
+                sub = torch.gather(sub_raw, 2, top[:, None, :].expand(-1, 4 + nc, -1))
+                dets, keep = nms.non_max_suppression(
+                    sub,
+                    0.0,
+                    kwargs.get("iou", self.args.iou),
+                    self.args.classes,
+                    self.args.agnostic_nms,
+                    # The floor keeps only the strongest min_candidates boxes anyway.
+                    max_det=min(self.args.max_det, min_candidates),
+                    nc=nc,
+                    return_idxs=True,
+                )
+                if m == anchors or all(len(d) >= min_candidates for d in dets):
+                    break
+                m = min(2 * m, anchors)
+            if not isinstance(orig_imgs, list):
+                orig_imgs = list(ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1])
+            for j, i in enumerate(short):
+                new = self.construct_result(dets[j], img, orig_imgs[i], results[i].path)
+                kept = top[j][keep[j].view(-1).long()]
+                new.class_probs = sub_raw[j, 4 : 4 + nc][:, kept].T.float().cpu()
+                results[i] = new
+            return results
+
+    return _FloorPredictor
 
 
 # --------------------------------------------------------------------------------------------
@@ -511,39 +570,64 @@ def _predict_stream(
     num_classes: int,
     min_candidates: int = 0,
 ) -> Iterator[Detections]:
-    predictor = _probs_predictor_cls()
-    # With a candidate floor NMS must see every anchor; the threshold is applied afterwards.
-    nms_conf = 0.0 if min_candidates else conf
     for chunk in _batched(images, batch):
         arrays = _read_images(chunk)
-        # Arrays, not paths: Ultralytics sorts path lists and skips unreadable files silently.
-        results = model.predict(
-            arrays,
-            predictor=predictor,
-            imgsz=imgsz,
-            conf=nms_conf,
-            iou=iou,
-            batch=batch,  # constant, so the predictor is built once and reused
-            device="cpu",
-            save=False,
-            verbose=False,
+        yield from _predict_arrays(
+            model, arrays, chunk, imgsz, conf, iou, batch, num_classes, min_candidates
         )
-        for path, arr, res in zip(chunk, arrays, results, strict=True):
-            boxes = res.boxes
-            h, w = arr.shape[:2]
-            det = Detections(
-                xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
-                class_id=boxes.cls.cpu().numpy().astype(np.int64),
-                image_wh=(w, h),
-                confidence=boxes.conf.cpu().numpy().astype(np.float64),
-                class_probs=res.class_probs.numpy().astype(np.float64).reshape(-1, num_classes),
-                meta={"path": str(path)},
-            )
-            if min_candidates and det.confidence is not None:
-                order = np.argsort(-det.confidence, kind="stable")
-                n_keep = max(int((det.confidence >= conf).sum()), min_candidates)
-                det = det[order[:n_keep]]
-            yield det
+
+
+def _predict_arrays(
+    model: Any,
+    arrays: list[np.ndarray],
+    paths: list[Path],
+    imgsz: int,
+    conf: float,
+    iou: float,
+    batch: int,
+    num_classes: int,
+    min_candidates: int = 0,
+) -> list[Detections]:
+    """One `Detections` per BGR array (see `predict`); ``paths`` only fill ``meta["path"]``."""
+    # With a candidate floor, images left with too few boxes get NMS over every anchor.
+    predictor = _floor_predictor_cls(min_candidates) if min_candidates else _probs_predictor_cls()
+    # Arrays, not paths: Ultralytics sorts path lists and skips unreadable files silently.
+    results = model.predict(
+        arrays,
+        predictor=predictor,
+        imgsz=imgsz,
+        conf=conf,
+        iou=iou,
+        batch=batch,  # constant, so the predictor is built once and reused
+        device="cpu",
+        save=False,
+        verbose=False,
+    )
+    out: list[Detections] = []
+    for path, arr, res in zip(paths, arrays, results, strict=True):
+        boxes = res.boxes
+        h, w = arr.shape[:2]
+        det = Detections(
+            xyxy=boxes.xyxy.cpu().numpy().astype(np.float64),
+            class_id=boxes.cls.cpu().numpy().astype(np.int64),
+            image_wh=(w, h),
+            confidence=boxes.conf.cpu().numpy().astype(np.float64),
+            class_probs=res.class_probs.numpy().astype(np.float64).reshape(-1, num_classes),
+            meta={"path": str(path)},
+        )
+        out.append(_candidate_floor(det, conf, min_candidates))
+    return out
+
+
+def _candidate_floor(det: Detections, conf: float, min_candidates: int) -> Detections:
+    """Boxes >= ``conf``, or the strongest ``min_candidates`` when fewer pass (by confidence)."""
+    if not min_candidates or det.confidence is None:
+        return det
+    order = np.argsort(-det.confidence, kind="stable")
+    n_keep = max(int((det.confidence >= conf).sum()), min_candidates)
+    if n_keep >= len(det) and np.array_equal(order, np.arange(len(det))):
+        return det  # NMS output is already sorted: nothing to drop or reorder
+    return det[order[:n_keep]]
 
 
 def embed(
@@ -582,3 +666,255 @@ def embed(
     if not rows:
         return np.zeros((0, 0), dtype=np.float32)
     return np.stack(rows).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------
+# test-time augmentation (localization stability)
+# --------------------------------------------------------------------------------------------
+
+TTA_DEFAULT: tuple[str, ...] = ("hflip", "scale:0.75", "scale:1.25")
+
+
+def _parse_augmentation(aug: str, imgsz: int) -> tuple[str | None, int]:
+    """``"hflip"``/``"vflip"``/``"scale:<f>"`` -> (flip axis or None, network input size)."""
+    if aug in ("hflip", "vflip"):
+        return aug, imgsz
+    if aug.startswith("scale:"):
+        try:
+            factor = float(aug.split(":", 1)[1])
+        except ValueError:
+            factor = math.nan
+        if not 0.25 <= factor <= 4.0:
+            raise ModelError(f"augmentation {aug!r}: the scale factor must lie in [0.25, 4]")
+        # Letterboxing resizes every input to imgsz, so "scale" means the network input size
+        # (a multiple of the stride 32, rounded away from imgsz), not a resized image that
+        # would be resized back.
+        steps = imgsz * factor / 32
+        size = max(32, 32 * (math.floor(steps) if factor < 1 else math.ceil(steps)))
+        if size == imgsz:
+            raise ModelError(
+                f"augmentation {aug!r} gives the same input size {imgsz} as the reference view; "
+                "use a factor further from 1"
+            )
+        return None, size
+    raise ModelError(f"unknown augmentation {aug!r}; use 'hflip', 'vflip' or 'scale:<factor>'")
+
+
+def _unflip(det: Detections, axis: str) -> Detections:
+    """Boxes predicted on a flipped image, mapped back to the original image's pixels."""
+    w, h = det.image_wh
+    xyxy = det.xyxy.copy()
+    if axis == "hflip":
+        xyxy[:, [0, 2]] = w - det.xyxy[:, [2, 0]]
+    else:
+        xyxy[:, [1, 3]] = h - det.xyxy[:, [3, 1]]
+    return Detections(
+        xyxy, det.class_id, det.image_wh, det.confidence, det.class_probs, dict(det.meta)
+    )
+
+
+def predict_tta(
+    weights: Path,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float,
+    yolo_config_dir: Path,
+    num_classes: int,
+    augmentations: Iterable[str] = TTA_DEFAULT,
+    batch: int = 16,
+    iou: float = 0.7,
+    threads: int = 2,
+    min_candidates: int = 0,
+) -> Iterator[list[Detections]]:
+    """Stream, per image, one `Detections` per augmentation, in ORIGINAL pixel coordinates.
+
+    ``augmentations``: ``hflip``/``vflip`` (the image is flipped, the boxes flipped back) and
+    ``scale:<f>`` (the network input size becomes ``imgsz * f`` rounded to a multiple of 32;
+    Ultralytics maps boxes back to the image). The reference view (no augmentation) is not
+    included: take it from `predict`. Boxes, ``class_probs`` and ``min_candidates`` as in
+    `predict`; ``meta`` holds ``path`` and ``augmentation``. Images are read once per batch.
+    """
+    augs = list(augmentations)
+    if not augs:
+        raise ModelError("predict_tta needs at least one augmentation")
+    parsed = [_parse_augmentation(a, imgsz) for a in augs]
+    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
+        raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
+    if batch < 1 or min_candidates < 0:
+        raise ModelError(f"need batch >= 1 and min_candidates >= 0, got {batch}, {min_candidates}")
+    model = load_model(weights, yolo_config_dir, threads)
+    if len(model.names) != num_classes:
+        raise ModelError(
+            f"model {weights} predicts {len(model.names)} classes but the project has "
+            f"{num_classes}; retrain on the current class list"
+        )
+
+    def stream() -> Iterator[list[Detections]]:
+        for chunk in _batched(images, batch):
+            arrays = _read_images(chunk)
+            per_aug: list[list[Detections]] = []
+            for aug, (flip, size) in zip(augs, parsed, strict=True):
+                if flip == "hflip":
+                    view = [np.ascontiguousarray(a[:, ::-1]) for a in arrays]
+                elif flip == "vflip":
+                    view = [np.ascontiguousarray(a[::-1]) for a in arrays]
+                else:
+                    view = arrays
+                dets = _predict_arrays(
+                    model, view, chunk, size, conf, iou, batch, num_classes, min_candidates
+                )
+                if flip is not None:
+                    dets = [_unflip(d, flip) for d in dets]
+                for d in dets:
+                    d.meta["augmentation"] = aug
+                per_aug.append(dets)
+            for i in range(len(chunk)):
+                yield [dets[i] for dets in per_aug]
+
+    return stream()
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX Runtime scoring path
+# --------------------------------------------------------------------------------------------
+
+
+def export_onnx(
+    weights: Path,
+    imgsz: int,
+    yolo_config_dir: Path,
+    out_path: Path | None = None,
+    threads: int = 2,
+) -> Path:
+    """Export ``weights`` to ONNX (dynamic batch and size, simplified) and return its path.
+
+    Default path: beside the weights with suffix ``.onnx``. Needs the ``onnx``, ``onnxslim`` and
+    ``onnxruntime`` packages installed (Ultralytics' auto-install is off). The graph outputs
+    ``(B, 4 + nc, anchors)``: centre-xywh boxes in input pixels and sigmoid class scores; NMS is
+    done by `predict_onnx`.
+    """
+    for pkg in ("onnx", "onnxslim", "onnxruntime"):
+        if importlib.util.find_spec(pkg) is None:
+            raise ModelError(f"ONNX export needs the '{pkg}' package: pip install {pkg}")
+    model = load_model(weights, yolo_config_dir, threads)
+    try:
+        exported = Path(
+            model.export(
+                format="onnx", imgsz=imgsz, dynamic=True, simplify=True, device="cpu", verbose=False
+            )
+        )
+    except Exception as exc:
+        raise ModelError(f"ONNX export of {weights} failed: {type(exc).__name__}: {exc}") from exc
+    if out_path is not None and exported.resolve() != Path(out_path).resolve():
+        Path(out_path).parent.mkdir(parents=True, exist_ok=True)
+        os.replace(exported, out_path)
+        return Path(out_path).resolve()
+    return exported.resolve()
+
+
+def predict_onnx(
+    onnx_path: Path,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float,
+    yolo_config_dir: Path,
+    num_classes: int,
+    batch: int = 16,
+    iou: float = 0.7,
+    threads: int = 2,
+    min_candidates: int = 0,
+) -> Iterator[Detections]:
+    """`predict` through ONNX Runtime: the same `Detections` (boxes, confidences, class_probs,
+    candidate floor) from a model exported by `export_onnx`.
+
+    Preprocessing is Ultralytics' own square letterbox to ``imgsz``; NMS is Ultralytics' (with
+    the kept indices, to gather ``class_probs``). Every batch is padded to ``batch`` images so
+    ONNX Runtime sees one input shape (each new shape costs a slow first call).
+    """
+    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
+        raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
+    if batch < 1 or min_candidates < 0:
+        raise ModelError(f"need batch >= 1 and min_candidates >= 0, got {batch}, {min_candidates}")
+    if imgsz % 32:
+        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError("the ONNX path needs onnxruntime: pip install onnxruntime") from exc
+    _setup(yolo_config_dir, threads)
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    # Spin-waiting worker threads collapse when another process wants a core (as OpenMP's do,
+    # see loop.offline); sleeping ones cost little when the CPU is ours alone.
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+    input_name = session.get_inputs()[0].name
+    return _onnx_stream(
+        session, input_name, images, imgsz, conf, iou, batch, num_classes, min_candidates
+    )
+
+
+def _onnx_stream(
+    session: Any,
+    input_name: str,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float,
+    iou: float,
+    batch: int,
+    num_classes: int,
+    min_candidates: int,
+) -> Iterator[Detections]:
+    import torch
+    from ultralytics.data.augment import LetterBox
+    from ultralytics.utils import nms, ops
+
+    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=32)
+    nms_conf = 0.0 if min_candidates else conf
+    x = np.zeros((batch, 3, imgsz, imgsz), dtype=np.float32)
+    for chunk in _batched(images, batch):
+        arrays = _read_images(chunk)
+        x[len(chunk) :] = 0.0
+        for i, arr in enumerate(arrays):
+            boxed: np.ndarray = np.asarray(letterbox(image=arr))  # BGR HWC uint8, imgsz x imgsz
+            x[i] = boxed[..., ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+        out = session.run(None, {input_name: x})[0]
+        if out.ndim != 3 or out.shape[1] != 4 + num_classes:
+            raise ModelError(
+                f"ONNX output of shape {out.shape} is not (B, 4 + {num_classes}, anchors): "
+                "export a detection model trained on the project's classes"
+            )
+        raw = torch.from_numpy(out[: len(chunk)])
+        dets, keep = nms.non_max_suppression(
+            raw, nms_conf, iou, None, False, max_det=300, nc=num_classes, return_idxs=True
+        )
+        for b, (p, arr) in enumerate(zip(chunk, arrays, strict=True)):
+            d = dets[b]
+            h, w = arr.shape[:2]
+            boxes: Any = ops.scale_boxes((imgsz, imgsz), d[:, :4].clone(), (h, w))
+            probs = raw[b, 4 : 4 + num_classes][:, keep[b].view(-1).long()].T
+            det = Detections(
+                xyxy=boxes.numpy().astype(np.float64),
+                class_id=d[:, 5].numpy().astype(np.int64),
+                image_wh=(w, h),
+                confidence=d[:, 4].numpy().astype(np.float64),
+                class_probs=probs.numpy().astype(np.float64).reshape(-1, num_classes),
+                meta={"path": str(p)},
+            )
+            yield _candidate_floor(det, conf, min_candidates)
+
+
+def prepare_ultralytics(yolo_config_dir: Path, threads: int = 2) -> None:
+    """Configure offline mode and import Ultralytics now.
+
+    Ultralytics binds its settings folder at first import for the life of the process; a process
+    that trains in many short-lived workspaces (the oracle replay) calls this first with a folder
+    that outlives them.
+    """
+    _setup(yolo_config_dir, threads)

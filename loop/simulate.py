@@ -1,11 +1,18 @@
-"""Simulated labelers: ground truth plays the labeler (demo, tests, oracle replay)."""
+"""Simulated labelers: ground truth plays the labeler (demo, tests, oracle replay).
+
+`truth_from_yolo_dir` + `answer_open_tasks` annotate tasks of a real Label Studio server;
+`OracleGateway` replaces the server altogether (the oracle replay in `loop.replay`).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from loop.detections import Detections
+from loop.errors import DatasetError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool
 
@@ -45,3 +52,85 @@ def answer_open_tasks(
         gateway.annotate(int(task["id"]), truth[sha], class_names)
         answered += 1
     return answered
+
+
+class OracleGateway:
+    """A stand-in for `loop.labelstudio.LabelStudioGateway` where ground truth is the labeler.
+
+    `loop.project.Project.push` hands it tasks and `Project.pull` gets every pushed task back,
+    annotated with its ground truth, exactly once: the oracle replay runs the real loop's
+    push -> pull -> dataset-version code without a Label Studio server. ``truth``: sha256 -> pixel
+    boxes. A pushed image without ground truth is a programming error (`DatasetError`).
+    """
+
+    def __init__(self, truth: Mapping[str, Detections], annotator: str = "oracle") -> None:
+        self.truth = truth
+        self.annotator = annotator
+        self.project_id = 1
+        self.model_version: str | None = None
+        self._tasks: dict[str, int] = {}  # sha256 -> task id, every task ever pushed
+        self._open: list[str] = []  # pushed, not yet pulled (push order)
+
+    # Keyword options of the real gateway (polygons, progress, since, ...) mean nothing here;
+    # accepting them keeps the oracle working as the real gateway grows options.
+    def ensure_project(
+        self, title: str, class_names: list[str], instructions: str = "", **_: Any
+    ) -> int:
+        return self.project_id
+
+    def ensure_local_storage(self, project_id: int, path: Path, **_: Any) -> int:
+        return 1
+
+    def push(
+        self,
+        project_id: int,
+        items: list[Any],
+        model_version: str,
+        class_names: list[str],
+        batch_size: int = 500,
+        **_: Any,
+    ) -> Any:
+        """Accept ``items`` (`PushItem`) as tasks; an image pushed before is skipped, like
+        Label Studio's gateway does. Returns a `PushSummary`."""
+        from loop.labelstudio import PushSummary
+
+        summary = PushSummary()
+        for item in items:
+            if item.sha256 in self._tasks:
+                summary.skipped += 1
+                summary.task_ids[item.sha256] = self._tasks[item.sha256]
+                continue
+            if item.sha256 not in self.truth:
+                raise DatasetError(
+                    f"image {item.sha256[:12]} was selected but has no ground truth; "
+                    "the replay must only offer images of the labeled dataset"
+                )
+            task_id = len(self._tasks) + 1
+            self._tasks[item.sha256] = task_id
+            self._open.append(item.sha256)
+            summary.created += 1
+            summary.task_ids[item.sha256] = task_id
+        if items:
+            self.model_version = model_version
+        return summary
+
+    def pull(self, project_id: int, class_names: list[str], **_: Any) -> Any:
+        """Every task pushed since the last pull, answered with its ground truth (`PullResult`)."""
+        from loop.labelstudio import PulledLabel, PullResult
+
+        now = datetime.now(UTC)
+        labels = [
+            PulledLabel(
+                task_id=self._tasks[sha],
+                sha256=sha,
+                detections=self.truth[sha],
+                annotation_id=self._tasks[sha],
+                annotator=self.annotator,
+                lead_time=None,
+                updated_at=now,
+                ground_truth=True,
+            )
+            for sha in self._open
+        ]
+        self._open = []
+        return PullResult(labels=labels)

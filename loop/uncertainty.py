@@ -1,29 +1,92 @@
-"""Uncertainty strategies: pure functions from detections to per-image scores.
+"""Uncertainty strategies: pure functions from model outputs to per-image scores.
 
 Higher score = more worth labeling. Each strategy takes a sequence of `Detections` (one per image,
 with ``class_probs`` for the model-based ones) and returns a float64 array of shape ``(n_images,)``.
 Per-box measures are reduced to one number per image by an explicit ``reduction``
-(``max``, ``mean``, ``sum``, ``topk_mean``). Strategies are registered by name in `STRATEGIES`.
+(``max``, ``mean``, ``sum``, ``topk_mean``). Strategies are registered by name in `STRATEGIES`;
+`NEEDS` says which model outputs each one reads, so a caller (the real loop, the oracle replay)
+computes only those.
+
+Strategies that need more than one model output per image stay pure functions of arrays: they
+read a `ScoringInputs` (alternative views of each image from test-time augmentation or from a
+committee of checkpoints, image embeddings, labeled-set class counts). Selection-type strategies
+(core-set diversity, hybrid) choose a set rather than score images one by one: they live in
+`loop.selection`.
 
 YOLO class scores are independent sigmoids (a row need not sum to 1), so the per-box entropy is
 the sum over classes of the binary entropy ``H(p) = -p ln p - (1-p) ln(1-p)`` (nats): a box whose
-every class score is near 0 or 1 is certain, a score near 0.5 in any class is not.
+every class score is near 0 or 1 is certain, a score near 0.5 in any class is not. Committee
+disagreement likewise treats each class as a Bernoulli variable.
+
+Images with no box at all (even at the low candidate threshold; `loop.model.predict` with
+``min_candidates`` keeps the strongest sub-threshold candidates, so this is rare) get the explicit
+``empty_score``: never a silent zero that depends on how a reduction treats an empty list.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Literal, Protocol
 
 import numpy as np
 import numpy.typing as npt
 
-from loop.detections import Detections
+from loop.detections import Detections, box_iou
 from loop.errors import StrategyError
 
+FloatArray = npt.NDArray[np.float64]
 Reduction = Literal["max", "mean", "sum", "topk_mean"]
 REDUCTIONS: tuple[str, ...] = ("max", "mean", "sum", "topk_mean")
+# What a strategy reads besides the image count: "predictions" (Detections with class_probs from
+# loop.model.predict), "tta" (views under flips/scales), "committee" (views from other
+# checkpoints), "embeddings" ((n, d) image vectors), "class_counts" (labeled boxes per class).
+Need = Literal["predictions", "tta", "committee", "embeddings", "class_counts"]
 _EPS = 1e-12
+# A committee member "sees" a reference box when one of its boxes overlaps it at least this much.
+COMMITTEE_IOU = 0.5
+
+
+@dataclass(frozen=True, eq=False)
+class ScoringInputs:
+    """The arrays strategies may read, for ``n`` images (parallel, in the same order).
+
+    ``detections``: ``n`` `Detections`, the reference prediction of each image (pixel ``xyxy``).
+    ``views``: optional, ``n`` sequences of `Detections` in the SAME image's pixel coordinates:
+    predictions under test-time augmentations mapped back (localization stability) or the
+    predictions of other checkpoints (committee).
+    ``embeddings``: optional ``(n, d)`` float image vectors (diversity, hybrid).
+    ``labeled_class_counts``: optional ``(C,)`` number of labeled boxes per class id.
+    """
+
+    detections: Sequence[Detections]
+    views: Sequence[Sequence[Detections]] | None = None
+    embeddings: FloatArray | None = None
+    labeled_class_counts: FloatArray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.detections)
+        if self.views is not None and len(self.views) != n:
+            raise StrategyError(f"got {n} images but views for {len(self.views)}")
+        if self.embeddings is not None:
+            emb = np.asarray(self.embeddings, dtype=np.float64)
+            if emb.ndim != 2 or emb.shape[0] != n:
+                raise StrategyError(f"embeddings must have shape ({n}, d), got {emb.shape}")
+            if not np.all(np.isfinite(emb)):
+                raise StrategyError(
+                    "embeddings contain NaN or infinite values: the model output is broken"
+                )
+            object.__setattr__(self, "embeddings", emb)
+        if self.labeled_class_counts is not None:
+            counts = np.asarray(self.labeled_class_counts, dtype=np.float64)
+            if counts.ndim != 1 or counts.size == 0:
+                raise StrategyError(f"labeled_class_counts must be (C,), got {counts.shape}")
+            if not np.all(np.isfinite(counts)) or np.any(counts < 0):
+                raise StrategyError("labeled_class_counts must be finite and >= 0 (NaN given?)")
+            object.__setattr__(self, "labeled_class_counts", counts)
+
+    def __len__(self) -> int:
+        return len(self.detections)
 
 
 class Strategy(Protocol):
@@ -35,17 +98,22 @@ class Strategy(Protocol):
         rng: np.random.Generator | None,
         empty_score: float,
         k: int,
-    ) -> npt.NDArray[np.float64]: ...
+        inputs: ScoringInputs | None = None,
+    ) -> FloatArray: ...
 
 
 STRATEGIES: dict[str, Strategy] = {}
+NEEDS: dict[str, frozenset[Need]] = {}
 
 
-def register(name: str) -> Callable[[Strategy], Strategy]:
+def register(name: str, needs: Sequence[Need] = ("predictions",)) -> Callable[[Strategy], Strategy]:
+    """Register a strategy under ``name``; ``needs`` lists the model outputs it reads."""
+
     def deco(fn: Strategy) -> Strategy:
         if name in STRATEGIES:
             raise StrategyError(f"strategy {name!r} is registered twice")
         STRATEGIES[name] = fn
+        NEEDS[name] = frozenset(needs)
         return fn
 
     return deco
@@ -60,14 +128,12 @@ def get_strategy(name: str) -> Strategy:
         ) from None
 
 
-def binary_entropy(p: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """Element-wise binary entropy in nats; ``p`` in ``[0, 1]``."""
-    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
-    return -(p * np.log(p) + (1 - p) * np.log(1 - p))
+# ------------------------------------------------------------------------------------------
+# per-box measures (pure, array in, array out)
+# ------------------------------------------------------------------------------------------
 
 
-def box_entropy(class_probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
-    """``(n, C)`` independent class scores -> ``(n,)`` summed binary entropy (nats)."""
+def _probs(class_probs: npt.ArrayLike) -> FloatArray:
     probs = np.asarray(class_probs, dtype=np.float64)
     if probs.ndim != 2:
         raise StrategyError(f"class_probs must be 2-D (n, C), got shape {probs.shape}")
@@ -75,7 +141,121 @@ def box_entropy(class_probs: npt.ArrayLike) -> npt.NDArray[np.float64]:
         raise StrategyError(
             "class_probs contain NaN: the model output is broken, retrain or check it"
         )
-    return binary_entropy(probs).sum(axis=1)
+    return probs
+
+
+def binary_entropy(p: npt.ArrayLike) -> FloatArray:
+    """Element-wise binary entropy in nats; ``p`` in ``[0, 1]``."""
+    p = np.clip(np.asarray(p, dtype=np.float64), _EPS, 1 - _EPS)
+    return -(p * np.log(p) + (1 - p) * np.log(1 - p))
+
+
+def box_entropy(class_probs: npt.ArrayLike) -> FloatArray:
+    """``(n, C)`` independent class scores -> ``(n,)`` summed binary entropy (nats)."""
+    return binary_entropy(_probs(class_probs)).sum(axis=1)
+
+
+def box_least_confidence(class_probs: npt.ArrayLike) -> FloatArray:
+    """``(n, C)`` -> ``(n,)`` ``1 - max_c p``: 0 for a sure box, 1 for a box no class claims."""
+    probs = _probs(class_probs)
+    if probs.shape[1] == 0:
+        raise StrategyError("class_probs need at least one class column")
+    return 1.0 - probs.max(axis=1)
+
+
+def box_margin(class_probs: npt.ArrayLike) -> FloatArray:
+    """``(n, C)`` -> ``(n,)`` ``1 - (p_top1 - p_top2)``; high when two outcomes are close.
+
+    With one class (C = 1) the runner-up is the complementary outcome "not this class" with
+    probability ``1 - p``, so the margin is ``|2p - 1|`` (0.5 -> score 1, 0 or 1 -> score 0).
+    """
+    probs = _probs(class_probs)
+    if probs.shape[1] == 0:
+        raise StrategyError("class_probs need at least one class column")
+    if probs.shape[1] == 1:
+        return 1.0 - np.abs(2.0 * probs[:, 0] - 1.0)
+    top2 = -np.sort(-probs, axis=1)[:, :2]
+    return 1.0 - (top2[:, 0] - top2[:, 1])
+
+
+def box_stability(reference: Detections, views: Sequence[Detections]) -> FloatArray:
+    """``(n,)`` localization stability of each reference box, in ``[0, 1]`` (Kao et al. 2018).
+
+    For every view the box's best IoU with any box of that view (class-agnostic; 0 when the view
+    has no box), averaged over views: 1 = every augmentation finds the same box.
+    """
+    if len(views) == 0:
+        raise StrategyError(
+            "localization stability needs at least one augmented view per image "
+            "(predict with loop.model.predict_tta)"
+        )
+    n = len(reference)
+    total = np.zeros(n, dtype=np.float64)
+    for view in views:
+        if view.image_wh != reference.image_wh:
+            raise StrategyError(
+                f"a view of size {view.image_wh} does not match its image {reference.image_wh}: "
+                "map augmented boxes back to the original image first"
+            )
+        if len(view) and n:
+            total += box_iou(reference.xyxy, view.xyxy).max(axis=1)
+    return total / len(views)
+
+
+def bernoulli_js(probs: npt.ArrayLike) -> FloatArray:
+    """Committee disagreement of ``(M, n, C)`` member class scores -> ``(n,)`` nats.
+
+    Each class is a Bernoulli variable; the disagreement is the generalised Jensen-Shannon
+    divergence ``H(mean_m p) - mean_m H(p)`` summed over classes: 0 when all ``M`` members agree,
+    at most ``C ln 2``.
+    """
+    p = np.asarray(probs, dtype=np.float64)
+    if p.ndim != 3:
+        raise StrategyError(f"committee scores must be (M, n, C), got shape {p.shape}")
+    if np.isnan(p).any():
+        raise StrategyError("committee class scores contain NaN: a member's output is broken")
+    js = binary_entropy(p.mean(axis=0)) - binary_entropy(p).mean(axis=0)
+    return np.clip(js, 0.0, None).sum(axis=1)
+
+
+def box_committee(reference: Detections, members: Sequence[Detections]) -> FloatArray:
+    """``(n,)`` disagreement about each reference box between the reference and ``members``.
+
+    A member's opinion of a box is the class-score row of its best-overlapping box (class-agnostic
+    IoU >= `COMMITTEE_IOU`), or all zeros when it has no such box (it sees no defect there).
+    """
+    if len(members) == 0:
+        raise StrategyError("the committee strategy needs at least one other checkpoint's view")
+    if reference.class_probs is None:
+        raise StrategyError("committee needs class probabilities; predict with loop.model.predict")
+    n, c = reference.class_probs.shape
+    stacked = np.zeros((len(members) + 1, n, c), dtype=np.float64)
+    stacked[0] = reference.class_probs
+    for m, member in enumerate(members, start=1):
+        if len(member) == 0 or n == 0:
+            continue
+        if member.class_probs is None or member.class_probs.shape[1] != c:
+            raise StrategyError(
+                f"committee member {m} has no class probabilities for {c} classes; "
+                "predict every checkpoint with loop.model.predict on the same class list"
+            )
+        iou = box_iou(reference.xyxy, member.xyxy)
+        best = iou.argmax(axis=1)
+        seen = iou[np.arange(n), best] >= COMMITTEE_IOU
+        stacked[m, seen] = member.class_probs[best[seen]]
+    return bernoulli_js(stacked)
+
+
+def class_rarity(counts: npt.ArrayLike) -> FloatArray:
+    """``(C,)`` labeled boxes per class -> ``(C,)`` weights in ``(0, 1]``; the rarest class gets 1.
+
+    ``w_c = (1 + min count) / (1 + count_c)``: a class with no labels yet weighs as much as the
+    rarest, a class with 10x the labels ~1/10.
+    """
+    c = np.asarray(counts, dtype=np.float64)
+    if c.ndim != 1 or c.size == 0 or not np.all(np.isfinite(c)) or np.any(c < 0):
+        raise StrategyError(f"class counts must be a non-empty (C,) array >= 0, got {c}")
+    return (1.0 + c.min()) / (1.0 + c)
 
 
 def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> float:
@@ -83,6 +263,8 @@ def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> flo
     v = np.asarray(values, dtype=np.float64)
     if v.size == 0:
         raise StrategyError("reduce_boxes needs at least one box; handle empty images explicitly")
+    if np.isnan(v).any():
+        raise StrategyError("per-box values contain NaN; check the strategy's inputs")
     if reduction == "max":
         return float(v.max())
     if reduction == "mean":
@@ -96,25 +278,43 @@ def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> flo
     raise StrategyError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
 
 
-def _per_box(
+# ------------------------------------------------------------------------------------------
+# strategies
+# ------------------------------------------------------------------------------------------
+
+
+def _per_image(
     detections: Sequence[Detections],
-    box_fn: Callable[[npt.NDArray[np.float64]], npt.NDArray[np.float64]],
+    box_fn: Callable[[int, Detections], FloatArray],
     reduction: Reduction,
     empty_score: float,
     k: int,
-) -> npt.NDArray[np.float64]:
+) -> FloatArray:
+    """Apply ``box_fn(image index, detections) -> (n_boxes,)`` and reduce; empty -> empty_score."""
     scores = np.empty(len(detections), dtype=np.float64)
     for i, det in enumerate(detections):
         if len(det) == 0:
             # No candidate box even at the low candidate threshold: the model sees nothing at all.
             scores[i] = empty_score
             continue
-        if det.class_probs is None:
-            raise StrategyError(
-                "this strategy needs per-box class probabilities; predict with loop.model.predict"
-            )
-        scores[i] = reduce_boxes(box_fn(det.class_probs), reduction, k)
+        scores[i] = reduce_boxes(box_fn(i, det), reduction, k)
     return scores
+
+
+def _need_probs(det: Detections) -> FloatArray:
+    if det.class_probs is None:
+        raise StrategyError(
+            "this strategy needs per-box class probabilities; predict with loop.model.predict"
+        )
+    return det.class_probs
+
+
+def _need_views(
+    inputs: ScoringInputs | None, name: str, what: str
+) -> Sequence[Sequence[Detections]]:
+    if inputs is None or inputs.views is None:
+        raise StrategyError(f"strategy {name!r} needs ScoringInputs.views ({what})")
+    return inputs.views
 
 
 @register("entropy")
@@ -125,16 +325,124 @@ def entropy(
     rng: np.random.Generator | None = None,
     empty_score: float = 0.0,
     k: int = 3,
-) -> npt.NDArray[np.float64]:
-    """Per-box summed binary entropy of the class scores, reduced per image.
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box summed binary entropy of the class scores (nats), reduced per image.
 
     ``empty_score`` is the score of an image with no candidate box at all (explicit, default 0:
     nothing the model considers even faintly a defect).
     """
-    return _per_box(detections, box_entropy, reduction, empty_score, k)
+    return _per_image(
+        detections, lambda _i, d: box_entropy(_need_probs(d)), reduction, empty_score, k
+    )
 
 
-@register("random")
+@register("least_confidence")
+def least_confidence(
+    detections: Sequence[Detections],
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator | None = None,
+    empty_score: float = 0.0,
+    k: int = 3,
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box ``1 - max class score`` in ``[0, 1]``, reduced per image."""
+    return _per_image(
+        detections, lambda _i, d: box_least_confidence(_need_probs(d)), reduction, empty_score, k
+    )
+
+
+@register("margin")
+def margin(
+    detections: Sequence[Detections],
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator | None = None,
+    empty_score: float = 0.0,
+    k: int = 3,
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box ``1 - (top-1 - top-2 class score)`` in ``[0, 1]`` (see `box_margin`), reduced."""
+    return _per_image(
+        detections, lambda _i, d: box_margin(_need_probs(d)), reduction, empty_score, k
+    )
+
+
+@register("localization_stability", needs=("predictions", "tta"))
+def localization_stability(
+    detections: Sequence[Detections],
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator | None = None,
+    empty_score: float = 0.0,
+    k: int = 3,
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box ``confidence * (1 - stability)`` under test-time augmentation, reduced per image.
+
+    ``inputs.views[i]``: image ``i``'s predictions under flips/scales mapped back to its pixels.
+    Weighting by confidence follows Kao et al. (2018), who weight each box's stability by its
+    top class score, so that faint candidate boxes (which move a lot but matter little) do not
+    dominate; values lie in ``[0, 1]``.
+    """
+    views = _need_views(inputs, "localization_stability", "test-time augmentation predictions")
+
+    def per_box(i: int, det: Detections) -> FloatArray:
+        conf = det.confidence if det.confidence is not None else _need_probs(det).max(axis=1)
+        return np.asarray(conf, dtype=np.float64) * (1.0 - box_stability(det, views[i]))
+
+    return _per_image(detections, per_box, reduction, empty_score, k)
+
+
+@register("committee", needs=("predictions", "committee"))
+def committee(
+    detections: Sequence[Detections],
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator | None = None,
+    empty_score: float = 0.0,
+    k: int = 3,
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box disagreement (nats, `box_committee`) between the reference checkpoint and the
+    others, reduced per image. ``inputs.views[i]``: the other checkpoints' predictions of image
+    ``i``."""
+    views = _need_views(inputs, "committee", "predictions of the other checkpoints")
+    return _per_image(
+        detections, lambda i, d: box_committee(d, views[i]), reduction, empty_score, k
+    )
+
+
+@register("class_balance", needs=("predictions", "class_counts"))
+def class_balance(
+    detections: Sequence[Detections],
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator | None = None,
+    empty_score: float = 0.0,
+    k: int = 3,
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
+    """Per-box ``max_c p_c * rarity_c`` in ``[0, 1]`` (`class_rarity` of the labeled set's box
+    counts), reduced per image: favours images predicted to hold classes that are rare so far."""
+    if inputs is None or inputs.labeled_class_counts is None:
+        raise StrategyError("strategy 'class_balance' needs ScoringInputs.labeled_class_counts")
+    weights = class_rarity(inputs.labeled_class_counts)
+
+    def per_box(_i: int, det: Detections) -> FloatArray:
+        probs = _need_probs(det)
+        if probs.shape[1] != weights.shape[0]:
+            raise StrategyError(
+                f"class_probs have {probs.shape[1]} classes but labeled_class_counts "
+                f"{weights.shape[0]}"
+            )
+        return (probs * weights[None, :]).max(axis=1)
+
+    return _per_image(detections, per_box, reduction, empty_score, k)
+
+
+@register("random", needs=())
 def random(
     detections: Sequence[Detections],
     *,
@@ -142,11 +450,46 @@ def random(
     rng: np.random.Generator | None = None,
     empty_score: float = 0.0,
     k: int = 3,
-) -> npt.NDArray[np.float64]:
+    inputs: ScoringInputs | None = None,
+) -> FloatArray:
     """Uniform random scores in ``[0, 1)``: the baseline. Needs a seeded ``rng``."""
     if rng is None:
         raise StrategyError("the random strategy needs a seeded numpy Generator (rng=...)")
     return rng.random(len(detections))
+
+
+def score_inputs(
+    name: str,
+    inputs: ScoringInputs,
+    *,
+    reduction: Reduction = "max",
+    rng: np.random.Generator,
+    empty_score: float = 0.0,
+    k: int = 3,
+) -> FloatArray:
+    """Look up strategy ``name`` and score ``inputs``; result shape ``(len(inputs),)``."""
+    if reduction not in REDUCTIONS:
+        raise StrategyError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    if not np.isfinite(empty_score):
+        raise StrategyError(f"empty_score must be a finite number, got {empty_score}")
+    scores = np.asarray(
+        get_strategy(name)(
+            inputs.detections,
+            reduction=reduction,
+            rng=rng,
+            empty_score=empty_score,
+            k=k,
+            inputs=inputs,
+        ),
+        dtype=np.float64,
+    )
+    if scores.shape != (len(inputs),):
+        raise StrategyError(
+            f"strategy {name!r} returned shape {scores.shape}, expected ({len(inputs)},)"
+        )
+    if np.isnan(scores).any():
+        raise StrategyError(f"strategy {name!r} produced NaN scores")
+    return scores
 
 
 def score_images(
@@ -157,13 +500,21 @@ def score_images(
     rng: np.random.Generator,
     empty_score: float = 0.0,
     k: int = 3,
-) -> npt.NDArray[np.float64]:
-    """Look up strategy ``name`` and score ``detections``; result shape ``(len(detections),)``."""
-    if reduction not in REDUCTIONS:
-        raise StrategyError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
-    scores = get_strategy(name)(
-        detections, reduction=reduction, rng=rng, empty_score=empty_score, k=k
+    views: Sequence[Sequence[Detections]] | None = None,
+    embeddings: npt.ArrayLike | None = None,
+    labeled_class_counts: npt.ArrayLike | None = None,
+) -> FloatArray:
+    """Score ``detections`` with strategy ``name``; result shape ``(len(detections),)``.
+
+    The single-model strategies need only ``detections``; the others read ``views``,
+    ``embeddings`` or ``labeled_class_counts`` (see `ScoringInputs`, `NEEDS`).
+    """
+    inputs = ScoringInputs(
+        detections,
+        views=views,
+        embeddings=None if embeddings is None else np.asarray(embeddings, dtype=np.float64),
+        labeled_class_counts=None
+        if labeled_class_counts is None
+        else np.asarray(labeled_class_counts, dtype=np.float64),
     )
-    if np.isnan(scores).any():
-        raise StrategyError(f"strategy {name!r} produced NaN scores")
-    return scores
+    return score_inputs(name, inputs, reduction=reduction, rng=rng, empty_score=empty_score, k=k)

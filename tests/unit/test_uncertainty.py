@@ -136,3 +136,216 @@ def test_top_k_and_random_k():
     assert len(set(picked)) == 3 and picked == random_k(list("abcdef"), 3, np.random.default_rng(2))
     with pytest.raises(StrategyError):
         rank(["a"], [np.nan], rng)
+
+
+# ----------------------------------------------------------------------------------------------
+# every strategy: known answers, shapes, edge cases
+# ----------------------------------------------------------------------------------------------
+
+from loop.model import _parse_augmentation, _unflip  # noqa: E402  (pure helpers, no ultralytics)
+from loop.uncertainty import (  # noqa: E402
+    NEEDS,
+    ScoringInputs,
+    bernoulli_js,
+    box_committee,
+    box_least_confidence,
+    box_margin,
+    box_stability,
+    class_rarity,
+    score_inputs,
+)
+
+
+def det(boxes, probs, wh=(100, 100)):
+    """Detections with pixel ``boxes`` (n, 4) and class scores ``probs`` (n, C)."""
+    probs = np.asarray(probs, dtype=float)
+    boxes = np.asarray(boxes, dtype=float).reshape(-1, 4)
+    n = len(boxes)
+    cls = probs.argmax(axis=1) if n else np.zeros(0, dtype=int)
+    conf = probs.max(axis=1) if n else np.zeros(0)
+    return Detections(boxes, cls, wh, confidence=conf, class_probs=probs.reshape(n, -1))
+
+
+RNG = np.random.default_rng
+
+
+def test_registry_lists_every_strategy_with_its_needs():
+    expected = {
+        "entropy",
+        "least_confidence",
+        "margin",
+        "localization_stability",
+        "committee",
+        "class_balance",
+        "random",
+    }
+    assert expected <= set(STRATEGIES)
+    assert NEEDS["random"] == frozenset()
+    assert NEEDS["localization_stability"] == {"predictions", "tta"}
+    assert NEEDS["committee"] == {"predictions", "committee"}
+    assert NEEDS["class_balance"] == {"predictions", "class_counts"}
+
+
+def test_least_confidence_known_values():
+    assert box_least_confidence([[0.9, 0.2], [0.3, 0.1]]).tolist() == pytest.approx([0.1, 0.7])
+    a = image([[0.9, 0.0, 0.0]])
+    b = image([[0.3, 0.1, 0.0], [0.95, 0.0, 0.0]])
+    s = score_images("least_confidence", [a, b], rng=RNG(0))
+    assert s.tolist() == pytest.approx([0.1, 0.7])
+    s_mean = score_images("least_confidence", [a, b], reduction="mean", rng=RNG(0))
+    assert s_mean.tolist() == pytest.approx([0.1, (0.7 + 0.05) / 2])
+
+
+def test_margin_known_values_many_classes_and_one_class():
+    assert box_margin([[0.6, 0.5, 0.1], [0.9, 0.1, 0.0]]).tolist() == pytest.approx([0.9, 0.2])
+    # One class: the runner-up is "not this class" (1 - p), so p = 0.5 is the least sure.
+    assert box_margin([[0.5], [0.0], [1.0], [0.75]]).tolist() == pytest.approx([1, 0, 0, 0.5])
+    one = det([[0, 0, 5, 5]], [[0.5]])
+    assert score_images("margin", [one], rng=RNG(0)).tolist() == pytest.approx([1.0])
+
+
+def test_entropy_one_class_image():
+    one = det([[0, 0, 5, 5], [1, 1, 4, 4]], [[0.5], [0.99]])
+    s = score_images("entropy", [one], reduction="sum", rng=RNG(0))
+    assert s[0] == pytest.approx(math.log(2) + float(binary_entropy(0.99)))
+
+
+@pytest.mark.parametrize(
+    "name", ["entropy", "least_confidence", "margin", "class_balance", "committee"]
+)
+def test_every_strategy_gives_empty_images_the_explicit_score(name):
+    empty = Detections.empty((50, 40), num_classes=3)
+    full = image([[0.5, 0.2, 0.1]])
+    inputs = ScoringInputs(
+        [empty, full],
+        views=[[empty], [full]],
+        labeled_class_counts=np.array([1.0, 2.0, 3.0]),
+    )
+    s = score_inputs(name, inputs, rng=RNG(0), empty_score=-1.5)
+    assert s.shape == (2,) and s.dtype == np.float64
+    assert s[0] == -1.5 and s[1] != -1.5
+
+
+def test_localization_stability_known_values():
+    ref = det([[0, 0, 10, 10], [50, 50, 60, 60]], [[0.8, 0.0], [0.4, 0.0]])
+    same = det([[0, 0, 10, 10], [50, 50, 60, 60]], [[0.7, 0.0], [0.3, 0.0]])
+    shifted = det([[0, 0, 10, 10], [55, 50, 65, 60]], [[0.7, 0.0], [0.3, 0.0]])  # IoU 1/3
+    nothing = Detections.empty((100, 100), num_classes=2)
+    assert box_stability(ref, [same]).tolist() == pytest.approx([1.0, 1.0])
+    assert box_stability(ref, [same, shifted]).tolist() == pytest.approx([1.0, (1 + 1 / 3) / 2])
+    assert box_stability(ref, [nothing]).tolist() == [0.0, 0.0]
+    s = score_images("localization_stability", [ref], views=[[shifted]], rng=RNG(0))
+    # per box conf * (1 - stability): 0.8 * 0 and 0.4 * (2/3); max
+    assert s[0] == pytest.approx(0.4 * 2 / 3)
+    stable = score_images("localization_stability", [ref], views=[[same]], rng=RNG(0))
+    assert stable[0] == 0.0
+
+
+def test_localization_stability_needs_views_in_the_images_coordinates():
+    ref = det([[0, 0, 10, 10]], [[0.8]])
+    with pytest.raises(StrategyError, match="views"):
+        score_images("localization_stability", [ref], rng=RNG(0))
+    with pytest.raises(StrategyError, match="at least one augmented view"):
+        score_images("localization_stability", [ref], views=[[]], rng=RNG(0))
+    other_size = det([[0, 0, 10, 10]], [[0.8]], wh=(50, 50))
+    with pytest.raises(StrategyError, match="map augmented boxes back"):
+        score_images("localization_stability", [ref], views=[[other_size]], rng=RNG(0))
+
+
+def test_tta_flip_maps_boxes_back_to_the_original_pixels():
+    flipped = det([[10, 20, 30, 50]], [[0.9]], wh=(100, 80))
+    h = _unflip(flipped, "hflip")
+    assert h.xyxy.tolist() == [[70, 20, 90, 50]]
+    v = _unflip(flipped, "vflip")
+    assert v.xyxy.tolist() == [[10, 30, 30, 60]]
+    assert _unflip(h, "hflip").same_boxes(flipped)
+    assert _parse_augmentation("scale:0.75", 256) == (None, 192)
+    assert _parse_augmentation("hflip", 256) == ("hflip", 256)
+    from loop.errors import ModelError
+
+    assert _parse_augmentation("scale:0.75", 64) == (None, 32)
+    assert _parse_augmentation("scale:1.1", 64) == (None, 96)
+    for bad in ("scale:1", "scale:x", "rotate", "scale:10"):
+        with pytest.raises(ModelError):
+            _parse_augmentation(bad, 256)
+
+
+def test_bernoulli_js_known_values():
+    agree = np.array([[[0.3, 0.9]], [[0.3, 0.9]]])
+    assert bernoulli_js(agree).tolist() == pytest.approx([0.0])
+    split = np.array([[[1.0]], [[0.0]]])  # certain, opposite: H(0.5) - 0 = ln 2
+    assert bernoulli_js(split)[0] == pytest.approx(math.log(2), abs=1e-9)
+    with pytest.raises(StrategyError, match="NaN"):
+        bernoulli_js(np.full((2, 1, 1), np.nan))
+
+
+def test_committee_known_values_and_matching():
+    ref = det([[0, 0, 10, 10], [50, 50, 60, 60]], [[1.0, 0.0], [0.0, 1.0]])
+    agrees = det([[0, 0, 10, 10], [50, 50, 60, 60]], [[1.0, 0.0], [0.0, 1.0]])
+    misses_second = det([[0, 0, 10, 10]], [[1.0, 0.0]])  # sees nothing at box 2
+    assert box_committee(ref, [agrees]).tolist() == pytest.approx([0.0, 0.0])
+    d = box_committee(ref, [misses_second])
+    assert d[0] == pytest.approx(0.0, abs=1e-9) and d[1] == pytest.approx(math.log(2), abs=1e-9)
+    s = score_images("committee", [ref, ref], views=[[agrees], [misses_second]], rng=RNG(0))
+    assert s[0] == pytest.approx(0.0, abs=1e-9) and s[1] == pytest.approx(math.log(2), abs=1e-9)
+    with pytest.raises(StrategyError, match="at least one other checkpoint"):
+        score_images("committee", [ref], views=[[]], rng=RNG(0))
+    three = det([[0, 0, 10, 10]], [[0.2, 0.2, 0.2]])
+    with pytest.raises(StrategyError, match="3 classes"):
+        box_committee(three, [agrees])
+
+
+def test_class_balance_favours_rare_classes():
+    assert class_rarity([9, 0, 4]).tolist() == pytest.approx([0.1, 1.0, 0.2])
+    common = det([[0, 0, 5, 5]], [[0.9, 0.0, 0.0]])
+    rare = det([[0, 0, 5, 5]], [[0.0, 0.9, 0.0]])
+    s = score_images("class_balance", [common, rare], labeled_class_counts=[9, 0, 4], rng=RNG(0))
+    assert s.tolist() == pytest.approx([0.09, 0.9])
+    with pytest.raises(StrategyError, match="labeled_class_counts"):
+        score_images("class_balance", [common], rng=RNG(0))
+    with pytest.raises(StrategyError, match="3 classes but labeled_class_counts 2"):
+        score_images("class_balance", [common], labeled_class_counts=[1, 2], rng=RNG(0))
+    with pytest.raises(StrategyError, match="NaN"):
+        score_images("class_balance", [common], labeled_class_counts=[1, np.nan, 2], rng=RNG(0))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_handles_zero_images(name):
+    inputs = ScoringInputs([], views=[], labeled_class_counts=np.ones(3))
+    assert score_inputs(name, inputs, rng=RNG(0)).shape == (0,)
+
+
+def test_scoring_inputs_validate_shapes_and_nan():
+    a = image([[0.5, 0.1, 0.1]])
+    with pytest.raises(StrategyError, match="views for 2"):
+        ScoringInputs([a], views=[[a], [a]])
+    with pytest.raises(StrategyError, match=r"shape \(1, d\)"):
+        ScoringInputs([a], embeddings=np.zeros((2, 4)))
+    with pytest.raises(StrategyError, match="NaN"):
+        ScoringInputs([a], embeddings=np.array([[np.nan, 1.0]]))
+    with pytest.raises(StrategyError, match=">= 0"):
+        ScoringInputs([a], labeled_class_counts=[-1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "fn", [box_entropy, box_least_confidence, box_margin], ids=lambda f: f.__name__
+)
+def test_box_measures_reject_nan_and_wrong_shapes(fn):
+    with pytest.raises(StrategyError, match="NaN"):
+        fn([[0.2, np.nan]])
+    with pytest.raises(StrategyError, match="2-D"):
+        fn([0.2, 0.3])
+
+
+def test_reduce_boxes_rejects_nan_and_empty_score_must_be_finite():
+    with pytest.raises(StrategyError, match="NaN"):
+        reduce_boxes([0.1, np.nan], "max")
+    with pytest.raises(StrategyError, match="empty_score"):
+        score_images("entropy", [image(np.zeros((0, 3)))], rng=RNG(0), empty_score=np.nan)
+
+
+def test_single_model_strategies_ignore_extra_inputs():
+    a = image([[0.5, 0.1, 0.1]])
+    plain = score_images("entropy", [a], rng=RNG(0))
+    extra = score_images("entropy", [a], rng=RNG(0), embeddings=np.ones((1, 4)))
+    assert plain.tolist() == extra.tolist()

@@ -24,11 +24,8 @@ CLASSES = list(SYNTH_CLASSES)
 
 
 @pytest.fixture(scope="module")
-def prefect() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def prefect(prefect_harness: None) -> None:
+    """Flows run against the session's Prefect test harness (tests/conftest.py)."""
 
 
 @pytest.fixture(scope="module")
@@ -144,6 +141,11 @@ def test_full_cycle_with_real_services(prefect: None, cycle_config: Path, ls_ser
         assert second.pull.new_version is not None
         assert second.pull.parent == seed_version.digest
         assert second.train is not None
+        # Every cycle ends with the lead report, on disk and in the round's MLflow run.
+        assert second.report is not None
+        html, md = second.report
+        assert html.exists() and md.exists()
+        assert "round 2" in md.read_text()
         # The four tasks still waiting got the new model's suggestions and priority.
         assert second.push.refreshed == 4
 

@@ -43,11 +43,8 @@ def _write_project(root: Path, n_images: int = 24, **sections: Any) -> Path:
 
 
 @pytest.fixture(scope="module")
-def harness() -> Iterator[None]:
-    from prefect.testing.utilities import prefect_test_harness
-
-    with prefect_test_harness(server_startup_timeout=120):
-        yield
+def harness(prefect_harness: None) -> None:
+    """Flows run against the session's Prefect test harness (tests/conftest.py)."""
 
 
 # --- under the test harness -------------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import httpx
 
@@ -235,8 +235,133 @@ def install_label_studio(
     return exe
 
 
+class _DetachedServer:
+    """Lifecycle shared by the local servers: a process run detached (its own session, so it
+    outlives the command that started it) with a PID file, a log file and a health URL.
+
+    Subclasses provide `pid_file`, `log_file`, `health_url`, `display_name` and `_is_ours`,
+    and hold the `Popen` of a server they started in ``_proc``.
+    """
+
+    display_name: ClassVar[str] = "server"
+    _proc: subprocess.Popen[bytes] | None
+
+    @property
+    def pid_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def log_file(self) -> Path:
+        raise NotImplementedError
+
+    @property
+    def health_url(self) -> str:
+        raise NotImplementedError
+
+    def _is_ours(self, pid: int) -> bool:
+        raise NotImplementedError
+
+    def healthy(self, timeout_s: float = 2.0) -> bool:
+        """True when the health URL answers 200."""
+        try:
+            return httpx.get(self.health_url, timeout=timeout_s).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def _running_pid(self) -> int | None:
+        """The PID in the PID file when that process is alive and is this kind of server."""
+        try:
+            pid = int(self.pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if _pid_alive(pid) and self._is_ours(pid):
+            return pid
+        return None
+
+    def _spawn(self, cmd: list[str], cwd: Path, env: dict[str, str], timeout_s: float) -> None:
+        """Run ``cmd`` detached, record its PID and wait until it is healthy (stop it if not)."""
+        with self.log_file.open("a") as log:
+            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(cmd)} ===\n")
+            log.flush()
+            try:
+                proc = subprocess.Popen(
+                    cmd,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    cwd=cwd,
+                    env=env,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise ServiceError(f"could not run {' '.join(cmd)}: {exc}") from exc
+        self._proc = proc
+        self.pid_file.write_text(f"{proc.pid}\n")
+        try:
+            self._wait_healthy(proc.pid, timeout_s, proc=proc)
+        except ServiceError:
+            self.stop()
+            raise
+
+    def _wait_healthy(
+        self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
+    ) -> None:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.healthy():
+                return
+            exited = proc.poll() is not None if proc is not None else not _pid_alive(pid)
+            if exited:
+                code = f" with code {proc.returncode}" if proc is not None else ""
+                raise ServiceError(
+                    f"{self.display_name} exited{code} before answering {self.health_url}; see "
+                    f"{self.log_file}. Last lines:\n{_tail(self.log_file)}"
+                )
+            if time.monotonic() > deadline:
+                raise ServiceError(
+                    f"{self.display_name} did not answer {self.health_url} within "
+                    f"{timeout_s:.0f} s; see {self.log_file}. Last lines:\n{_tail(self.log_file)}"
+                )
+            time.sleep(0.3)
+
+    def stop(self, timeout_s: float = 20) -> bool:
+        """SIGTERM the server's process group, SIGKILL after ``timeout_s`` seconds; remove the
+        PID file. Returns True when a running server was stopped; no error when none runs."""
+        pid = self._running_pid()
+        if pid is not None:
+            try:
+                pgid: int | None = os.getpgid(pid)
+            except ProcessLookupError:
+                pgid = None
+            _signal(pid, pgid, signal.SIGTERM)
+            deadline = time.monotonic() + timeout_s
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if _pid_alive(pid):
+                _signal(pid, pgid, signal.SIGKILL)
+                deadline = time.monotonic() + 10
+                while _pid_alive(pid) and time.monotonic() < deadline:
+                    time.sleep(0.1)
+        if self._proc is not None:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self._proc.wait(timeout=1)
+            self._proc = None
+        with contextlib.suppress(FileNotFoundError):
+            self.pid_file.unlink()
+        return pid is not None
+
+
+def _signal(pid: int, pgid: int | None, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        if pgid is not None and pgid == pid:
+            os.killpg(pgid, sig)
+        else:
+            os.kill(pid, sig)
+
+
 @dataclass
-class LabelStudioService:
+class LabelStudioService(_DetachedServer):
     """A local Label Studio server: install, start, check, stop.
 
     ``data_dir`` holds the SQLite database, media, the PID file and the log file.
@@ -311,24 +436,14 @@ class LabelStudioService:
         return install_label_studio(self.venv_dir, progress=progress, timeout_s=timeout_s)
 
     # --- lifecycle ---------------------------------------------------------------------------
-    def _read_pid(self) -> int | None:
-        try:
-            return int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
+    display_name: ClassVar[str] = "Label Studio"
 
-    def _running_pid(self) -> int | None:
-        pid = self._read_pid()
-        if pid is not None and _pid_alive(pid) and _is_label_studio(pid):
-            return pid
-        return None
+    @property
+    def health_url(self) -> str:
+        return f"{self.url}/health"
 
-    def healthy(self, timeout_s: float = 2.0) -> bool:
-        """True when ``GET /health`` answers 200."""
-        try:
-            return httpx.get(f"{self.url}/health", timeout=timeout_s).status_code == 200
-        except httpx.HTTPError:
-            return False
+    def _is_ours(self, pid: int) -> bool:
+        return _is_label_studio(pid)
 
     def server_env(self) -> dict[str, str]:
         """The environment the server runs with (a clean one: see ``_PASSTHROUGH_ENV``)."""
@@ -398,51 +513,8 @@ class LabelStudioService:
             "--data-dir",
             str(self.data_dir),
         ]
-        with self.log_file.open("a") as log:
-            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(cmd)} ===\n")
-            log.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.data_dir,
-                    env=self.server_env(),
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise ServiceError(f"could not run {exe}: {exc}") from exc
-        self._proc = proc
-        self.pid_file.write_text(f"{proc.pid}\n")
-        try:
-            self._wait_healthy(proc.pid, timeout_s, proc=proc)
-        except ServiceError:
-            self.stop()
-            raise
+        self._spawn(cmd, self.data_dir, self.server_env(), timeout_s)
         self.verify_token()
-
-    def _wait_healthy(
-        self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.healthy():
-                return
-            exited = proc.poll() is not None if proc is not None else not _pid_alive(pid)
-            if exited:
-                code = f" with code {proc.returncode}" if proc is not None else ""
-                raise ServiceError(
-                    f"Label Studio exited{code} before answering /health; see {self.log_file}. "
-                    f"Last lines:\n{_tail(self.log_file)}"
-                )
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"Label Studio did not answer {self.url}/health within {timeout_s:.0f} s; "
-                    f"see {self.log_file}. Last lines:\n{_tail(self.log_file)}"
-                )
-            time.sleep(0.5)
 
     def verify_token(self) -> None:
         """Check that ``Authorization: Token <api_token>`` is accepted; raise `ServiceError`."""
@@ -464,42 +536,6 @@ class LabelStudioService:
             'settings, or POST /api/jwt/settings {"legacy_api_tokens_enabled": true}), or delete '
             "the data folder to start over."
         )
-
-    def stop(self, timeout_s: float = 20) -> bool:
-        """SIGTERM the server's process group, SIGKILL after ``timeout_s`` seconds; remove the
-        PID file. Returns True when a running server was stopped; no error when none runs."""
-        pid = self._running_pid()
-        stopped = False
-        if pid is not None:
-            stopped = True
-            try:
-                pgid = os.getpgid(pid)
-            except ProcessLookupError:
-                pgid = None
-            self._signal(pid, pgid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _pid_alive(pid):
-                self._signal(pid, pgid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while _pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=1)
-            self._proc = None
-        with contextlib.suppress(FileNotFoundError):
-            self.pid_file.unlink()
-        return stopped
-
-    @staticmethod
-    def _signal(pid: int, pgid: int | None, sig: signal.Signals) -> None:
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            if pgid is not None and pgid == pid:
-                os.killpg(pgid, sig)
-            else:
-                os.kill(pid, sig)
 
     def status(self) -> dict[str, Any]:
         """``{"running", "pid", "url", "healthy", "log", "data_dir"}`` of this server."""
@@ -535,7 +571,7 @@ def _is_prefect_server(pid: int) -> bool:
 
 
 @dataclass
-class PrefectService:
+class PrefectService(_DetachedServer):
     """A local Prefect server: ``prefect server start --host 127.0.0.1 --port P``, detached.
 
     ``home`` is its PREFECT_HOME: the SQLite database ``prefect.db``, the PID file and the log
@@ -604,21 +640,14 @@ class PrefectService:
         env.update(self.extra_env)
         return env
 
-    def healthy(self, timeout_s: float = 2.0) -> bool:
-        """True when ``GET /api/health`` answers 200."""
-        try:
-            return httpx.get(f"{self.api_url}/health", timeout=timeout_s).status_code == 200
-        except httpx.HTTPError:
-            return False
+    display_name: ClassVar[str] = "the Prefect server"
 
-    def _running_pid(self) -> int | None:
-        try:
-            pid = int(self.pid_file.read_text().strip())
-        except (OSError, ValueError):
-            return None
-        if _pid_alive(pid) and _is_prefect_server(pid):
-            return pid
-        return None
+    @property
+    def health_url(self) -> str:
+        return f"{self.api_url}/health"
+
+    def _is_ours(self, pid: int) -> bool:
+        return _is_prefect_server(pid)
 
     def start(self, timeout_s: float = 90) -> None:
         """Start the server detached and wait for ``/api/health`` (~3-6 s; longer on a busy
@@ -640,77 +669,7 @@ class PrefectService:
                 "config"
             )
         self.home.mkdir(parents=True, exist_ok=True, mode=0o700)
-        cmd = self.command()
-        with self.log_file.open("a") as log:
-            log.write(f"\n=== {datetime.now(UTC).isoformat()} {' '.join(cmd)} ===\n")
-            log.flush()
-            try:
-                proc = subprocess.Popen(
-                    cmd,
-                    stdin=subprocess.DEVNULL,
-                    stdout=log,
-                    stderr=subprocess.STDOUT,
-                    cwd=self.home,
-                    env=self.server_env(),
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except OSError as exc:
-                raise ServiceError(f"could not run {' '.join(cmd)}: {exc}") from exc
-        self._proc = proc
-        self.pid_file.write_text(f"{proc.pid}\n")
-        try:
-            self._wait_healthy(proc.pid, timeout_s, proc=proc)
-        except ServiceError:
-            self.stop()
-            raise
-
-    def _wait_healthy(
-        self, pid: int, timeout_s: float, proc: subprocess.Popen[bytes] | None
-    ) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            if self.healthy():
-                return
-            exited = proc.poll() is not None if proc is not None else not _pid_alive(pid)
-            if exited:
-                raise ServiceError(
-                    f"the Prefect server exited before answering /api/health; see "
-                    f"{self.log_file}. Last lines:\n{_tail(self.log_file)}"
-                )
-            if time.monotonic() > deadline:
-                raise ServiceError(
-                    f"the Prefect server did not answer {self.api_url}/health within "
-                    f"{timeout_s:.0f} s; see {self.log_file}. Last lines:\n{_tail(self.log_file)}"
-                )
-            time.sleep(0.3)
-
-    def stop(self, timeout_s: float = 20) -> bool:
-        """SIGTERM the server's process group (SIGKILL after ``timeout_s``); remove the PID
-        file. Returns True when a running server was stopped; no error when none runs."""
-        pid = self._running_pid()
-        stopped = pid is not None
-        if pid is not None:
-            try:
-                pgid: int | None = os.getpgid(pid)
-            except ProcessLookupError:
-                pgid = None
-            LabelStudioService._signal(pid, pgid, signal.SIGTERM)
-            deadline = time.monotonic() + timeout_s
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                time.sleep(0.2)
-            if _pid_alive(pid):
-                LabelStudioService._signal(pid, pgid, signal.SIGKILL)
-                deadline = time.monotonic() + 10
-                while _pid_alive(pid) and time.monotonic() < deadline:
-                    time.sleep(0.1)
-        if self._proc is not None:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                self._proc.wait(timeout=1)
-            self._proc = None
-        with contextlib.suppress(FileNotFoundError):
-            self.pid_file.unlink()
-        return stopped
+        self._spawn(self.command(), self.home, self.server_env(), timeout_s)
 
     def status(self) -> dict[str, Any]:
         """``{"running", "pid", "url", "api_url", "healthy", "log", "home"}``."""

@@ -3,17 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, load_config, write_default_config
+from loop.cli_common import ConfigOpt, console, jsonable, load, prefect_env, run
+from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, write_default_config
 from loop.errors import DefectLoopError
 
 app = typer.Typer(
@@ -26,39 +25,8 @@ app = typer.Typer(
 )
 services_app = typer.Typer(help="Start, stop and inspect the local Label Studio server.")
 app.add_typer(services_app, name="services")
-console = Console(soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path,
-    typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
-]
-
-
-def _load(config: Path) -> ProjectConfig:
-    return load_config(config)
-
-
-def _prefect_env(cfg: ProjectConfig) -> None:
-    """Prefect reads these when it is imported: set them before any flow module loads."""
-    os.environ.setdefault("PREFECT_HOME", str(cfg.workspace / "prefect"))
-    os.environ.setdefault("DO_NOT_TRACK", "true")
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    os.environ.setdefault("PREFECT_LOGGING_TO_API_WHEN_MISSING_FLOW", "ignore")
-    from loop.cli_serve import local_api_url
-
-    # Runs go to this project's local Prefect server (and its UI) when one is running.
-    url = local_api_url(cfg)
-    if url and "PREFECT_API_URL" not in os.environ:
-        os.environ["PREFECT_API_URL"] = url
-
-
-def _run(fn: Any) -> Any:
-    try:
-        return fn()
-    except DefectLoopError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
+# Shared with the command modules; the underscore names are kept for `loop.demo`.
+_load, _run, _prefect_env, _jsonable = load, run, prefect_env, jsonable
 
 
 @app.command()
@@ -242,20 +210,6 @@ def _print_cycle(out: Any) -> None:
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
-
-
-def _jsonable(obj: Any) -> Any:
-    from dataclasses import asdict, is_dataclass
-
-    if is_dataclass(obj) and not isinstance(obj, type):
-        return {k: _jsonable(v) for k, v in asdict(obj).items()}
-    if isinstance(obj, dict):
-        return {k: _jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [_jsonable(v) for v in obj]
-    if isinstance(obj, Path):
-        return str(obj)
-    return obj
 
 
 @app.command()

@@ -8,38 +8,26 @@ from __future__ import annotations
 
 import json
 from collections import Counter
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
 import typer
 
+from loop.cli_common import ConfigOpt
+from loop.cli_common import run as _run
 from loop.config import DEFAULT_CONFIG_NAME, load_config
 from loop.datasets import SPLITS, DatasetStore, diff_versions, export_yolo
-from loop.errors import DatasetError, DefectLoopError
+from loop.errors import DatasetError
 
 datasets_app = typer.Typer(
     help="Inspect and export dataset versions (immutable, content-addressed label sets).",
     no_args_is_help=True,
 )
 
-ConfigOpt = Annotated[
-    Path,
-    typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
-]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 VersionArg = Annotated[str, typer.Argument(help="digest or a unique prefix (>= 6 hex characters)")]
 
 T = TypeVar("T")
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Call ``fn``; a `DefectLoopError` becomes a one-line message and exit code 2."""
-    try:
-        return fn()
-    except DefectLoopError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
 
 
 def _store(config: Path) -> tuple[Any, DatasetStore]:

@@ -23,32 +23,18 @@ import secrets
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Literal
 
 import typer
-from rich.console import Console
 
+from loop.cli_common import ConfigOpt, console
+from loop.cli_common import run as _run
 from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, load_config
-from loop.errors import DefectLoopError
 
 ls_app = typer.Typer(
     help="The Label Studio workbench: project set-up and the webhook trigger.",
     no_args_is_help=True,
 )
-console = Console(soft_wrap=True)
-
-ConfigOpt = Annotated[
-    Path,
-    typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
-]
-
-
-def _run(fn: Callable[[], Any]) -> Any:
-    try:
-        return fn()
-    except DefectLoopError as exc:
-        console.print(f"[bold red]error:[/] {exc}")
-        raise typer.Exit(2) from None
 
 
 @ls_app.command("setup")

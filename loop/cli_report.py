@@ -11,7 +11,10 @@ from typing import Annotated
 
 import typer
 
-from loop.cli import ConfigOpt, _load, _prefect_env, _run, console
+from loop.cli_common import ConfigOpt, console
+from loop.cli_common import load as _load
+from loop.cli_common import prefect_env as _prefect_env
+from loop.cli_common import run as _run
 from loop.config import DEFAULT_CONFIG_NAME
 
 

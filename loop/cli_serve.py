@@ -14,16 +14,17 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, TypeVar
 
 import httpx
 import typer
 
+from loop.cli_common import ConfigOpt, local_api_url, prefect_service
+from loop.cli_common import prefect_env as _prefect_env
+from loop.cli_common import run as _run
 from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, load_config
-from loop.errors import DefectLoopError, ServiceError
-from loop.services import PrefectService
+from loop.errors import ServiceError
 
 T = TypeVar("T")
 
@@ -32,32 +33,6 @@ prefect_server_app = typer.Typer(
     "the flow runs, and `defect-loop serve` needs it for schedules and triggers.",
     no_args_is_help=True,
 )
-
-ConfigOpt = Annotated[
-    Path,
-    typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
-]
-
-
-def _run(fn: Callable[[], T]) -> T:
-    """Call ``fn``; a `DefectLoopError` becomes a one-line message and exit code 2."""
-    try:
-        return fn()
-    except DefectLoopError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
-
-
-def prefect_service(cfg: ProjectConfig) -> PrefectService:
-    """The project's local Prefect server: home ``<workspace>/prefect-server``, ``prefect.port``."""
-    return PrefectService(home=cfg.workspace / "prefect-server", port=cfg.prefect.port)
-
-
-def local_api_url(cfg: ProjectConfig) -> str | None:
-    """The API URL of the project's local Prefect server when it runs and is healthy."""
-    svc = prefect_service(cfg)
-    status = svc.status()
-    return svc.api_url if status["running"] and status["healthy"] else None
 
 
 def resolve_api_url(cfg: ProjectConfig, start_server: bool = False) -> str:
@@ -94,12 +69,6 @@ def check_api(url: str, timeout_s: float = 10.0) -> None:
             f"the Prefect server at {url} answered /health with HTTP {r.status_code}; is "
             "PREFECT_API_URL the API (ending in /api)?"
         )
-
-
-def _prefect_env(cfg: ProjectConfig) -> None:
-    from loop.cli import _prefect_env as base
-
-    base(cfg)
 
 
 def _describe(schedule: object) -> str:

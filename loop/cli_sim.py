@@ -16,7 +16,8 @@ from typing import Annotated
 
 import typer
 
-from loop.cli import ConfigOpt, _run, console
+from loop.cli_common import ConfigOpt, console
+from loop.cli_common import run as _run
 from loop.config import (
     DEFAULT_CONFIG_NAME,
     SelectConfig,

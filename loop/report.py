@@ -1501,7 +1501,8 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
         )
 
     curve = []
-    for r in runs:
+    # A report of round N shows the history up to N, not rounds that came after it.
+    for r in (r for r in runs if r.round <= target.round):
         labeled: int | None
         try:
             labeled = int(r.params["n_images"])

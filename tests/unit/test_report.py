@@ -544,6 +544,7 @@ def test_collect_and_write_a_real_project(tmp_path: Path) -> None:
 
     first = collect_report_data(project, tracker, 1)
     assert first.promoted is True and first.previous_map50 is None
+    assert [p.round for p in first.curve] == [1]  # no rounds from after the reported one
     assert (first.labels_added, first.labels_total) == (6, 6)
     assert first.effort is None and first.disagreements == []
     assert any("corrections.json" in n and "not readable JSON" in n for n in first.notes)

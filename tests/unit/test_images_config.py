@@ -5,7 +5,7 @@ import pytest
 from PIL import Image
 
 from loop.config import IngestConfig, load_config
-from loop.errors import ConfigError, UnknownLabelError
+from loop.errors import ConfigError, ImageError, UnknownLabelError
 from loop.images import ImagePool
 
 
@@ -102,3 +102,19 @@ def test_config_errors(tmp_path, text, match):
 def test_missing_config_says_what_to_do(tmp_path):
     with pytest.raises(ConfigError, match="defect-loop init"):
         load_config(tmp_path / "nope.yaml")
+
+
+def test_ingest_rejects_non_images_after_ultralytics_patched_pil(tmp_path: Path):
+    # `import ultralytics` replaces PIL.Image.open with a version that loads pi-heif whenever
+    # Pillow cannot identify a file; ingest must still report a plain "not an image".
+    import importlib
+
+    from loop.images import check_image
+    from loop.offline import configure_ultralytics
+
+    configure_ultralytics(tmp_path / "yolo")
+    importlib.import_module("ultralytics.utils.patches")
+    note = tmp_path / "notes.txt"
+    note.write_text("not an image")
+    with pytest.raises(ImageError, match="not an image"):
+        check_image(note, IngestConfig())

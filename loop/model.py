@@ -520,6 +520,16 @@ def _read_images(paths: list[Path]) -> list[np.ndarray]:
     return images
 
 
+def _check_predict_args(conf: float, iou: float, batch: int, min_candidates: int) -> None:
+    """The argument checks `predict` and `predict_onnx` share; raises `ModelError`."""
+    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
+        raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
+    if batch < 1:
+        raise ModelError(f"batch must be >= 1, got {batch}")
+    if min_candidates < 0:
+        raise ModelError(f"min_candidates must be >= 0, got {min_candidates}")
+
+
 def predict(
     weights: Path,
     images: Iterable[Path],
@@ -545,12 +555,7 @@ def predict(
     once, when this function is called; missing weights or a class-count mismatch raise
     `ModelError` right away, an unreadable image raises `ImageError` when reached.
     """
-    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
-        raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
-    if batch < 1:
-        raise ModelError(f"batch must be >= 1, got {batch}")
-    if min_candidates < 0:
-        raise ModelError(f"min_candidates must be >= 0, got {min_candidates}")
+    _check_predict_args(conf, iou, batch, min_candidates)
     model = load_model(weights, yolo_config_dir, threads)
     if len(model.names) != num_classes:
         raise ModelError(
@@ -832,10 +837,7 @@ def predict_onnx(
     ONNX Runtime sees one input shape (each new shape costs a slow first call).
     """
     path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
-    if not 0.0 <= conf <= 1.0 or not 0.0 <= iou <= 1.0:
-        raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
-    if batch < 1 or min_candidates < 0:
-        raise ModelError(f"need batch >= 1 and min_candidates >= 0, got {batch}, {min_candidates}")
+    _check_predict_args(conf, iou, batch, min_candidates)
     if imgsz % 32:
         raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
     try:

@@ -128,6 +128,8 @@ def result_doc(doc: dict[str, Any], settings: ReplaySettings, elapsed: float) ->
             "savings_min": s["savings_min"],
             "savings_max": s["savings_max"],
             "savings_std": s["savings_std"],
+            "savings_mean_over_rounds": s.get("savings_mean_over_rounds"),
+            "savings_by_round": s.get("savings_by_round"),
             "per_seed": s["per_seed"],
             "curve": s["curve"],
         }
@@ -202,7 +204,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     }
     line["strategies"] = {
-        n: {"savings_mean": s["savings_mean"], "savings_min": s["savings_min"]}
+        n: {
+            "savings_mean": s["savings_mean"],
+            "savings_min": s["savings_min"],
+            "savings_max": s["savings_max"],
+            "savings_mean_over_rounds": s["savings_mean_over_rounds"],
+        }
         for n, s in res["strategies"].items()
     }
     line["final_map50"] = {

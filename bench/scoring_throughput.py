@@ -7,7 +7,11 @@ Measures, on the same images (NEU-DET, or synthetic 200 px images when it is abs
   probabilities and the candidate floor + `loop.uncertainty.score_images`) divided by images/s of
   plain Ultralytics ``YOLO.predict`` on the same arrays, same size and threshold (goal >= 0.95);
 - ``onnx_vs_torch``: the same scoring path through ONNX Runtime (`loop.model.predict_onnx`)
-  divided by the torch path (goal >= 2);
+  divided by the torch path (goal >= 2), float32 (same scores);
+- ``onnx_int8_vs_torch``: the same with the static int8 quantization of that export
+  (`loop.model.quantize_onnx`, calibrated on 64 of the training images; ``scoring.backend:
+  onnx-int8``), with how far its scores move: ``int8_agreement`` (Spearman correlation of the
+  per-image entropy scores against torch, overlap of the top 10 %, largest change of a score);
 - ``rss_mb_2k`` / ``rss_mb_20k``: peak RSS (MB) of a fresh process scoring 2,000 and 20,000
   images (the dataset cycled): flat when the path streams.
 
@@ -135,40 +139,60 @@ def onnx_scoring(onnx: Path, paths: Iterator[Path], imgsz: int, nc: int, ycd: Pa
     )
 
 
+PATHS = ("plain", "scoring", "onnx", "int8")
+
+
 def interleaved(
     yolo: Any,
     weights: Path,
-    onnx: Path,
+    onnx: dict[str, Path],
     paths: list[Path],
     imgsz: int,
     nc: int,
     ycd: Path,
     block: int,
-) -> dict[str, dict[str, float]]:
-    """Wall and CPU seconds each path spends on ``paths``, block by block in rotating order.
+) -> tuple[dict[str, dict[str, float]], dict[str, np.ndarray]]:
+    """Wall and CPU seconds each path spends on ``paths``, block by block in rotating order,
+    and the entropy score each scoring path gave every image.
 
-    The CPU is shared with other processes whose load drifts; timing the three paths on the
-    same block back to back (rotating who goes first) pairs their measurements. CPU seconds
-    (this process, all threads) measure the work itself, which other processes cannot inflate.
-    The scoring paths are single streams (the model is loaded once), consumed a block at a time.
+    The CPU is shared with other processes whose load drifts; timing the paths on the same
+    block back to back (rotating who goes first) pairs their measurements. CPU seconds (this
+    process, all threads) measure the work itself, which other processes cannot inflate. The
+    scoring paths are single streams (the model is loaded once), consumed a block at a time.
     """
     streams = {
         "scoring": torch_scoring(weights, iter(paths), imgsz, nc, ycd),
-        "onnx": onnx_scoring(onnx, iter(paths), imgsz, nc, ycd),
+        **{k: onnx_scoring(v, iter(paths), imgsz, nc, ycd) for k, v in onnx.items()},
     }
-    names = ["plain", "scoring", "onnx"]
-    spent = {n: {"wall": 0.0, "cpu": 0.0} for n in names}
+    spent = {n: {"wall": 0.0, "cpu": 0.0} for n in PATHS}
+    scores: dict[str, list[np.ndarray]] = {n: [] for n in streams}
     for b, start in enumerate(range(0, len(paths), block)):
         chunk = paths[start : start + block]
-        for name in names[b % 3 :] + names[: b % 3]:
+        r = b % len(PATHS)
+        for name in PATHS[r:] + PATHS[:r]:
             w0, c0 = time.perf_counter(), time.process_time()
             if name == "plain":
                 plain_predict(yolo, chunk, imgsz)
             else:
-                score_stream(islice(streams[name], len(chunk)), len(chunk))
+                scores[name].append(score_stream(islice(streams[name], len(chunk)), len(chunk)))
             spent[name]["wall"] += time.perf_counter() - w0
             spent[name]["cpu"] += time.process_time() - c0
-    return spent
+    return spent, {k: np.concatenate(v) for k, v in scores.items()}
+
+
+def agreement(ref: np.ndarray, other: np.ndarray) -> dict[str, float]:
+    """How far ``other``'s per-image scores are from ``ref``'s: Spearman rank correlation and
+    the share of ``ref``'s top 10 % that ``other`` also puts in its top 10 %."""
+    from scipy.stats import spearmanr
+
+    k = max(1, len(ref) // 10)
+    top_ref = set(np.argsort(-ref, kind="stable")[:k].tolist())
+    top_other = set(np.argsort(-other, kind="stable")[:k].tolist())
+    return {
+        "spearman": round(float(spearmanr(ref, other)[0]), 4),
+        "top10pct_overlap": round(len(top_ref & top_other) / k, 4),
+        "max_abs_score_diff": round(float(np.abs(ref - other).max()), 4),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -282,14 +306,16 @@ def main(argv: list[str] | None = None) -> int:
         paths = list(islice(cycle(order[240:]), n_img))
         nc = len(classes)
         yolo = model.load_model(weights, ycd, args.threads)
-        onnx = model.export_onnx(weights, args.imgsz, ycd, work / f"model-{args.imgsz}.onnx")
+        fp32 = model.export_onnx(weights, args.imgsz, ycd, work / f"model-{args.imgsz}.onnx")
+        # Calibrated on training images, never on the timed ones (as a project calibrates on
+        # its labeled images and scores its pool).
+        int8 = model.quantize_onnx(fp32, order[:64], args.imgsz, ycd, threads=args.threads)
+        onnx = {"onnx": fp32, "int8": int8}
         # Warm-up: model build, first-batch allocations, ONNX Runtime's first call per shape.
-        interleaved(yolo, weights, onnx, paths[:48], args.imgsz, nc, ycd, block=48)
-        runs: dict[str, dict[str, list[float]]] = {
-            k: {"wall": [], "cpu": []} for k in ("plain", "scoring", "onnx")
-        }
+        interleaved(yolo, weights, onnx, paths[:64], args.imgsz, nc, ycd, block=64)
+        runs: dict[str, dict[str, list[float]]] = {k: {"wall": [], "cpu": []} for k in PATHS}
         for _ in range(args.reps):
-            spent = interleaved(yolo, weights, onnx, paths, args.imgsz, nc, ycd, block=32)
+            spent, scores = interleaved(yolo, weights, onnx, paths, args.imgsz, nc, ycd, block=32)
             for k, sec in spent.items():
                 runs[k]["wall"].append(n_img / sec["wall"])
                 runs[k]["cpu"].append(n_img / sec["cpu"])
@@ -309,11 +335,17 @@ def main(argv: list[str] | None = None) -> int:
         "predict_img_s": round(wall["plain"], 2),
         "scoring_img_s": round(wall["scoring"], 2),
         "onnx_scoring_img_s": round(wall["onnx"], 2),
+        "onnx_int8_scoring_img_s": round(wall["int8"], 2),
         "ratio_vs_predict": round(wall["scoring"] / wall["plain"], 3),
         "onnx_vs_torch": round(wall["onnx"] / wall["scoring"], 3),
+        "onnx_int8_vs_torch": round(wall["int8"] / wall["scoring"], 3),
         # The same ratios from images per CPU-second: robust to other processes' load.
         "ratio_vs_predict_cpu": round(cpu["scoring"] / cpu["plain"], 3),
         "onnx_vs_torch_cpu": round(cpu["onnx"] / cpu["scoring"], 3),
+        "onnx_int8_vs_torch_cpu": round(cpu["int8"] / cpu["scoring"], 3),
+        # Scores of the last repetition, every timed image, against the torch path's.
+        "onnx_agreement": agreement(scores["scoring"], scores["onnx"]),
+        "int8_agreement": agreement(scores["scoring"], scores["int8"]),
         "img_per_cpu_s": {k: round(v, 2) for k, v in cpu.items()},
         "rss_mb_2k": rss[0]["peak_rss_mb"],
         "rss_mb_20k": rss[1]["peak_rss_mb"],

@@ -36,6 +36,15 @@ def champion_task(ctx: Context) -> Champion:
     return champ
 
 
+@task(name="prepare-scoring-model", cache_policy=NONE)
+def scoring_model_task(ctx: Context, weights: Path) -> Path:
+    """The champion as ``scoring.backend`` runs it: the weights, or their ONNX export / int8
+    quantization, made once here (before the batches fan out) and cached in the workspace."""
+    path = ctx.project.scoring_model(weights)
+    get_run_logger().info("scoring backend %s: %s", ctx.cfg.scoring.backend, path)
+    return path
+
+
 @task(name="score-batch", cache_policy=NONE, task_run_name="score-batch-{index}")
 def score_batch_task(cfg: ProjectConfig, weights: Path, shas: list[str], index: int) -> BatchResult:
     """Predict and score one batch of images (runs wherever the task runner puts it)."""
@@ -124,6 +133,7 @@ def score_batches(ctx: Context, weights: Path, shas: list[str]) -> list[BatchRes
 
 def run_score(ctx: Context) -> tuple[Champion, list[ScoredImage]]:
     champ = champion_task(ctx)
+    scoring_model_task(ctx, champ.weights)
     shas = ctx.project.candidates()
     parts = score_batches(ctx, champ.weights, shas)
     ranked = ctx.project.merge_ranked(shas, parts)

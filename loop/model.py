@@ -197,11 +197,71 @@ def _trainer_cls() -> type:
     return _Trainer
 
 
+def _nms_with_floor(
+    raw: Any,
+    conf: float,
+    iou: float,
+    max_det: int,
+    min_candidates: int,
+    classes: Any = None,
+    agnostic: bool = False,
+) -> tuple[list[Any], list[Any]]:
+    """Class-aware NMS over raw head output ``(B, 4 + nc, anchors)`` (centre-xywh in input
+    pixels, sigmoid class scores): per image the kept boxes ``(n, 6)`` (xyxy input pixels, conf,
+    class) and the anchor index of each, so that ``raw[b, 4:, idx]`` are their class scores.
+
+    Candidate floor (``min_candidates > 0``): an image left with fewer boxes above ``conf`` gets
+    NMS at threshold 0 instead, keeping its strongest ``min_candidates`` boxes. Greedy NMS keeps
+    a box unless a higher-scoring kept box overlaps it, so the first ``k`` boxes NMS keeps among
+    the ``m`` highest-scoring anchors are the first ``k`` it keeps among all of them: the floor
+    runs one NMS over the top 64 anchors of each short image (doubling while too few survive)
+    instead of NMS over every anchor of every image.
+    """
+    import torch
+    import torchvision  # noqa: F401  # Ultralytics uses torchvision's NMS kernel only once imported; its fallback is a Python loop, ~10x slower
+    from ultralytics.utils import nms
+
+    nc = raw.shape[1] - 4
+    dets, keep = nms.non_max_suppression(
+        raw, conf, iou, classes, agnostic, max_det=max_det, nc=nc, return_idxs=True
+    )
+    keep = [k.view(-1).long() for k in keep]
+    short = [i for i, d in enumerate(dets) if len(d) < min_candidates]
+    if not short:
+        return dets, keep
+    sub_raw = raw[short]  # (S, 4 + nc, anchors)
+    scores = sub_raw[:, 4:].amax(1)  # (S, anchors)
+    anchors = raw.shape[2]
+    m = min(64, anchors)
+    while True:
+        top = scores.topk(m, dim=1).indices  # (S, m), descending score
+        sub = torch.gather(sub_raw, 2, top[:, None, :].expand(-1, 4 + nc, -1))
+        floor_dets, floor_keep = nms.non_max_suppression(
+            sub,
+            0.0,
+            iou,
+            classes,
+            agnostic,
+            # The floor keeps only the strongest min_candidates boxes anyway.
+            max_det=min(max_det, min_candidates),
+            nc=nc,
+            return_idxs=True,
+        )
+        if m == anchors or all(len(d) >= min_candidates for d in floor_dets):
+            break
+        m = min(2 * m, anchors)
+    for j, i in enumerate(short):
+        dets[i] = floor_dets[j]
+        keep[i] = top[j][floor_keep[j].view(-1).long()]
+    return dets, keep
+
+
 @functools.cache
-def _probs_predictor_cls() -> type:
-    """DetectionPredictor whose Results carry ``class_probs``: (n, nc) sigmoid scores per kept box."""
+def _probs_predictor_cls(min_candidates: int = 0) -> type:
+    """DetectionPredictor whose Results carry ``class_probs``: (n, nc) sigmoid scores per kept
+    box, with the candidate floor of `_nms_with_floor`."""
     from ultralytics.models.yolo.detect import DetectionPredictor
-    from ultralytics.utils import nms, ops
+    from ultralytics.utils import ops
 
     class _ProbsPredictor(DetectionPredictor):
         def postprocess(self, preds: Any, img: Any, orig_imgs: Any, **kwargs: Any) -> list[Any]:
@@ -214,82 +274,24 @@ def _probs_predictor_cls() -> type:
                     "class probabilities need a YOLO detection head with NMS (e.g. yolov8/yolo11; "
                     "for yolo26 keep nms enabled)"
                 )
-            dets, keep = nms.non_max_suppression(
+            dets, keep = _nms_with_floor(
                 raw,
                 self.args.conf,
                 kwargs.pop("iou", self.args.iou),
+                self.args.max_det,
+                min_candidates,
                 self.args.classes,
                 self.args.agnostic_nms,
-                max_det=self.args.max_det,
-                nc=nc,
-                return_idxs=True,
             )
             if not isinstance(orig_imgs, list):
                 orig_imgs = ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1]
             results = self.construct_results(dets, img, orig_imgs, **kwargs)
             for b, (res, idx) in enumerate(zip(results, keep, strict=True)):
                 # raw[b, 4:, a] are the class scores of anchor a; the kept box's conf is their max.
-                res.class_probs = raw[b, 4 : 4 + nc][:, idx.view(-1).long()].T.float().cpu()
+                res.class_probs = raw[b, 4 : 4 + nc][:, idx].T.float().cpu()
             return results
 
     return _ProbsPredictor
-
-
-@functools.cache
-def _floor_predictor_cls(min_candidates: int) -> type:
-    """The probabilities predictor with a candidate floor: NMS at the threshold for the batch;
-    an image left with fewer than ``min_candidates`` boxes gets its strongest sub-threshold ones.
-
-    Greedy NMS keeps a box unless a higher-scoring kept box overlaps it, so the first ``k`` boxes
-    NMS keeps among the ``m`` highest-scoring anchors are the first ``k`` it keeps among all of
-    them: the fallback runs one NMS over the top 64 anchors of each short image (doubling while
-    too few survive) instead of NMS over every anchor of every image, which cost ~5% of the
-    scoring time.
-    """
-    base: Any = _probs_predictor_cls()
-
-    class _FloorPredictor(base):
-        def postprocess(self, preds: Any, img: Any, orig_imgs: Any, **kwargs: Any) -> list[Any]:
-            import torch
-            from ultralytics.utils import nms, ops
-
-            results = super().postprocess(preds, img, orig_imgs, **kwargs)
-            short = [i for i, r in enumerate(results) if len(r.boxes) < min_candidates]
-            if not short:
-                return results
-            raw = preds[0] if isinstance(preds, (list, tuple)) else preds
-            nc, anchors = raw.shape[1] - 4, raw.shape[2]
-            sub_raw = raw[short]  # (S, 4 + nc, anchors)
-            scores = sub_raw[:, 4:].amax(1)  # (S, anchors)
-            m = min(64, anchors)
-            while True:
-                # One NMS call for every short image of the batch, on its m best anchors.
-                top = scores.topk(m, dim=1).indices  # (S, m), descending score
-                sub = torch.gather(sub_raw, 2, top[:, None, :].expand(-1, 4 + nc, -1))
-                dets, keep = nms.non_max_suppression(
-                    sub,
-                    0.0,
-                    kwargs.get("iou", self.args.iou),
-                    self.args.classes,
-                    self.args.agnostic_nms,
-                    # The floor keeps only the strongest min_candidates boxes anyway.
-                    max_det=min(self.args.max_det, min_candidates),
-                    nc=nc,
-                    return_idxs=True,
-                )
-                if m == anchors or all(len(d) >= min_candidates for d in dets):
-                    break
-                m = min(2 * m, anchors)
-            if not isinstance(orig_imgs, list):
-                orig_imgs = list(ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1])
-            for j, i in enumerate(short):
-                new = self.construct_result(dets[j], img, orig_imgs[i], results[i].path)
-                kept = top[j][keep[j].view(-1).long()]
-                new.class_probs = sub_raw[j, 4 : 4 + nc][:, kept].T.float().cpu()
-                results[i] = new
-            return results
-
-    return _FloorPredictor
 
 
 # --------------------------------------------------------------------------------------------
@@ -594,8 +596,7 @@ def _predict_arrays(
     min_candidates: int = 0,
 ) -> list[Detections]:
     """One `Detections` per BGR array (see `predict`); ``paths`` only fill ``meta["path"]``."""
-    # With a candidate floor, images left with too few boxes get NMS over every anchor.
-    predictor = _floor_predictor_cls(min_candidates) if min_candidates else _probs_predictor_cls()
+    predictor = _probs_predictor_cls(min_candidates)
     # Arrays, not paths: Ultralytics sorts path lists and skips unreadable files silently.
     results = model.predict(
         arrays,
@@ -817,6 +818,113 @@ def export_onnx(
     return exported.resolve()
 
 
+def _letterbox_into(x: np.ndarray, arrays: list[np.ndarray], imgsz: int) -> None:
+    """Fill ``x`` ``(B, 3, imgsz, imgsz)`` float32 with the BGR ``arrays`` as the model's input:
+    Ultralytics' square letterbox, RGB, scaled to [0, 1]; rows past ``len(arrays)`` are zeroed."""
+    from ultralytics.data.augment import LetterBox
+
+    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=32)
+    x[len(arrays) :] = 0.0
+    for i, arr in enumerate(arrays):
+        boxed: np.ndarray = np.asarray(letterbox(image=arr))  # BGR HWC uint8, imgsz x imgsz
+        x[i] = boxed[..., ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+
+
+def quantize_onnx(
+    onnx_path: Path,
+    calibration_images: Iterable[Path],
+    imgsz: int,
+    yolo_config_dir: Path,
+    out_path: Path | None = None,
+    max_images: int = 64,
+    batch: int = 16,
+    threads: int = 2,
+) -> Path:
+    """Static int8 quantization of an `export_onnx` model for the CPU; returns its path.
+
+    QDQ format: per-channel int8 weights and uint8 activations whose ranges are calibrated
+    (min-max) on up to ``max_images`` of ``calibration_images`` (labeled images of the project
+    are a good choice), letterboxed to ``imgsz`` as `predict_onnx` does. The detection head's
+    decoding (box distribution, sigmoid, concatenation) stays float32, so class scores keep
+    their resolution down to the low candidate threshold. Scores move slightly: measure the
+    ranking agreement with ``bench/scoring_throughput.py`` before relying on it. Default path:
+    beside ``onnx_path`` with suffix ``.int8.onnx``. Deterministic for the same images.
+    """
+    src = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    if imgsz % 32:
+        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
+    if max_images < 1 or batch < 1:
+        raise ModelError(f"max_images and batch must be >= 1, got {max_images}, {batch}")
+    for pkg in ("onnx", "onnxruntime"):
+        if importlib.util.find_spec(pkg) is None:
+            raise ModelError(f"int8 quantization needs the '{pkg}' package: pip install {pkg}")
+    _setup(yolo_config_dir, threads)
+    import onnx
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    paths = list(islice(calibration_images, max_images))
+    if not paths:
+        raise ModelError(
+            "int8 quantization needs calibration images; label some images first or pass them"
+        )
+    batches = []
+    for chunk in _batched(paths, batch):
+        x = np.zeros((len(chunk), 3, imgsz, imgsz), dtype=np.float32)
+        _letterbox_into(x, _read_images(chunk), imgsz)
+        batches.append(x)
+    out = Path(out_path) if out_path is not None else src.with_suffix(".int8.onnx")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp_pre = out.with_name(f".{out.name}.{os.getpid()}.pre.onnx")
+    tmp_out = out.with_name(f".{out.name}.{os.getpid()}.tmp.onnx")
+    try:
+        # Symbolic shape inference cannot follow the dynamic batch and size; ONNX's own can.
+        quant_pre_process(str(src), str(tmp_pre), skip_symbolic_shape=True)
+        graph = onnx.load(str(tmp_pre)).graph
+        input_name = graph.input[0].name
+        output = graph.output[0].name
+        head = next(n.name for n in graph.node if output in n.output).rsplit("/", 1)[0] + "/"
+        # The head's decoding: every node of the last module outside its conv branches.
+        decode = [
+            n.name
+            for n in graph.node
+            if n.name.startswith(head) and "/cv2" not in n.name and "/cv3" not in n.name
+        ]
+
+        class _Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._it = iter(batches)
+
+            def get_next(self) -> dict[str, np.ndarray] | None:
+                x = next(self._it, None)
+                return None if x is None else {input_name: x}
+
+        quantize_static(
+            str(tmp_pre),
+            str(tmp_out),
+            _Reader(),
+            quant_format=QuantFormat.QDQ,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_exclude=decode,
+        )
+        os.replace(tmp_out, out)
+    except ModelError:
+        raise
+    except Exception as exc:
+        raise ModelError(f"int8 quantization of {src} failed: {type(exc).__name__}: {exc}") from exc
+    finally:
+        for tmp in (tmp_pre, tmp_out):
+            tmp.unlink(missing_ok=True)
+    return out.resolve()
+
+
 def predict_onnx(
     onnx_path: Path,
     images: Iterable[Path],
@@ -874,18 +982,12 @@ def _onnx_stream(
     min_candidates: int,
 ) -> Iterator[Detections]:
     import torch
-    from ultralytics.data.augment import LetterBox
-    from ultralytics.utils import nms, ops
+    from ultralytics.utils import ops
 
-    letterbox = LetterBox(new_shape=(imgsz, imgsz), auto=False, stride=32)
-    nms_conf = 0.0 if min_candidates else conf
     x = np.zeros((batch, 3, imgsz, imgsz), dtype=np.float32)
     for chunk in _batched(images, batch):
         arrays = _read_images(chunk)
-        x[len(chunk) :] = 0.0
-        for i, arr in enumerate(arrays):
-            boxed: np.ndarray = np.asarray(letterbox(image=arr))  # BGR HWC uint8, imgsz x imgsz
-            x[i] = boxed[..., ::-1].transpose(2, 0, 1) * np.float32(1 / 255)
+        _letterbox_into(x, arrays, imgsz)
         out = session.run(None, {input_name: x})[0]
         if out.ndim != 3 or out.shape[1] != 4 + num_classes:
             raise ModelError(
@@ -893,14 +995,12 @@ def _onnx_stream(
                 "export a detection model trained on the project's classes"
             )
         raw = torch.from_numpy(out[: len(chunk)])
-        dets, keep = nms.non_max_suppression(
-            raw, nms_conf, iou, None, False, max_det=300, nc=num_classes, return_idxs=True
-        )
+        dets, keep = _nms_with_floor(raw, conf, iou, 300, min_candidates)
         for b, (p, arr) in enumerate(zip(chunk, arrays, strict=True)):
             d = dets[b]
             h, w = arr.shape[:2]
             boxes: Any = ops.scale_boxes((imgsz, imgsz), d[:, :4].clone(), (h, w))
-            probs = raw[b, 4 : 4 + num_classes][:, keep[b].view(-1).long()].T
+            probs = raw[b, 4 : 4 + num_classes][:, keep[b]].T
             det = Detections(
                 xyxy=boxes.numpy().astype(np.float64),
                 class_id=d[:, 5].numpy().astype(np.int64),

@@ -8,6 +8,7 @@ directly. Nothing here imports Prefect.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -22,7 +23,7 @@ from loop.datasets import DatasetStore, DatasetVersion, LabeledImage, assign_spl
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
-from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files
+from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
 from loop.selection import rank
 from loop.uncertainty import score_images
 
@@ -283,12 +284,63 @@ class Project:
             if p.sha256 not in labeled and assign_split(p.sha256, self.cfg.split) != "test"
         ]
 
+    def scoring_model(self, weights: Path) -> Path:
+        """The model file ``scoring.backend`` runs for the champion ``weights``: the weights
+        themselves (torch), or their ONNX export / int8 quantization, made on first use and kept
+        under ``<workspace>/scoring-models`` keyed by the weights' sha256 and ``train.imgsz``
+        (written atomically, so concurrent workers at worst make it twice).
+
+        int8 calibration images: the current version's labeled train images (by sha256), else
+        the pool's, at most ``scoring.calibration_images``."""
+        from loop import model
+
+        backend = self.cfg.scoring.backend
+        if backend == "torch":
+            return Path(weights)
+        if not Path(weights).is_file():
+            raise ModelError(f"weights {weights} not found; train a model first")
+        imgsz, ycd, threads = self.cfg.train.imgsz, self.cfg.yolo_config_dir, self.cfg.train.threads
+        key = f"{sha256_file(Path(weights))[:16]}-{imgsz}"
+        onnx_path = self.cfg.scoring_models_dir / f"{key}.onnx"
+        if not onnx_path.is_file():
+            tmp = onnx_path.with_name(f".{onnx_path.name}.{os.getpid()}.tmp")
+            tmp.parent.mkdir(parents=True, exist_ok=True)
+            # Ultralytics exports beside the weights: work on a private copy of them.
+            tmp.with_suffix(".pt").write_bytes(Path(weights).read_bytes())
+            try:
+                model.export_onnx(tmp.with_suffix(".pt"), imgsz, ycd, onnx_path, threads=threads)
+            finally:
+                tmp.with_suffix(".pt").unlink(missing_ok=True)
+        if backend == "onnx":
+            return onnx_path
+        int8_path = onnx_path.with_suffix(".int8.onnx")
+        if not int8_path.is_file():
+            version = self.current_version()
+            shas = (
+                sorted(r.sha256 for r in version.rows if r.split == "train")
+                if version is not None
+                else sorted(p.sha256 for p in self.pool)
+            )
+            model.quantize_onnx(
+                onnx_path,
+                (self.pool.abs_path(s) for s in shas),
+                imgsz,
+                ycd,
+                int8_path,
+                max_images=self.cfg.scoring.calibration_images,
+                threads=threads,
+            )
+        return int8_path
+
     def predict(self, weights: Path, shas: list[str]) -> Iterator[Detections]:
+        """Candidate boxes with class probabilities for ``shas``, one `Detections` each, in
+        order, through ``scoring.backend`` (see `scoring_model`)."""
         from loop import model
 
         paths = (self.pool.abs_path(s) for s in shas)
-        return model.predict(
-            weights,
+        run = model.predict if self.cfg.scoring.backend == "torch" else model.predict_onnx
+        return run(
+            self.scoring_model(weights),
             paths,
             self.cfg.train.imgsz,
             self.cfg.select.candidate_conf,

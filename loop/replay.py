@@ -748,6 +748,49 @@ def labels_to_reach(
     return cap, False
 
 
+def _savings_by_round(
+    bx: np.ndarray, by: np.ndarray, sx: np.ndarray, sy: np.ndarray
+) -> list[dict[str, Any]]:
+    """Savings against every round of the baseline after its first, not only its last: for
+    round ``r``, the labels the strategy needs to reach the baseline's ``metric`` at ``r``
+    against the baseline's labels at ``r`` (rounds where the baseline is not above its first
+    round are left out)."""
+    rows = []
+    for r in range(1, bx.size):
+        if by[r] <= by[0]:
+            continue
+        need, reached = labels_to_reach(sx, sy, float(by[r]), cap=2 * float(bx[r]))
+        rows.append(
+            {
+                "round": r,
+                "baseline_labels": float(bx[r]),
+                "target": float(by[r]),
+                "labels_needed": need,
+                "reached": reached,
+                "savings": 1.0 - need / float(bx[r]),
+            }
+        )
+    return rows
+
+
+def _mean_by_round(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
+    """Per baseline round: mean / min / max of the seeds' `_savings_by_round` savings."""
+    by_round: dict[int, list[float]] = {}
+    for rows in per_seed:
+        for row in rows:
+            by_round.setdefault(int(row["round"]), []).append(float(row["savings"]))
+    return [
+        {
+            "round": r,
+            "savings_mean": float(np.mean(v)),
+            "savings_min": float(np.min(v)),
+            "savings_max": float(np.max(v)),
+            "n_seeds": len(v),
+        }
+        for r, v in sorted(by_round.items())
+    ]
+
+
 def label_savings(
     curves: Iterable[dict[str, Any]], baseline: str = "random", metric: str = "test_map50"
 ) -> dict[str, Any]:
@@ -758,7 +801,9 @@ def label_savings(
     savings = ``1 - L / L_b`` (in ``[-1, 1)``; 0.3 = the same accuracy with 30% fewer labels;
     negative = more labels). A seed whose baseline never rose above its first round has no
     savings (None, with a reason); means and extremes are over the other seeds. Also the mean
-    curve over seeds per round.
+    curve over seeds per round, and the same savings against each earlier round of the
+    baseline (``savings_by_round``, averaged into ``savings_mean_over_rounds``): one final
+    point is a noisy measure of a whole curve.
     """
     by_key: dict[tuple[str, int], dict[str, Any]] = {
         (c["strategy"], int(c["seed"])): c for c in curves
@@ -766,7 +811,7 @@ def label_savings(
     strategies = sorted({k[0] for k in by_key})
     out: dict[str, Any] = {"baseline": baseline, "metric": metric, "strategies": {}}
     for name in strategies:
-        per_seed = []
+        per_seed: list[dict[str, Any]] = []
         for (strat, seed), curve in sorted(by_key.items()):
             if strat != name or (baseline, seed) not in by_key:
                 continue
@@ -797,12 +842,18 @@ def label_savings(
                     "reached": reached,
                     "baseline_labels": base_labels,
                     "target": target,
+                    "by_round": _savings_by_round(bx, by, sx, sy),
                 }
             )
         vals = np.array(
             [p["savings"] for p in per_seed if p["savings"] is not None], dtype=np.float64
         )
+        rounds_mean = _mean_by_round([p.get("by_round", []) for p in per_seed])
         out["strategies"][name] = {
+            "savings_by_round": rounds_mean,
+            "savings_mean_over_rounds": (
+                float(np.mean([r["savings_mean"] for r in rounds_mean])) if rounds_mean else None
+            ),
             "savings_mean": float(vals.mean()) if vals.size else None,
             "savings_min": float(vals.min()) if vals.size else None,
             "savings_max": float(vals.max()) if vals.size else None,

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from loop.config import SplitConfig, TrainConfig
 from loop.datasets import DatasetStore, assign_split
 from loop.detections import Detections
-from loop.errors import ConfigError, DatasetError, StrategyError
+from loop.errors import ConfigError, DatasetError, ModelError, StrategyError
 from loop.replay import (
     ReplaySettings,
     initial_set,
@@ -78,6 +78,14 @@ def test_label_savings_known_answer():
     assert ent["savings_min"] == pytest.approx(0.0)
     assert [p["seed"] for p in ent["per_seed"]] == [0, 1]
     assert out["strategies"]["worse"]["savings_mean"] == pytest.approx(-1.0)
+    # Against each round of random: seed 0 reaches 0.3 at 150 (not 200) and 0.4 at 200 (not
+    # 300); seed 1 saves nothing.
+    by_round = ent["savings_by_round"]
+    assert [r["round"] for r in by_round] == [1, 2]
+    assert [r["savings_mean"] for r in by_round] == pytest.approx([0.25 / 2, (1 / 3) / 2])
+    assert [r["savings_max"] for r in by_round] == pytest.approx([0.25, 1 / 3])
+    assert ent["savings_mean_over_rounds"] == pytest.approx((0.125 + 1 / 6) / 2)
+    assert ent["per_seed"][0]["by_round"][0]["labels_needed"] == pytest.approx(150.0)
     assert out["strategies"]["worse"]["per_seed"][0]["reached"] is False
     assert out["strategies"]["random"]["savings_mean"] == pytest.approx(0.0)
     assert out["best_strategy"] == "entropy"
@@ -314,6 +322,106 @@ def test_tta_and_onnx_paths_on_the_replay_model(simulated: dict[str, Any], synth
         assert len(a) == len(b) and a.image_wh == b.image_wh
         assert np.allclose(a.xyxy, b.xyxy, atol=0.05)
         assert np.allclose(a.class_probs, b.class_probs, atol=1e-3)
+
+
+def test_int8_onnx_keeps_scores_and_decodes_in_float(
+    simulated: dict[str, Any], synth: Path
+) -> None:
+    """Static int8 quantization: the convolutions run on int8, the head's decoding stays float,
+    and the scores stay close to the float model's."""
+    pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime installed")
+    import onnx
+
+    from loop import model
+
+    weights = next((simulated["out"] / "replay-work" / "round0").glob("*/best.pt"))
+    ycd = simulated["out"] / "replay-work" / "ultralytics"
+    images = sorted((synth / "images").glob("*.png"))
+    nc = len(SYNTH_CLASSES)
+    fp32 = model.export_onnx(weights, 64, ycd, simulated["out"] / "q" / "m.onnx")
+    int8 = model.quantize_onnx(fp32, images[:16], 64, ycd)
+    assert int8 == fp32.with_suffix(".int8.onnx")
+    graph = onnx.load(str(int8)).graph
+    quantized = {n.output[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # Every convolution but the box decoding's (DFL, a fixed 0..15 weighted sum) runs on int8.
+    assert [n.name for n in convs if n.input[0] not in quantized] == ["/model.22/dfl/conv/Conv"]
+    assert len(convs) > 50
+    # Nothing past the last convolutions is quantized: the sigmoid scores come out in float.
+    sigmoid = next(n for n in graph.node if n.op_type == "Sigmoid" and n.name.count("/") == 2)
+    assert not any(i in quantized for i in sigmoid.input)
+    a = list(model.predict_onnx(fp32, images[16:], 64, 0.01, ycd, nc, batch=8, min_candidates=3))
+    b = list(model.predict_onnx(int8, images[16:], 64, 0.01, ycd, nc, batch=8, min_candidates=3))
+    assert len(a) == len(b) == len(images) - 16
+    for x, y in zip(a, b, strict=True):
+        assert len(y) >= 3 and y.class_probs is not None
+        assert np.allclose(y.class_probs[np.arange(len(y)), y.class_id], y.confidence)
+        assert abs(float(x.confidence.max()) - float(y.confidence.max())) < 0.05
+    # Calibration needs images; a size the export cannot take is refused before any work.
+    with pytest.raises(ModelError, match="calibration images"):
+        model.quantize_onnx(fp32, [], 64, ycd, simulated["out"] / "q" / "none.onnx")
+    with pytest.raises(ModelError, match="multiple of 32"):
+        model.quantize_onnx(fp32, images[:4], 70, ycd)
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx", "onnx-int8"])
+def test_project_scores_through_the_configured_backend(
+    backend: str, simulated: dict[str, Any], synth: Path, tmp_path: Path
+) -> None:
+    """`Project.predict` runs ``scoring.backend``; ONNX models are made once per weights file."""
+    pytest.importorskip("onnxruntime", reason="the ONNX path needs onnxruntime installed")
+    from loop.config import ProjectConfig
+    from loop.project import Project
+
+    weights = next((simulated["out"] / "replay-work" / "round0").glob("*/best.pt"))
+    cfg = ProjectConfig(
+        classes=list(SYNTH_CLASSES),
+        workspace=tmp_path / "ws",
+        train={"imgsz": 64, "threads": 2},
+        scoring={"backend": backend, "calibration_images": 8},
+    )
+    project = Project(cfg)
+    project.ingest(synth / "images", labels_dir=synth / "labels", label_limit=12)
+    made = project.scoring_model(weights)
+    suffix = {"torch": ".pt", "onnx": ".onnx", "onnx-int8": ".int8.onnx"}[backend]
+    assert made.name.endswith(suffix)
+    if backend != "torch":
+        assert made.parent == cfg.scoring_models_dir
+        stamp = made.stat().st_mtime_ns
+        assert project.scoring_model(weights).stat().st_mtime_ns == stamp  # cached
+        assert not list(weights.parent.glob("*.onnx"))  # nothing written beside the weights
+    shas = project.candidates()[:6]
+    dets = list(project.predict(weights, shas))
+    assert [Path(d.meta["path"]) for d in dets] == [project.pool.abs_path(s) for s in shas]
+    assert all(len(d) >= cfg.select.min_candidates for d in dets)
+    if backend == "onnx":
+        ref = list(model_predict_torch(weights, [project.pool.abs_path(s) for s in shas], cfg))
+        for x, y in zip(ref, dets, strict=True):
+            assert np.allclose(x.class_probs, y.class_probs, atol=1e-3)
+
+
+def model_predict_torch(weights: Path, paths: list[Path], cfg: Any) -> Any:
+    from loop import model
+
+    return model.predict(
+        weights,
+        paths,
+        cfg.train.imgsz,
+        cfg.select.candidate_conf,
+        cfg.yolo_config_dir,
+        len(cfg.classes),
+        min_candidates=cfg.select.min_candidates,
+    )
+
+
+def test_onnx_backend_needs_a_size_the_export_takes() -> None:
+    from pydantic import ValidationError
+
+    from loop.config import ProjectConfig
+
+    with pytest.raises(ValidationError, match="multiple of 32"):
+        ProjectConfig(classes=["a"], train={"imgsz": 100}, scoring={"backend": "onnx-int8"})
+    assert ProjectConfig(classes=["a"], train={"imgsz": 100}).scoring.backend == "torch"
 
 
 def test_prepare_dataset_reads_voc_and_rejects_other_folders(tmp_path: Path) -> None:

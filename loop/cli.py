@@ -108,7 +108,11 @@ def score(
     top: Annotated[int, typer.Option(help="rows to print")] = 20,
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
 ) -> None:
-    """Rank the unlabeled pool with the champion model (prints the top)."""
+    """Rank the unlabeled pool with the champion model (prints the top).
+
+    The model runs through `scoring.backend` (torch, onnx or onnx-int8), e.g.
+    DEFECT_LOOP_SCORING__BACKEND=onnx-int8 defect-loop score.
+    """
     cfg = _load(config)
     _prefect_env(cfg)
 

@@ -263,6 +263,11 @@ def test_images_run_the_commands_the_tests_run(
                 assert (REPO / src).exists(), f"Dockerfile copies missing {src}"
     assert "prefect-dask" in dockerfile and "distributed" in dockerfile
     assert "psycopg2" in dockerfile and "boto3" in dockerfile  # MLflow on Postgres + S3
+    # The extras it installs exist (scoring.backend onnx / onnx-int8 needs the onnx one).
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    assert '".[onnx]"' in dockerfile and "onnxruntime>=1.20" in extras["onnx"]
 
 
 def test_readme_documents_the_cli_trigger():

@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from loop.config import SelectConfig, SplitConfig, TrainConfig  # noqa: E402
 from loop.images import atomic_write_text  # noqa: E402
-from loop.replay import ReplaySettings, run_replay  # noqa: E402
+from loop.replay import ReplaySettings, label_savings, run_replay  # noqa: E402
 
 # Full run: 1,800 NEU-DET images (288 fixed test images), 150 initial + 5 x 100 selected,
 # 160 px (NEU-DET is 200 px), 40 epochs from scratch in round 0 (shared by the strategies of a
@@ -85,6 +87,12 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--mlflow", action="store_true", help="also log to MLflow (sqlite in work)")
     p.add_argument("--fresh", action="store_true", help="discard finished curves and start over")
     p.add_argument("--work", type=Path, default=None, help="state folder (default bench/work/...)")
+    p.add_argument(
+        "--results",
+        type=Path,
+        default=REPO / "bench" / "results",
+        help="folder of the result files",
+    )
     return p.parse_args(argv)
 
 
@@ -121,9 +129,27 @@ def result_doc(doc: dict[str, Any], settings: ReplaySettings, elapsed: float) ->
     summary = doc.get("summary") or {"strategies": {}, "best_strategy": None}
     done = {(c["strategy"], int(c["seed"])) for c in doc["curves"]}
     wanted = {(s, seed) for s in settings.strategies for seed in settings.seeds}
+    # The same savings on mAP50-95 (box quality, not only hits), and what each strategy had
+    # labeled by its last round: the class mix its selections produced.
+    strict = (
+        label_savings(doc["curves"], metric="test_map50_95")
+        if any(c["strategy"] == "random" for c in doc["curves"])
+        else {"strategies": {}}
+    )
     strategies = {}
     for name, s in summary["strategies"].items():
+        s95 = strict["strategies"].get(name, {})
+        final = [c["rounds"][-1] for c in doc["curves"] if c["strategy"] == name and c["rounds"]]
         strategies[name] = {
+            "savings_map50_95_mean": s95.get("savings_mean"),
+            "savings_map50_95_min": s95.get("savings_min"),
+            "savings_map50_95_max": s95.get("savings_max"),
+            "final_labeled_boxes_mean": {
+                cls: round(float(np.mean([r["labeled_boxes"].get(cls, 0) for r in final])), 1)
+                for cls in doc.get("classes", [])
+            }
+            if final
+            else {},
             "savings_mean": s["savings_mean"],
             "savings_min": s["savings_min"],
             "savings_max": s["savings_max"],
@@ -159,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     out = sys.stdout
     dataset = neu_det_path(args.dataset)
     suffix = "_smoke" if args.smoke else ""
-    results = REPO / "bench" / "results" / f"label_efficiency{suffix}.json"
+    results = args.results.resolve() / f"label_efficiency{suffix}.json"
     png = results.with_suffix(".png")
     work = args.work or REPO / "bench" / "work" / f"label_efficiency{suffix}"
     if not dataset.is_dir():
@@ -171,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def on_save(doc: dict[str, Any]) -> None:
         res = result_doc(doc, settings, time.monotonic() - started)
-        res["png"] = str(png.relative_to(REPO))
+        res["png"] = png.name  # beside this file
         atomic_write_text(results, json.dumps(res, indent=1))
 
     def log(msg: str) -> None:
@@ -216,7 +242,7 @@ def main(argv: list[str] | None = None) -> int:
         n: (s["curve"][-1]["map50_mean"] if s["curve"] else None)
         for n, s in res["strategies"].items()
     }
-    line["result_file"] = str(results.relative_to(REPO))
+    line["result_file"] = str(results)
     print(json.dumps(line), file=out, flush=True)
     return 0
 

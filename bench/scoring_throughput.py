@@ -272,6 +272,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--work", type=Path, default=REPO / "bench" / "work" / "scoring_throughput")
+    p.add_argument(
+        "--results", type=Path, default=REPO / "bench" / "results", help="folder of the result file"
+    )
     # internal: the RSS child process
     p.add_argument("--rss-child", type=int, default=None, help=argparse.SUPPRESS)
     p.add_argument("--images-dir", default=None, help=argparse.SUPPRESS)
@@ -358,7 +361,7 @@ def main(argv: list[str] | None = None) -> int:
         "elapsed_s": round(time.monotonic() - started, 1),
     }
     name = "scoring_throughput_smoke.json" if args.smoke else "scoring_throughput.json"
-    atomic_write_text(REPO / "bench" / "results" / name, json.dumps(result, indent=1))
+    atomic_write_text(Path(args.results) / name, json.dumps(result, indent=1))
     print(json.dumps(result), file=out, flush=True)
     return 0
 

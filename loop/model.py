@@ -970,6 +970,36 @@ def predict_onnx(
     )
 
 
+def _prefetched(
+    images: Iterable[Path], batch: int, imgsz: int
+) -> Iterator[tuple[list[Path], list[tuple[int, int]], np.ndarray]]:
+    """``(paths, (h, w) of each image, input batch (batch, 3, imgsz, imgsz))`` per chunk of
+    ``images``; the next chunk is read and letterboxed in a background thread while the caller
+    runs the current one (OpenCV and ONNX Runtime release the GIL). At most two batches are in
+    memory; an unreadable image raises `ImageError` when its batch is reached."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def prepare(chunk: list[Path]) -> tuple[list[Path], list[tuple[int, int]], np.ndarray]:
+        arrays = _read_images(chunk)
+        x = np.empty((batch, 3, imgsz, imgsz), dtype=np.float32)
+        # Padded to ``batch`` rows: ONNX Runtime sees one input shape.
+        _letterbox_into(x, arrays, imgsz)
+        return chunk, [(a.shape[0], a.shape[1]) for a in arrays], x
+
+    chunks = _batched(images, batch)
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="defect-loop-prefetch")
+    try:
+        first = next(chunks, None)
+        pending = pool.submit(prepare, first) if first else None
+        while pending is not None:
+            nxt = next(chunks, None)
+            ready = pending.result()
+            pending = pool.submit(prepare, nxt) if nxt else None
+            yield ready
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
 def _onnx_stream(
     session: Any,
     input_name: str,
@@ -984,10 +1014,7 @@ def _onnx_stream(
     import torch
     from ultralytics.utils import ops
 
-    x = np.zeros((batch, 3, imgsz, imgsz), dtype=np.float32)
-    for chunk in _batched(images, batch):
-        arrays = _read_images(chunk)
-        _letterbox_into(x, arrays, imgsz)
+    for chunk, sizes, x in _prefetched(images, batch, imgsz):
         out = session.run(None, {input_name: x})[0]
         if out.ndim != 3 or out.shape[1] != 4 + num_classes:
             raise ModelError(
@@ -996,9 +1023,8 @@ def _onnx_stream(
             )
         raw = torch.from_numpy(out[: len(chunk)])
         dets, keep = _nms_with_floor(raw, conf, iou, 300, min_candidates)
-        for b, (p, arr) in enumerate(zip(chunk, arrays, strict=True)):
+        for b, (p, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
             d = dets[b]
-            h, w = arr.shape[:2]
             boxes: Any = ops.scale_boxes((imgsz, imgsz), d[:, :4].clone(), (h, w))
             probs = raw[b, 4 : 4 + num_classes][:, keep[b]].T
             det = Detections(

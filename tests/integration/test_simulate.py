@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from itertools import islice
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,7 @@ from typer.testing import CliRunner
 from loop.config import SplitConfig, TrainConfig
 from loop.datasets import DatasetStore, assign_split
 from loop.detections import Detections
-from loop.errors import ConfigError, DatasetError, ModelError, StrategyError
+from loop.errors import ConfigError, DatasetError, ImageError, ModelError, StrategyError
 from loop.replay import (
     ReplaySettings,
     initial_set,
@@ -322,6 +323,14 @@ def test_tta_and_onnx_paths_on_the_replay_model(simulated: dict[str, Any], synth
         assert len(a) == len(b) and a.image_wh == b.image_wh
         assert np.allclose(a.xyxy, b.xyxy, atol=0.05)
         assert np.allclose(a.class_probs, b.class_probs, atol=1e-3)
+    # Batches are read ahead in a thread: an unreadable image still fails when its batch is
+    # reached, after the batches before it were delivered.
+    broken = simulated["out"] / "broken.png"
+    broken.write_bytes(b"not an image")
+    stream = model.predict_onnx(onnx_path, [*images[:4], broken], 64, 0.01, ycd, nc, batch=4)
+    assert [d.meta["path"] for d in islice(stream, 4)] == [str(p) for p in images[:4]]
+    with pytest.raises(ImageError, match=r"broken\.png"):
+        next(stream)
 
 
 def test_int8_onnx_keeps_scores_and_decodes_in_float(

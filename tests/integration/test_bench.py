@@ -82,9 +82,11 @@ def test_scoring_throughput_smoke_measures_every_path(tmp_path: Path) -> None:
         "rss_mb_20k",
     ):
         assert line[key] > 0, key
-    # float32 ONNX gives the torch path's scores; int8 moves them only a little.
+    # float32 ONNX gives the torch path's scores; int8 moves them only a little. (Not its rank
+    # correlation: a 10-epoch 64 px model on synthetic images, the fallback without NEU-DET,
+    # scores every image near 0, so its ranking is noise.)
     assert line["onnx_agreement"]["max_abs_score_diff"] < 1e-3
-    assert line["int8_agreement"]["spearman"] > 0.5
+    assert line["int8_agreement"]["max_abs_score_diff"] < 0.05
     assert line["rss_images"] == [32, 96]
     saved = json.loads((tmp_path / "results" / "scoring_throughput_smoke.json").read_text())
     assert saved["images"] == 64

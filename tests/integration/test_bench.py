@@ -9,6 +9,7 @@ without it; the throughput one falls back to synthetic images by design.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ import pytest
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-NEU_DET = REPO.parent / "shared" / "datasets" / "neu-det"
+# Where the benchmarks look for it too (they read the same variable).
+NEU_DET = Path(
+    os.environ.get("DEFECT_LOOP_NEU_DET") or REPO.parent / "shared" / "datasets" / "neu-det"
+)
 
 
 def run_bench(script: str, *args: str) -> dict[str, Any]:

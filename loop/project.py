@@ -303,14 +303,14 @@ class Project:
         key = f"{sha256_file(Path(weights))[:16]}-{imgsz}"
         onnx_path = self.cfg.scoring_models_dir / f"{key}.onnx"
         if not onnx_path.is_file():
-            tmp = onnx_path.with_name(f".{onnx_path.name}.{os.getpid()}.tmp")
-            tmp.parent.mkdir(parents=True, exist_ok=True)
             # Ultralytics exports beside the weights: work on a private copy of them.
-            tmp.with_suffix(".pt").write_bytes(Path(weights).read_bytes())
+            private = onnx_path.with_name(f".{key}.{os.getpid()}.pt")
+            private.parent.mkdir(parents=True, exist_ok=True)
+            private.write_bytes(Path(weights).read_bytes())
             try:
-                model.export_onnx(tmp.with_suffix(".pt"), imgsz, ycd, onnx_path, threads=threads)
+                model.export_onnx(private, imgsz, ycd, onnx_path, threads=threads)
             finally:
-                tmp.with_suffix(".pt").unlink(missing_ok=True)
+                private.unlink(missing_ok=True)
         if backend == "onnx":
             return onnx_path
         int8_path = onnx_path.with_suffix(".int8.onnx")

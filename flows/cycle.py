@@ -83,8 +83,8 @@ def run_cycle(ctx: Context, pull: bool = True, force_train: bool = False) -> Cyc
         )
     else:
         log.info("labels unchanged since the last training run: skipping training")
-    champ, ranked = _step("score", lambda: run_score(ctx))
-    summary = _step("push", lambda: push_task(ctx, ranked, model_version_name(ctx, champ)))
+    models, ranked = _step("score", lambda: run_score(ctx))
+    summary = _step("push", lambda: push_task(ctx, ranked, model_version_name(ctx, models)))
     log.info(
         "pushed: %d created, %d refreshed, %d skipped, %d failed",
         summary.created,

@@ -1,10 +1,14 @@
-"""`score` flow: rank the unlabeled pool with the champion model.
+"""`score` flow: rank the unlabeled pool with the champion model (the steps of `loop.scoring`).
 
-The candidates are cut into batches of ``scoring.batch_size`` images; one ``score-batch`` task
-predicts and scores each batch. Without ``scoring.dask_address`` the batches run one after the
-other in this process; with it they run on that Dask cluster through prefect-dask's
-`DaskTaskRunner`. Either way the batch results are merged in candidate order and ranked once
-(`Project.merge_ranked`), so both paths give the same ranking.
+``scoring-models`` names the champion, its committee and its validation metrics (MLflow);
+``prepare-scoring-model`` makes its ONNX form once when ``scoring.backend`` asks for it. The
+candidates are cut into batches of ``scoring.batch_size`` images; one ``score-batch`` task
+computes the model outputs and scores of each batch (`loop.scoring.score_batch`). Without
+``scoring.dask_address`` the batches run one after the other in this process; with it they run
+on that Dask cluster through prefect-dask's `DaskTaskRunner`. Either way the results are merged
+in candidate order and the strategy's selector runs once (`loop.scoring.rank_candidates`), with
+the labeled images' embeddings (``labeled-set``) when it reads them, so both paths give the same
+ranking, for every strategy.
 """
 
 from __future__ import annotations
@@ -18,22 +22,28 @@ from prefect.cache_policies import NONE
 
 from flows.common import NETWORK_TASK, Context, open_context
 from loop.config import ProjectConfig
-from loop.detections import Detections
-from loop.errors import ConfigError, ModelError, ServiceError
+from loop.errors import ConfigError, ServiceError
 from loop.project import ScoredImage
 from loop.scheduling import batches
-from loop.tracking import Champion
+from loop.scoring import (
+    ImageScore,
+    ScoringModels,
+    ScoringPlan,
+    labeled_set,
+    merge_scores,
+    plan_scoring,
+    rank_candidates,
+)
+from loop.selection import LabeledSet
 
-BatchResult = list[tuple[str, float, Detections]]
+BatchResult = list[ImageScore]
 _LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 
 
-@task(name="load-champion", cache_policy=NONE, **NETWORK_TASK)
-def champion_task(ctx: Context) -> Champion:
-    champ = ctx.tracker.champion()
-    if champ is None:
-        raise ModelError("no champion model yet: run `defect-loop train` first")
-    return champ
+@task(name="scoring-models", cache_policy=NONE, **NETWORK_TASK)
+def scoring_models_task(ctx: Context) -> ScoringModels:
+    """The champion, its committee and its validation metrics, downloaded from MLflow."""
+    return ctx.tracker.scoring_models(ctx.cfg.select.committee_size)
 
 
 @task(name="prepare-scoring-model", cache_policy=NONE)
@@ -46,11 +56,20 @@ def scoring_model_task(ctx: Context, weights: Path) -> Path:
 
 
 @task(name="score-batch", cache_policy=NONE, task_run_name="score-batch-{index}")
-def score_batch_task(cfg: ProjectConfig, weights: Path, shas: list[str], index: int) -> BatchResult:
-    """Predict and score one batch of images (runs wherever the task runner puts it)."""
+def score_batch_task(
+    cfg: ProjectConfig, plan: ScoringPlan, shas: list[str], index: int
+) -> BatchResult:
+    """Model outputs and scores of one batch of images (runs wherever the task runner puts it)."""
     from loop.project import Project
+    from loop.scoring import score_batch
 
-    return Project(cfg).score_batch(weights, shas)
+    return score_batch(Project(cfg), plan, shas)
+
+
+@task(name="labeled-set", cache_policy=NONE)
+def labeled_set_task(ctx: Context, plan: ScoringPlan) -> LabeledSet:
+    """Embeddings and classes of the labeled images, for the diversity selectors."""
+    return labeled_set(ctx.project, plan)
 
 
 def require_prefect_server(dask_address: str) -> str:
@@ -102,7 +121,7 @@ def scoring_task_runner(cfg: ProjectConfig) -> Any:
     return DaskTaskRunner(address=address, client_kwargs={"timeout": "30s"})
 
 
-def score_batches(ctx: Context, weights: Path, shas: list[str]) -> list[BatchResult]:
+def score_batches(ctx: Context, plan: ScoringPlan, shas: list[str]) -> list[BatchResult]:
     """Run one ``score-batch`` task per batch of ``shas``; results in batch order."""
     groups = batches(shas, ctx.cfg.scoring.batch_size)
     if not groups:
@@ -121,7 +140,7 @@ def score_batches(ctx: Context, weights: Path, shas: list[str]) -> list[BatchRes
             score_batch_task,
             {
                 "cfg": unmapped(ctx.cfg),
-                "weights": unmapped(Path(weights)),
+                "plan": unmapped(plan),
                 "shas": groups,
                 "index": list(range(len(groups))),
             },
@@ -131,21 +150,26 @@ def score_batches(ctx: Context, weights: Path, shas: list[str]) -> list[BatchRes
         runner.__exit__(None, None, None)
 
 
-def run_score(ctx: Context) -> tuple[Champion, list[ScoredImage]]:
-    champ = champion_task(ctx)
-    scoring_model_task(ctx, champ.weights)
+def run_score(ctx: Context) -> tuple[ScoringModels, list[ScoredImage]]:
+    models = scoring_models_task(ctx)
+    scoring_model_task(ctx, models.weights)
+    plan = plan_scoring(ctx.project, models)
     shas = ctx.project.candidates()
-    parts = score_batches(ctx, champ.weights, shas)
-    ranked = ctx.project.merge_ranked(shas, parts)
+    parts = score_batches(ctx, plan, shas)
+    labeled = labeled_set_task(ctx, plan) if "embeddings" in plan.needs else None
+    ranked = rank_candidates(ctx.project, plan, merge_scores(shas, parts), labeled)
     get_run_logger().info(
-        "scored %d candidate images in %d batches (%s) with %s/%s",
+        "scored %d candidate images in %d batches (%s) with %s (scorer %s, selector %s, "
+        "reduction %s)",
         len(ranked),
         len(parts),
         f"Dask at {ctx.cfg.scoring.dask_address}" if ctx.cfg.scoring.dask_address else "local",
         ctx.cfg.select.strategy,
+        plan.strategy.scorer,
+        plan.strategy.selector,
         ctx.cfg.select.reduction,
     )
-    return champ, ranked
+    return models, ranked
 
 
 @flow(name="score", log_prints=True)

@@ -10,11 +10,12 @@ from flows.score import run_score
 from loop.labelstudio import PushSummary
 from loop.project import PullOutcome, ScoredImage
 from loop.report import write_next_batch
-from loop.tracking import Champion
+from loop.scoring import ScoringModels
 
 
-def model_version_name(ctx: Context, champion: Champion) -> str:
-    return f"{ctx.cfg.mlflow.registered_model}-v{champion.version}"
+def model_version_name(ctx: Context, models: ScoringModels) -> str:
+    """The name Label Studio shows for the predictions of ``models`` (e.g. ``detector-v3``)."""
+    return f"{ctx.cfg.mlflow.registered_model}-{models.name}"
 
 
 @task(name="push-tasks", cache_policy=NONE, **NETWORK_TASK)
@@ -32,8 +33,8 @@ def pull_task(ctx: Context) -> PullOutcome:
 
 
 def run_push(ctx: Context) -> PushSummary:
-    champ, ranked = run_score(ctx)
-    summary = push_task(ctx, ranked, model_version_name(ctx, champ))
+    models, ranked = run_score(ctx)
+    summary = push_task(ctx, ranked, model_version_name(ctx, models))
     get_run_logger().info(
         "pushed: %d created, %d refreshed, %d skipped, %d failed",
         summary.created,

@@ -34,11 +34,30 @@ def init(
     classes: Annotated[str, typer.Option(help="comma-separated class names, in id order")],
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     name: Annotated[str, typer.Option(help="project name")] = "defect-loop",
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="local .pt checkpoint every training starts from, e.g. Ultralytics' "
+            "COCO-pretrained yolov8n.pt (its sha256 is pinned in the YAML); nothing is downloaded"
+        ),
+    ] = None,
 ) -> None:
     """Write a starter project YAML."""
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    _run(lambda: write_default_config(config, names, name))
+    train = _run(lambda: write_default_config(config, names, name, weights))
     console.print(f"wrote {config}; classes: {names}")
+    if weights is None:
+        console.print(
+            "[yellow]no --weights given:[/] models will train from yolov8n.yaml with random "
+            "weights, which needs far more labels and epochs to detect anything. Pass "
+            "--weights /path/to/yolov8n.pt (a local copy of Ultralytics' COCO checkpoint) or set "
+            "train.weights in the YAML."
+        )
+    else:
+        console.print(
+            f"training starts from {weights} (sha256 {train.weights_sha256}), "
+            f"{train.epochs} epochs a round"
+        )
 
 
 @app.command()
@@ -327,13 +346,26 @@ def demo(
     images: Annotated[int, typer.Option(help="synthetic images to generate")] = 300,
     seed_labels: Annotated[int, typer.Option(help="images labeled before the first cycle")] = 120,
     port: Annotated[int, typer.Option(help="Label Studio port")] = 8080,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="checkpoint to start from (default: ../shared/models/yolov8n.pt beside the "
+            "repository, when present)"
+        ),
+    ] = None,
 ) -> None:
     """Generate a synthetic defect dataset, start Label Studio and run the loop on it."""
     from loop.demo import run_demo
 
     _run(
         lambda: run_demo(
-            directory, auto=auto, n_images=images, n_seed=seed_labels, port=port, console=console
+            directory,
+            auto=auto,
+            n_images=images,
+            n_seed=seed_labels,
+            port=port,
+            console=console,
+            weights=weights,
         )
     )
 

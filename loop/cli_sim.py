@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from pydantic import ValidationError
 
 from loop.cli_common import ConfigOpt, console
 from loop.cli_common import run as _run
@@ -113,16 +114,25 @@ def simulate(
     step: Annotated[int, typer.Option(help="images labeled per round")] = 100,
     rounds: Annotated[int, typer.Option(help="select -> label -> train rounds")] = 5,
     seeds: Annotated[str, typer.Option(help="comma-separated seeds")] = "0,1,2",
-    warm_start: Annotated[
-        bool | None,
+    weights: Annotated[
+        Path | None,
+        typer.Option(help="local .pt checkpoint every training starts from (e.g. yolov8n.pt)"),
+    ] = None,
+    init: Annotated[
+        str | None,
         typer.Option(
-            "--warm-start/--scratch",
-            help="fine-tune from the previous round, or train from scratch every round",
+            help="'pretrained': every round starts from --weights (or --model); "
+            "'champion': fine-tune the previous round"
         ),
     ] = None,
     imgsz: Annotated[int | None, typer.Option(help="training/inference size (px)")] = None,
-    epochs: Annotated[int | None, typer.Option(help="epochs from scratch")] = None,
-    finetune_epochs: Annotated[int | None, typer.Option(help="epochs of a warm start")] = None,
+    epochs: Annotated[int | None, typer.Option(help="epochs of a training")] = None,
+    finetune_epochs: Annotated[
+        int | None, typer.Option(help="epochs of a fine-tune (--init champion)")
+    ] = None,
+    min_iterations: Annotated[
+        int | None, typer.Option(help="optimizer steps a small label set trains at least")
+    ] = None,
     model: Annotated[str | None, typer.Option(help="architecture YAML, e.g. yolov8n.yaml")] = None,
     batch: Annotated[int | None, typer.Option(help="training batch size")] = None,
     threads: Annotated[int | None, typer.Option(help="CPU threads")] = None,
@@ -151,19 +161,31 @@ def simulate(
             cfg = load_config(config)
             train, select, split = cfg.train, cfg.select, cfg.split
         else:
-            train = TrainConfig(imgsz=192, epochs=30, finetune_epochs=10)
+            train = TrainConfig(imgsz=224, epochs=15, min_iterations=300)
             select, split = SelectConfig(), SplitConfig()
         overrides = {
-            "warm_start": warm_start,
+            "weights": None if weights is None else weights.expanduser().resolve(),
+            "init": init,
             "imgsz": imgsz,
             "epochs": epochs,
             "finetune_epochs": finetune_epochs,
+            "min_iterations": min_iterations,
             "model": model,
             "batch": batch,
             "threads": threads,
         }
-        train = TrainConfig(
-            **{**train.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+        try:
+            train = TrainConfig(
+                **{**train.model_dump(), **{k: v for k, v in overrides.items() if v is not None}}
+            )
+        except ValidationError as exc:
+            raise ConfigError(f"invalid training options:\n{exc}") from None
+        start = train.start_checkpoint()
+        console.print(
+            f"every training starts from {start.path}"
+            if start is not None
+            else f"[yellow]no --weights:[/] every training starts from {train.model} "
+            "(random weights)"
         )
         try:
             seed_list = tuple(int(s) for s in _csv(seeds, "seeds"))

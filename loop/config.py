@@ -8,6 +8,9 @@ Nothing here runs at import time; call `load_config`.
 
 from __future__ import annotations
 
+import math
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
@@ -24,6 +27,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from loop.errors import ConfigError
+from loop.uncertainty import Reduction
 
 DEFAULT_CONFIG_NAME = "defect-loop.yaml"
 
@@ -64,18 +68,142 @@ class MlflowConfig(_Section):
     registered_model: str = "defect-loop-detector"
 
 
+# The public Ultralytics releases a user is most likely to name (file name -> sha256), so that a
+# missing file gets an error that says what to put there. Never used to download anything.
+KNOWN_CHECKPOINTS = {
+    "yolov8n.pt": "31e20dde3def09e2cf938c7be6fe23d9150bbbe503982af13345706515f2ef95",
+}
+
+
+@dataclass(frozen=True)
+class StartCheckpoint:
+    """The verified checkpoint training starts from: its absolute path and sha256 (hex)."""
+
+    path: Path
+    sha256: str
+
+
 class TrainConfig(_Section):
+    """How models are trained.
+
+    ``weights``: a local ``.pt`` checkpoint every training starts from (e.g. Ultralytics'
+    COCO-pretrained ``yolov8n.pt``; relative paths are relative to the YAML file). Its sha256 is
+    checked against ``weights_sha256`` when that is set (`defect-loop init --weights` sets it).
+    Without ``weights``, models train from ``model``, an architecture YAML shipped with
+    Ultralytics (random initialisation: much slower to learn). Nothing is ever downloaded.
+
+    ``init``: where each round's training starts. ``pretrained``: from ``weights`` (or ``model``)
+    every round, ``epochs`` epochs; ``champion``: fine-tune the current champion for
+    ``finetune_epochs`` (default ``epochs``), falling back to ``pretrained`` before the first.
+
+    ``min_iterations``: a floor on optimizer steps for small label sets: a round trains
+    ``max(epochs, ceil(min_iterations * batch / train images))`` epochs (0: exactly ``epochs``).
+    Pretrained detectors fine-tuned on 100 images are still far from converged after 15 epochs
+    (6 steps each); larger sets reach the floor within ``epochs``.
+    ``freeze``: freeze the first N layers (Ultralytics ``freeze``; 10 = yolov8's backbone).
+    ``cache``: keep decoded training images in RAM. ``val_every_epoch``: validate after every
+    epoch and keep the best epoch's weights (True), or only after the last (False: faster on small
+    sets; the last epoch's weights are kept).
+    """
+
     model: str = "yolov8n.yaml"
+    weights: Path | None = None
+    weights_sha256: str | None = None
+    init: Literal["pretrained", "champion"] = "pretrained"
     imgsz: int = Field(256, ge=32)
     epochs: int = Field(30, ge=1)
+    finetune_epochs: int | None = Field(None, ge=1)
     batch: int = Field(16, ge=1)
     seed: int = 0
     threads: int = Field(2, ge=1)
-    warm_start: bool = True
-    # Epochs when fine-tuning from the champion (None: same as ``epochs``); fine-tuning
-    # converges much faster than training from scratch.
-    finetune_epochs: int | None = Field(None, ge=1)
     patience: int = Field(100, ge=0)
+    min_iterations: int = Field(0, ge=0)
+    freeze: int = Field(0, ge=0)
+    cache: bool = False
+    val_every_epoch: bool = True
+
+    @model_validator(mode="before")
+    @classmethod
+    def _warm_start_is_init(cls, data: Any) -> Any:
+        # `warm_start: true|false` (before `init` existed) still reads as the same policy.
+        if isinstance(data, dict) and "warm_start" in data:
+            data = dict(data)
+            warm = data.pop("warm_start")
+            if "init" in data:
+                raise ValueError("give train.init, not both train.init and train.warm_start")
+            data["init"] = "champion" if warm else "pretrained"
+        return data
+
+    @field_validator("model")
+    @classmethod
+    def _model_is_yaml(cls, v: str) -> str:
+        if not v.endswith((".yaml", ".yml")):
+            raise ValueError(
+                f"train.model={v!r} must name an architecture YAML such as 'yolov8n.yaml'; to "
+                f"start from a checkpoint, set train.weights to the local path of {v!r}"
+            )
+        return v
+
+    @field_validator("weights")
+    @classmethod
+    def _weights_is_pt(cls, v: Path | None) -> Path | None:
+        if v is not None and v.suffix != ".pt":
+            raise ValueError(f"train.weights={str(v)!r} must be a PyTorch .pt checkpoint")
+        return v
+
+    @field_validator("weights_sha256")
+    @classmethod
+    def _sha_is_hex(cls, v: str | None) -> str | None:
+        if v is None:
+            return None
+        v = v.strip().lower()
+        if len(v) != 64 or any(ch not in "0123456789abcdef" for ch in v):
+            raise ValueError(f"train.weights_sha256 must be 64 hex digits, got {v!r}")
+        return v
+
+    def start_checkpoint(self) -> StartCheckpoint | None:
+        """The verified ``weights`` file, or None when training starts from ``model``.
+
+        Raises `ConfigError` when the file is missing (saying where to put it: nothing is
+        downloaded) or when its sha256 differs from ``weights_sha256``.
+        """
+        if self.weights is None:
+            return None
+        from loop.images import sha256_file
+
+        path = Path(self.weights).expanduser()
+        if not path.is_file():
+            known = KNOWN_CHECKPOINTS.get(path.name)
+            hint = f" (Ultralytics' release {path.name} has sha256 {known})" if known else ""
+            raise ConfigError(
+                f"train.weights: no checkpoint at {path.resolve()}. defect-loop never downloads "
+                f"weights: put the file there{hint}, point train.weights at it, or remove "
+                f"train.weights to train {self.model} from random weights"
+            )
+        digest = sha256_file(path)
+        if self.weights_sha256 is not None and digest != self.weights_sha256:
+            raise ConfigError(
+                f"train.weights {path.resolve()} has sha256 {digest}, but the config pins "
+                f"train.weights_sha256 {self.weights_sha256}: the file changed or is not the one "
+                "you named; restore it, or set train.weights_sha256 to the new hash if the change "
+                "is intended"
+            )
+        return StartCheckpoint(path.resolve(), digest)
+
+    def epochs_for(self, n_train: int, champion: bool = False) -> int:
+        """Epochs of one training on ``n_train`` images: ``finetune_epochs`` (when fine-tuning
+        the ``champion`` and set) or ``epochs``, raised to reach ``min_iterations`` steps."""
+        base = self.finetune_epochs if champion and self.finetune_epochs else self.epochs
+        if self.min_iterations <= 0 or n_train <= 0:
+            return base
+        steps_per_epoch = math.ceil(n_train / self.batch)
+        return max(base, math.ceil(self.min_iterations / steps_per_epoch))
+
+    def describe_start(self) -> str:
+        """What a ``pretrained`` round starts from, for logs: the checkpoint or the YAML."""
+        if self.weights is None:
+            return f"{self.model} (random weights)"
+        return str(self.weights)
 
 
 class SplitConfig(_Section):
@@ -86,8 +214,15 @@ class SplitConfig(_Section):
 
 
 class SelectConfig(_Section):
+    """How images are chosen for labeling (see `loop.selection` for the strategies).
+
+    ``strategy``: a scorer (``entropy``, ``calibrated_entropy``, ``margin``, ...) ranked by its
+    score, or a selector (``diversity``, ``hybrid``, ``class_quota``, ``class_diversity``) that
+    ranks by ``base_strategy``. Unknown names are refused when the config is loaded.
+    """
+
     strategy: str = "entropy"
-    reduction: Literal["max", "mean", "sum", "topk_mean"] = "max"
+    reduction: Reduction = "max"
     batch_size: int = Field(20, ge=1, description="images pushed to Label Studio per cycle")
     candidate_conf: float = Field(0.01, gt=0, lt=1, description="lowest score kept for scoring")
     min_candidates: int = Field(
@@ -101,7 +236,9 @@ class SelectConfig(_Section):
     empty_score: float = Field(
         0.0, description="score of an image with no candidate box at all (explicit, never NaN)"
     )
-    hybrid_base: str = Field("entropy", description="uncertainty strategy hybrid pre-filters by")
+    base_strategy: str = Field(
+        "entropy", description="the scorer that hybrid, class_quota and class_diversity rank by"
+    )
     hybrid_top_m: int | None = Field(
         None, ge=1, description="hybrid shortlist size M (None: hybrid_factor x batch_size)"
     )
@@ -113,6 +250,50 @@ class SelectConfig(_Section):
     committee_size: int = Field(
         3, ge=2, description="checkpoints in a committee (the newest ones, current included)"
     )
+    difficulty_prior: float = Field(
+        10.0,
+        ge=0,
+        description="validation boxes of pseudo-evidence that pull a class's AP to the mean "
+        "(class difficulty of calibrated_entropy, class_quota, class_diversity)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _hybrid_base_is_base_strategy(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "hybrid_base" in data:
+            data = dict(data)
+            if "base_strategy" in data:
+                raise ValueError("give select.base_strategy, not also select.hybrid_base")
+            data["base_strategy"] = data.pop("hybrid_base")
+        return data
+
+    @model_validator(mode="after")
+    def _known_strategy(self) -> SelectConfig:
+        from loop.errors import StrategyError
+        from loop.selection import resolve_strategy
+
+        try:
+            resolve_strategy(self.strategy, self.base_strategy)
+        except StrategyError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    @field_validator("tta")
+    @classmethod
+    def _views(cls, v: list[str]) -> list[str]:
+        for aug in v:
+            ok = aug in ("hflip", "vflip")
+            if aug.startswith("scale:"):
+                try:
+                    ok = 0.25 <= float(aug.split(":", 1)[1]) <= 4.0
+                except ValueError:
+                    ok = False
+            if not ok:
+                raise ValueError(
+                    f"select.tta view {aug!r} is not 'hflip', 'vflip' or 'scale:<factor in "
+                    "[0.25, 4]>'"
+                )
+        return v
 
 
 class IngestConfig(_Section):
@@ -346,19 +527,47 @@ def load_config(path: Path | str, **overrides: Any) -> ProjectConfig:
         raise ConfigError(f"{path} is invalid:\n{exc}") from exc
     if not cfg.workspace.is_absolute():
         cfg.workspace = (path.parent / cfg.workspace).resolve()
+    weights = cfg.train.weights
+    if weights is not None and not weights.expanduser().is_absolute():
+        cfg.train.weights = (path.parent / weights).resolve()
+    # Named here, checked here: a missing or changed checkpoint stops every command at once.
+    cfg.train.start_checkpoint()
     return cfg
 
 
-def write_default_config(path: Path, classes: list[str], name: str = "defect-loop") -> None:
-    """Write a starter YAML for ``classes``; refuses to overwrite an existing file."""
+def write_default_config(
+    path: Path, classes: list[str], name: str = "defect-loop", weights: Path | None = None
+) -> TrainConfig:
+    """Write a starter YAML for ``classes``; refuses to overwrite an existing file.
+
+    ``weights``: a local checkpoint to start every training from; it must exist, and its sha256
+    is pinned in the YAML (``train.weights_sha256``). Without it training starts from the
+    ``yolov8n.yaml`` architecture (random weights). Returns the written ``train`` section.
+    """
     if path.exists():
         raise ConfigError(f"{path} already exists; edit it or choose another path")
+    train: dict[str, Any] = {"model": "yolov8n.yaml", "imgsz": 256, "epochs": 30}
+    if weights is not None:
+        start = TrainConfig(weights=Path(weights).expanduser().resolve()).start_checkpoint()
+        if start is None:  # pragma: no cover - weights was given
+            raise ConfigError("no checkpoint given")
+        folder = Path(path).expanduser().resolve().parent
+        train.update(
+            {
+                "weights": os.path.relpath(start.path, folder),
+                "weights_sha256": start.sha256,
+                "init": "pretrained",
+                "epochs": 20,
+                "min_iterations": 300,
+            }
+        )
     doc = {
         "name": name,
         "classes": classes,
         "workspace": ".defect-loop",
         "labelstudio": {"url": "http://127.0.0.1:8080"},
-        "train": {"model": "yolov8n.yaml", "imgsz": 256, "epochs": 30},
+        "train": train,
         "select": {"strategy": "entropy", "reduction": "max", "batch_size": 20},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return TrainConfig(**{k: v for k, v in train.items() if k != "weights"})

@@ -9,14 +9,47 @@ from typing import Any
 
 import yaml
 
-from loop.config import load_config
+from loop.config import TrainConfig, load_config
 from loop.project import Project
 from loop.synth import SYNTH_CLASSES, write_dataset
 
 DEMO_SEED = 7
+# The demo (and only the demo) looks for the COCO checkpoint where this workplace keeps it:
+# ../shared/models beside the repository. Users name their own checkpoint in train.weights.
+SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "yolov8n.pt"
 
 
-def write_demo_config(path: Path, port: int) -> None:
+def demo_weights(given: Path | None) -> Path | None:
+    """``given`` (which must exist), else the shared COCO checkpoint when present, else None."""
+    if given is not None:
+        return Path(given).expanduser().resolve()
+    return SHARED_WEIGHTS if SHARED_WEIGHTS.is_file() else None
+
+
+def write_demo_config(path: Path, port: int, weights: Path | None = None) -> None:
+    """The demo project's YAML. With ``weights`` every round fine-tunes that checkpoint (its
+    sha256 pinned) for 20 epochs; without, yolov8n.yaml trains from random weights (40 epochs,
+    then 15-epoch fine-tunes of the champion)."""
+    start = None if weights is None else TrainConfig(weights=weights).start_checkpoint()
+    if start is not None:
+        train: dict[str, Any] = {
+            "model": "yolov8n.yaml",
+            "weights": str(start.path),
+            "weights_sha256": start.sha256,
+            "init": "pretrained",
+            "imgsz": 160,
+            "epochs": 20,
+            "batch": 8,
+        }
+    else:
+        train = {
+            "model": "yolov8n.yaml",
+            "init": "champion",
+            "imgsz": 160,
+            "epochs": 40,
+            "finetune_epochs": 15,
+            "batch": 8,
+        }
     doc = {
         "name": "demo",
         "classes": list(SYNTH_CLASSES),
@@ -28,20 +61,21 @@ def write_demo_config(path: Path, port: int) -> None:
             "marks a defect-free image."
         ),
         "labelstudio": {"url": f"http://127.0.0.1:{port}"},
-        "train": {
-            "model": "yolov8n.yaml",
-            "imgsz": 160,
-            "epochs": 40,
-            "finetune_epochs": 15,
-            "batch": 8,
-        },
+        "train": train,
         "select": {"strategy": "entropy", "reduction": "max", "batch_size": 24},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
 
 
 def run_demo(
-    directory: Path, *, auto: bool, n_images: int, n_seed: int, port: int, console: Any
+    directory: Path,
+    *,
+    auto: bool,
+    n_images: int,
+    n_seed: int,
+    port: int,
+    console: Any,
+    weights: Path | None = None,
 ) -> None:
     """Everything `make demo` does. Re-running reuses what exists (data, labels, server)."""
     from loop.cli import _prefect_env, _print_cycle, _service
@@ -56,7 +90,16 @@ def run_demo(
         write_dataset(synth, n_images, seed=DEMO_SEED, size=160)
     cfg_path = directory / "defect-loop.yaml"
     if not cfg_path.exists():
-        write_demo_config(cfg_path, port)
+        start = demo_weights(weights)
+        if start is None:
+            console.print(
+                f"[yellow]no checkpoint at {SHARED_WEIGHTS}[/] (and no --weights): the demo "
+                "trains yolov8n.yaml from random weights, which shows mAP 0 for its first "
+                "~10 epochs. Pass --weights /path/to/yolov8n.pt to start from COCO."
+            )
+        else:
+            console.print(f"models start from the COCO-pretrained checkpoint {start}")
+        write_demo_config(cfg_path, port, start)
     cfg = load_config(cfg_path)
     svc, creds = _service(cfg)
     console.print("starting Label Studio (the first start installs it and migrates: ~1-2 min)")

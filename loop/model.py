@@ -365,22 +365,16 @@ def train(
     ``on_epoch(epoch, epochs, metrics)`` is called after each epoch's validation (1-based epoch).
 
     From scratch from ``cfg.model`` (a ``.yaml`` shipped with Ultralytics, e.g. ``yolov8n.yaml``)
-    when ``init_weights`` is None, else fine-tuned from that ``.pt`` (all weights transferred, a
-    fresh optimizer and warm-up). CPU, no AMP, no plots, deterministic with ``cfg.seed``,
-    validated on the ``val`` split every epoch. An existing run folder of the same name is reused
-    (its results.csv is replaced). Raises `ModelError` for missing inputs or a failed run.
+    when ``init_weights`` is None, else fine-tuned from that ``.pt`` (a pretrained checkpoint or
+    an earlier model: every weight whose shape matches is transferred, so a COCO detector's
+    backbone and neck carry over to other classes; a fresh optimizer and warm-up). The caller
+    chooses ``init_weights`` (see `loop.project.Project.fit`); ``cfg.weights`` is not read here.
+    CPU, no AMP, no plots, deterministic with ``cfg.seed``; ``cfg.freeze``, ``cfg.cache`` and
+    ``cfg.val_every_epoch`` as in `TrainConfig`. An existing run folder of the same name is
+    reused (its results.csv is replaced). Raises `ModelError` for missing inputs or a failed run.
     """
     data_path, data = _read_data_yaml(data_yaml)
-    if init_weights is not None:
-        source = str(_require_weights(init_weights))
-    else:
-        if not cfg.model.endswith((".yaml", ".yml")):
-            raise ModelError(
-                f"train.model={cfg.model!r} must name an architecture YAML such as "
-                "'yolov8n.yaml' (a bare '.pt' name would be downloaded); pass init_weights "
-                "to fine-tune from a checkpoint"
-            )
-        source = cfg.model
+    source = cfg.model if init_weights is None else str(_require_weights(init_weights))
     project = Path(out_dir).expanduser().resolve()  # relative projects break under pytest
     project.mkdir(parents=True, exist_ok=True)
     _setup(yolo_config_dir, cfg.threads)
@@ -392,8 +386,11 @@ def train(
         if on_epoch is not None:
 
             def _report(trainer: Any) -> None:
+                epoch, epochs = int(trainer.epoch) + 1, int(trainer.epochs)
+                if epoch > epochs:
+                    return  # the final validation of best.pt reports itself as epoch n + 1
                 metrics = {k: float(v) for k, v in (trainer.metrics or {}).items()}
-                on_epoch(int(trainer.epoch) + 1, int(trainer.epochs), metrics)
+                on_epoch(epoch, epochs, metrics)
 
             model.add_callback("on_fit_epoch_end", _report)
         model.train(
@@ -409,7 +406,10 @@ def train(
             amp=False,
             workers=0,
             plots=False,
-            val=True,
+            # Ultralytics validates the last epoch even with val=False (best.pt is then the last).
+            val=cfg.val_every_epoch,
+            freeze=cfg.freeze or None,
+            cache="ram" if cfg.cache else False,
             project=str(project),
             name=name,
             exist_ok=True,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -24,8 +24,6 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
-from loop.selection import rank
-from loop.uncertainty import score_images
 
 Progress = Callable[[int, int], None]
 
@@ -61,11 +59,18 @@ class TrainOutcome:
 
 @dataclass(frozen=True)
 class FitResult:
+    """One training: the version it saw, Ultralytics' result, the test metrics, and where it
+    started: ``init`` (``"champion"``, ``"pretrained"`` or ``"scratch"``), ``init_version`` (the
+    champion's model version for ``"champion"``) and ``init_sha256`` (the starting ``.pt``; None
+    from scratch)."""
+
     version: DatasetVersion
     result: Any  # loop.model.TrainResult
     test: Any  # loop.model.EvalResult | None
     init_version: str | None
     round_index: int
+    init: str = "scratch"
+    init_sha256: str | None = None
 
 
 @dataclass(frozen=True)
@@ -181,9 +186,16 @@ class Project:
         return export_yolo(version, self.cfg.images_dir, self.cfg.exports_dir / version.digest)
 
     def fit(self, tracker: Any, progress: Callable[[str], None] | None = None) -> FitResult:
-        """Export the current version, train (warm start from the champion when configured) and
-        evaluate on the frozen test split. Writes only under the workspace's runs folder."""
+        """Export the current version, train and evaluate on the frozen test split. Writes only
+        under the workspace's runs folder.
+
+        Where training starts follows ``train.init``: ``champion`` fine-tunes ``tracker``'s
+        champion for ``train.finetune_epochs``; ``pretrained`` (and ``champion`` before the first
+        champion) starts from ``train.weights`` (verified, see `TrainConfig.start_checkpoint`) or,
+        without one, from the ``train.model`` YAML, for ``train.epochs``.
+        """
         from loop import model
+        from loop.images import sha256_file
 
         version = self.current_version()
         if version is None:
@@ -191,27 +203,47 @@ class Project:
                 "no labeled dataset version yet: `defect-loop ingest DIR --labels LABELS` "
                 "or label tasks in Label Studio and run `defect-loop pull`"
             )
+        train_cfg = self.cfg.train
+        champion = tracker.champion() if train_cfg.init == "champion" else None
+        start = train_cfg.start_checkpoint()  # checked every round: the file may have changed
+        epochs = train_cfg.epochs_for(version.split_counts()["train"], champion is not None)
+        train_cfg = train_cfg.model_copy(update={"epochs": epochs})
+        if champion is not None:
+            init_path: Path | None = Path(champion.weights)
+            init, init_sha = "champion", sha256_file(Path(champion.weights))
+        elif start is not None:
+            init_path, init, init_sha = start.path, "pretrained", start.sha256
+        else:
+            init_path, init, init_sha = None, "scratch", None
         data_yaml = self.export(version)
-        champion = tracker.champion() if self.cfg.train.warm_start else None
-        init = champion.weights if champion is not None else None
         round_index = self.state.round + 1
         if progress:
-            progress(f"training round {round_index} on {version.short} ({len(version)} images)")
-        train_cfg = self.cfg.train
-        if init is not None and train_cfg.finetune_epochs is not None:
-            train_cfg = train_cfg.model_copy(update={"epochs": train_cfg.finetune_epochs})
+            source = (
+                f"champion v{champion.version}"
+                if champion is not None
+                else self.cfg.train.describe_start()
+            )
+            progress(
+                f"training round {round_index} on {version.short} ({len(version)} images) "
+                f"from {source}, {train_cfg.epochs} epochs"
+            )
+
+        def on_epoch(e: int, n: int, m: dict[str, float]) -> None:
+            if progress is None:
+                return
+            if train_cfg.val_every_epoch or e == n:
+                progress(f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}")
+            else:
+                progress(f"epoch {e}/{n}")
+
         result = model.train(
             data_yaml,
             self.cfg.runs_dir,
             train_cfg,
             self.cfg.yolo_config_dir,
-            init_weights=init,
+            init_weights=init_path,
             name=f"round{round_index}-{version.short}",
-            on_epoch=None
-            if progress is None
-            else lambda e, n, m: progress(
-                f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}"
-            ),
+            on_epoch=None if progress is None else on_epoch,
         )
         test = None
         if version.split_counts()["test"]:
@@ -223,13 +255,25 @@ class Project:
                 self.cfg.yolo_config_dir,
                 list(self.cfg.classes),
             )
-        return FitResult(version, result, test, champion.version if champion else None, round_index)
+        return FitResult(
+            version,
+            result,
+            test,
+            champion.version if champion else None,
+            round_index,
+            init=init,
+            init_sha256=init_sha,
+        )
 
     def record(self, tracker: Any, fit: FitResult) -> TrainOutcome:
         """Log a fit to MLflow, register its weights as ``candidate`` and run the promotion gate."""
+        start = self.cfg.train.start_checkpoint()
         params = {
             **{f"train.{k}": v for k, v in self.cfg.train.model_dump().items()},
-            "init_weights": "champion" if fit.init_version else "scratch",
+            # The checkpoint every "pretrained" round starts from, as verified at this run.
+            "start_weights_sha256": "" if start is None else start.sha256,
+            "init_weights": fit.init,
+            "init_weights_sha256": fit.init_sha256 or "",
             "champion_version": fit.init_version or "",
             "classes": ",".join(self.cfg.classes),
         }
@@ -349,72 +393,6 @@ class Project:
             threads=self.cfg.train.threads,
             min_candidates=self.cfg.select.min_candidates,
         )
-
-    def score(
-        self,
-        shas: list[str],
-        detections: Iterable[Detections],
-        progress: Callable[[int], None] | None = None,
-    ) -> list[ScoredImage]:
-        """Score every image with the configured strategy and rank them, most valuable first.
-        Streams: one image's candidate boxes at a time; keeps only the boxes labelers will see."""
-        sel = self.cfg.select
-        rng = np.random.default_rng([sel.seed, self.state.round])
-        scores = np.empty(len(shas))
-        shown: dict[str, Detections] = {}
-        for i, (sha, det) in enumerate(zip(shas, detections, strict=True)):
-            scores[i] = score_images(sel.strategy, [det], reduction=sel.reduction, rng=rng)[0]
-            shown[sha] = det.with_min_confidence(sel.preannotation_conf)
-            if progress:
-                progress(i + 1)
-        ranked = rank(shas, scores, rng)
-        return [ScoredImage(s, v, shown[s]) for s, v in ranked]
-
-    def score_batch(self, weights: Path, shas: list[str]) -> list[tuple[str, float, Detections]]:
-        """Predict and score one batch: ``(sha256, score, boxes shown to labelers)`` per image,
-        in input order. A mapped scoring task runs this on any worker.
-
-        A score depends only on the image, the model and the config, never on the batch it came
-        in: strategies that draw random numbers get a generator seeded by ``(select.seed,
-        round, image sha256)``. Rank the merged batches with `merge_ranked`.
-        """
-        sel = self.cfg.select
-        out: list[tuple[str, float, Detections]] = []
-        for sha, det in zip(shas, self.predict(weights, shas), strict=True):
-            rng = np.random.default_rng([sel.seed, self.state.round, int(sha[:15], 16)])
-            value = float(
-                score_images(
-                    sel.strategy,
-                    [det],
-                    reduction=sel.reduction,
-                    rng=rng,
-                    empty_score=sel.empty_score,
-                    k=sel.topk,
-                )[0]
-            )
-            out.append((sha, value, det.with_min_confidence(sel.preannotation_conf)))
-        return out
-
-    def merge_ranked(
-        self, shas: list[str], parts: Iterable[list[tuple[str, float, Detections]]]
-    ) -> list[ScoredImage]:
-        """Rank the `score_batch` results of every batch of ``shas``, most valuable first.
-
-        The rows are first put back in ``shas`` order, then ranked with ties broken by ONE
-        generator seeded by ``(select.seed, round)``, so the ranking is the same however the
-        batches were cut, run or returned. Raises `DatasetError` for a missing or doubled image.
-        """
-        from loop.errors import DefectLoopError
-        from loop.scheduling import merge_in_order
-
-        try:
-            rows = merge_in_order(shas, parts)
-        except DefectLoopError as exc:
-            raise DatasetError(str(exc)) from exc
-        rng = np.random.default_rng([self.cfg.select.seed, self.state.round])
-        ranked = rank(shas, [r[1] for r in rows], rng)
-        shown = {r[0]: r[2] for r in rows}
-        return [ScoredImage(s, v, shown[s]) for s, v in ranked]
 
     # ---------------------------------------------------------------- Label Studio
     def ls_token(self) -> str:

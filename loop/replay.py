@@ -37,7 +37,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -48,12 +48,21 @@ import numpy as np
 from loop.config import MlflowConfig, ProjectConfig, SelectConfig, SplitConfig, TrainConfig
 from loop.datasets import DatasetVersion, LabeledImage, Split, assign_split
 from loop.detections import Detections
-from loop.errors import ConfigError, DatasetError, StrategyError
+from loop.errors import ConfigError, DatasetError
 from loop.images import IMAGE_SUFFIXES, atomic_write_text
 from loop.project import FitResult, Project, ScoredImage
-from loop.selection import SelectParams, select_batch, strategy_needs
+from loop.savings import plot_curves, summarize
+from loop.scheduling import batches
+from loop.scoring import (
+    ScoringModels,
+    labeled_set,
+    merge_scores,
+    plan_scoring,
+    rank_candidates,
+    score_batch,
+)
+from loop.selection import strategy_needs
 from loop.simulate import OracleGateway, truth_from_yolo_dir
-from loop.uncertainty import ScoringInputs
 
 Log = Callable[[str], None]
 RESULT_KIND = "defect-loop-replay"
@@ -71,7 +80,8 @@ class ReplaySettings:
     simulated project uses (``train.warm_start``: fine-tune from the previous round, else from
     scratch each round; ``train.finetune_epochs`` applies to warm starts; ``train.seed`` and
     ``select.seed``/``strategy``/``batch_size`` are set per curve). ``max_images``: use a seeded
-    random subset of the dataset (smoke runs)."""
+    random subset of the dataset (smoke runs). ``ceiling``: also train once on every non-test
+    label with the same recipe (`replay_ceiling`)."""
 
     dataset: Path
     strategies: tuple[str, ...] = ("random", "entropy", "hybrid")
@@ -86,6 +96,7 @@ class ReplaySettings:
     log_mlflow: bool = False
     mlflow_uri: str | None = None
     keep_work: bool = False
+    ceiling: bool = False
 
     def check(self) -> None:
         """Raise `ConfigError`/`StrategyError` for settings that cannot run."""
@@ -94,7 +105,8 @@ class ReplaySettings:
         if len(set(self.strategies)) != len(self.strategies):
             raise ConfigError(f"strategies repeat: {list(self.strategies)}")
         for name in self.strategies:
-            strategy_needs(name)  # unknown names raise StrategyError with the valid ones
+            # Unknown names raise StrategyError with the valid ones.
+            strategy_needs(name, self.select.base_strategy)
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ConfigError(f"give one or more distinct seeds, got {list(self.seeds)}")
         if any(s < 0 for s in self.seeds):
@@ -265,8 +277,14 @@ def _eval_dict(ev: Any) -> dict[str, Any] | None:
 
 
 def _round0_key(version: DatasetVersion, train: TrainConfig) -> str:
+    start = train.start_checkpoint()
     text = json.dumps(
-        {"digest": version.digest, "train": train.model_dump(mode="json")}, sort_keys=True
+        {
+            "digest": version.digest,
+            "train": train.model_dump(mode="json"),
+            "start_sha256": None if start is None else start.sha256,
+        },
+        sort_keys=True,
     )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
@@ -326,93 +344,142 @@ def _labeled_stats(version: DatasetVersion) -> dict[str, Any]:
     }
 
 
-def _select(
-    project: Project,
-    strategy: str,
-    candidates: list[str],
-    checkpoints: list[Path],
-    step: int,
-) -> tuple[list[ScoredImage], dict[str, Any]]:
-    """The ``step`` candidates the strategy picks with the newest checkpoint, best first.
-
-    Model outputs come from the real loop's `Project.predict` (and `loop.model` for views and
-    embeddings); the choice from `loop.selection.select_batch`, which ranks with the same
-    `score_images` / `rank` as `Project.score` for single-model strategies.
-    """
-    from loop import model
-
-    cfg = project.cfg
-    sel = cfg.select
-    needs = strategy_needs(strategy)
-    weights = checkpoints[-1]
-    info: dict[str, Any] = {}
-    entries = [project.pool.get(s) for s in candidates]
-
-    def detections() -> list[Detections]:
-        if "predictions" in needs:
-            return list(project.predict(weights, candidates))
-        # Strategies that read no model output (random) still get one (empty) entry per image.
-        return [Detections.empty((e.width, e.height), len(cfg.classes)) for e in entries]
-
-    dets = detections()
-    paths = [project.pool.abs_path(s) for s in candidates]
-    threads, imgsz, ycd = cfg.train.threads, cfg.train.imgsz, cfg.yolo_config_dir
-    views: list[list[Detections]] | None = None
-    if "tta" in needs:
-        views = list(
-            model.predict_tta(
-                weights,
-                paths,
-                imgsz,
-                sel.candidate_conf,
-                ycd,
-                len(cfg.classes),
-                augmentations=sel.tta,
-                threads=threads,
-                min_candidates=sel.min_candidates,
-            )
-        )
-    if "committee" in needs:
-        members = list(reversed(checkpoints[-sel.committee_size : -1]))
-        if not members:
-            # Only one round trained so far: its last-epoch weights are the other member.
-            last = weights.parent / "last.pt"
-            if not last.is_file():
-                raise StrategyError("committee needs two checkpoints; none besides best.pt exists")
-            members = [last]
-            info["note"] = "committee of best.pt and last.pt of the only trained round"
-        info["committee_members"] = len(members) + 1
-        member_dets = [list(project.predict(m, candidates)) for m in members]
-        views = [[md[i] for md in member_dets] for i in range(len(candidates))]
-    embeddings = labeled_emb = None
-    if "embeddings" in needs:
-        embeddings = model.embed(weights, paths, imgsz, ycd, threads=threads)
-        version = project.current_version()
-        labeled = [] if version is None else [r for r in version.rows if r.split != "test"]
-        labeled_paths = [cfg.images_dir / r.path for r in labeled]
-        labeled_emb = model.embed(weights, labeled_paths, imgsz, ycd, threads=threads)
-    counts = None
-    if "class_counts" in needs:
-        version = project.current_version()
-        stats = _labeled_stats(version) if version is not None else {"labeled_boxes": {}}
-        counts = np.array([stats["labeled_boxes"].get(c, 0) for c in cfg.classes], float)
-    inputs = ScoringInputs(dets, views, embeddings, counts)
-    params = SelectParams(
-        reduction=sel.reduction,
-        empty_score=sel.empty_score,
-        topk=sel.topk,
-        hybrid_base=sel.hybrid_base,
-        top_m=sel.hybrid_top_m,
-        hybrid_factor=sel.hybrid_factor,
+def _scoring_models(fits: list[FitResult], committee_size: int) -> ScoringModels:
+    """The newest round's model as production's `Tracker.scoring_models` names the champion: its
+    weights, its validation metrics and a committee of the previous rounds' models, newest first
+    (after one round: its last-epoch weights)."""
+    newest = fits[-1]
+    weights = Path(newest.result.weights)
+    committee = [Path(f.result.weights) for f in reversed(fits[:-1])][: committee_size - 1]
+    last = weights.with_name("last.pt")
+    if not committee and last.is_file() and last.resolve() != weights.resolve():
+        committee = [last]
+    val = newest.result.val
+    return ScoringModels(
+        weights=weights,
+        committee=tuple(committee),
+        val_ap50=dict(val.per_class_ap50),
+        val_instances=dict(val.n_instances),
+        name=f"replay-round{newest.round_index - 1}",
     )
-    # Seeded like Project.score: by the selection seed and the round.
-    rng = np.random.default_rng([sel.seed, project.state.round])
-    picks = select_batch(strategy, candidates, inputs, step, rng, params, labeled_emb)
-    shown = dict(zip(candidates, dets, strict=True))
-    ranked = [
-        ScoredImage(s, v, shown[s].with_min_confidence(sel.preannotation_conf)) for s, v in picks
+
+
+def _select(
+    project: Project, candidates: list[str], models: ScoringModels
+) -> tuple[list[ScoredImage], dict[str, Any]]:
+    """Rank ``candidates`` exactly as the production `score` flow does (`loop.scoring`: plan,
+    score in batches of ``scoring.batch_size``, labeled set, selector); returns the ranking and
+    what the round used."""
+    plan = plan_scoring(project, models)
+    parts = [
+        score_batch(project, plan, part)
+        for part in batches(candidates, project.cfg.scoring.batch_size)
     ]
+    scored = merge_scores(candidates, parts)
+    labeled = labeled_set(project, plan) if "embeddings" in plan.needs else None
+    ranked = rank_candidates(project, plan, scored, labeled)
+    classes = project.cfg.classes
+    predicted = {r.sha256: r.image_class for r in scored}
+    chosen = ranked[: project.cfg.select.batch_size]
+    mix = dict.fromkeys(classes, 0)
+    for s in chosen:
+        c = predicted[s.sha256]
+        if c >= 0:
+            mix[classes[c]] += 1
+    info: dict[str, Any] = {
+        "scorer": plan.strategy.scorer,
+        "selector": plan.strategy.selector,
+        "selected_predicted_class": mix,
+    }
+    if plan.class_difficulty is not None:
+        info["class_difficulty"] = dict(zip(classes, plan.class_difficulty, strict=True))
+    if "committee" in plan.needs:
+        info["committee_members"] = len(models.committee) + 1
     return ranked, info
+
+
+def _round_effort(project: Project, version: DatasetVersion) -> dict[str, int]:
+    """What a labeler would have done with the pre-annotations of the images this version
+    added (the version's correction analytics, `loop.corrections`): counts of accepted,
+    adjusted, relabeled, removed and added boxes, ``actions`` (all but accepted) and
+    ``gt_boxes`` (the boxes of the final labels: the work of drawing them all from scratch)."""
+    from loop.corrections import OUTCOMES, REPORT_NAME, read_report
+
+    path = project.store.path(version.digest) / REPORT_NAME
+    if not path.is_file():
+        raise DatasetError(f"the replay's pull wrote no correction analytics for {version.short}")
+    report = read_report(path)
+    totals = dict.fromkeys(OUTCOMES, 0)
+    for counts in report["per_class"].values():
+        for k in OUTCOMES:
+            totals[k] += int(counts.get(k, 0))
+    totals["actions"] = sum(totals[k] for k in OUTCOMES if k != "accepted")
+    totals["gt_boxes"] = sum(len(img["final"]) for img in report["images"])
+    return totals
+
+
+def _seeded_project(
+    ds: PreparedDataset,
+    name: str,
+    seed: int,
+    settings: ReplaySettings,
+    work: Path,
+    strategy: str | None = None,
+) -> tuple[Project, dict[str, Detections], list[str], list[str]]:
+    """A fresh workspace holding the whole dataset in its pool: the project, the ground truth,
+    the test images (labeled from the start) and every other image, sorted by sha256."""
+    if work.exists():
+        shutil.rmtree(work)  # an interrupted curve restarts from scratch
+    cfg = ProjectConfig(
+        name=name,
+        classes=ds.classes,
+        workspace=work.resolve(),
+        train=settings.train.model_copy(update={"seed": seed}),
+        split=settings.split,
+        select=settings.select.model_copy(
+            update={
+                "batch_size": settings.step,
+                "seed": seed,
+                "strategy": strategy or settings.select.strategy,
+            }
+        ),
+        mlflow=MlflowConfig(tracking_uri=settings.mlflow_uri, experiment=REPLAY_EXPERIMENT),
+    )
+    project = Project(cfg)
+    project.ingest(ds.images_dir)
+    truth = truth_from_yolo_dir(project.pool, ds.labels_dir, len(ds.classes))
+    test = sorted(s for s in truth if assign_split(s, cfg.split) == "test")
+    if not test:
+        raise DatasetError("no image fell into the test split; use more images or a larger split")
+    rest = sorted(s for s in truth if assign_split(s, cfg.split) != "test")
+    return project, truth, test, rest
+
+
+def _label(project: Project, truth: dict[str, Detections], shas: list[str]) -> None:
+    """The ground truth of ``shas`` as the project's dataset version, as `defect-loop ingest
+    --labels` would make it (Project has no public setter)."""
+    rows = []
+    for sha in shas:
+        e = project.pool.get(sha)
+        split = assign_split(sha, project.cfg.split)
+        rows.append(
+            LabeledImage(sha, e.path, e.width, e.height, split, truth[sha], {"source": "oracle"})
+        )
+    project._set_version(DatasetVersion.create(project.cfg.classes, rows))
+
+
+def _eval_record(fit: FitResult) -> dict[str, Any]:
+    test_ev = fit.test
+    return {
+        "test_map50": None if test_ev is None else test_ev.map50,
+        "test_map50_95": None if test_ev is None else test_ev.map50_95,
+        "test_per_class_ap50": None if test_ev is None else test_ev.per_class_ap50,
+        "test_per_class_ap50_95": None if test_ev is None else test_ev.per_class_ap50_95,
+        "val_map50": fit.result.val.map50,
+        "train_seconds": round(float(fit.result.seconds), 3),
+        "epochs": len(fit.result.epochs),
+        "init": fit.init,
+    }
 
 
 def replay_curve(
@@ -432,49 +499,27 @@ def replay_curve(
     or None.
     """
     started = time.monotonic()
-    if work.exists():
-        shutil.rmtree(work)  # an interrupted curve restarts from scratch
-    cfg = ProjectConfig(
-        name=f"replay-{strategy}-s{seed}",
-        classes=ds.classes,
-        workspace=work.resolve(),
-        train=settings.train.model_copy(update={"seed": seed}),
-        split=settings.split,
-        select=settings.select.model_copy(
-            update={"strategy": strategy, "batch_size": settings.step, "seed": seed}
-        ),
-        mlflow=MlflowConfig(tracking_uri=settings.mlflow_uri, experiment=REPLAY_EXPERIMENT),
+    project, truth, test, rest = _seeded_project(
+        ds, f"replay-{strategy}-s{seed}", seed, settings, work, strategy
     )
-    project = Project(cfg)
-    project.ingest(ds.images_dir)
-    truth = truth_from_yolo_dir(project.pool, ds.labels_dir, len(ds.classes))
+    cfg = project.cfg
 
     def split_of(sha: str) -> Split:
         return assign_split(sha, cfg.split)
 
-    test = sorted(s for s in truth if split_of(s) == "test")
-    if not test:
-        raise DatasetError("no image fell into the test split; use more images or a larger split")
-    rest = sorted(s for s in truth if split_of(s) != "test")
     seed_set = initial_set(rest, split_of, settings.initial, seed)
-    rows = []
-    for sha in test + seed_set:
-        e = project.pool.get(sha)
-        rows.append(
-            LabeledImage(
-                sha, e.path, e.width, e.height, split_of(sha), truth[sha], {"source": "oracle-seed"}
-            )
-        )
-    # The seed set, as `defect-loop ingest --labels` would make it (Project has no public setter).
-    project._set_version(DatasetVersion.create(cfg.classes, rows))
+    _label(project, truth, test + seed_set)
+    seed_boxes = sum(len(truth[s]) for s in seed_set)
 
     gateway = OracleGateway(truth)
     newest = _Newest()
-    checkpoints: list[Path] = []
+    fits: list[FitResult] = []
     rounds: list[dict[str, Any]] = []
+    actions_total = gt_total = seed_boxes  # the seed set is drawn from scratch
     for r in range(settings.rounds + 1):
         t0 = time.monotonic()
         info: dict[str, Any] = {}
+        effort: dict[str, int] | None = None
         select_s = 0.0
         if r > 0:
             candidates = [s for s in project.candidates() if s in truth]
@@ -482,13 +527,18 @@ def replay_curve(
                 log(f"{strategy}/s{seed}: pool exhausted after round {r - 1}")
                 break
             ts = time.monotonic()
-            ranked, info = _select(project, strategy, candidates, checkpoints, settings.step)
+            models = _scoring_models(fits, cfg.select.committee_size)
+            ranked, info = _select(project, candidates, models)
             select_s = time.monotonic() - ts
-            project.push(gateway, ranked, model_version=f"replay-round{r - 1}")
+            project.push(gateway, ranked, model_version=models.name)
             project.pull(gateway)
         version = project.current_version()
         if version is None:  # pragma: no cover - set above
             raise DatasetError("the replay lost its dataset version")
+        if r > 0:
+            effort = _round_effort(project, version)
+            actions_total += effort["actions"]
+            gt_total += effort["gt_boxes"]
         fit: FitResult | None = None
         cached = False
         cache_dir = None
@@ -501,24 +551,20 @@ def replay_curve(
             if cache_dir is not None:
                 _save_round0(cache_dir, fit)
         newest.latest = _champion(r, fit)
-        checkpoints.append(Path(fit.result.weights))
+        fits.append(fit)
         project.state.round = r + 1
         project.save_state()
         stats = _labeled_stats(version)
-        test_ev = fit.test
         rec = {
             "round": r,
             **stats,
-            "test_map50": None if test_ev is None else test_ev.map50,
-            "test_map50_95": None if test_ev is None else test_ev.map50_95,
-            "test_per_class_ap50": None if test_ev is None else test_ev.per_class_ap50,
-            "test_per_class_ap50_95": None if test_ev is None else test_ev.per_class_ap50_95,
-            "val_map50": fit.result.val.map50,
-            "train_seconds": round(float(fit.result.seconds), 3),
+            **_eval_record(fit),
+            "effort": effort,
+            "actions_total": actions_total,
+            "gt_boxes_total": gt_total,
             "select_seconds": round(select_s, 3),
             "wall_seconds": round(time.monotonic() - t0, 3),
             "round0_cached": cached,
-            "init": "scratch" if r == 0 or not cfg.train.warm_start else "previous round",
             "dataset_digest": version.digest,
             **info,
         }
@@ -545,6 +591,31 @@ def replay_curve(
     return curve
 
 
+def replay_ceiling(
+    ds: PreparedDataset, settings: ReplaySettings, work: Path, seed: int = 0, log: Log = _quiet
+) -> dict[str, Any]:
+    """The full-pool ceiling: one training on EVERY non-test label with the curves' recipe
+    (``settings.train``, seed ``seed``), evaluated on the same test split."""
+    started = time.monotonic()
+    project, truth, test, rest = _seeded_project(ds, "replay-ceiling", seed, settings, work)
+    _label(project, truth, test + rest)
+    version = project.current_version()
+    if version is None:  # pragma: no cover - set above
+        raise DatasetError("the replay lost its dataset version")
+    fit = project.fit(_Newest())
+    rec = {
+        "seed": seed,
+        "n_test": len(test),
+        **_labeled_stats(version),
+        **_eval_record(fit),
+        "wall_seconds": round(time.monotonic() - started, 3),
+    }
+    log(f"ceiling: {rec['labeled']} labeled, test mAP50 {rec['test_map50']}")
+    if not settings.keep_work:
+        shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
 def _champion(round_index: int, fit: FitResult) -> Any:
     from loop.tracking import Champion
 
@@ -562,7 +633,8 @@ def _log_round(
         "replay.strategy": strategy,
         "replay.seed": seed,
         "replay.round": r,
-        "init_weights": "scratch" if r == 0 or not project.cfg.train.warm_start else "previous",
+        "init_weights": fit.init,
+        "init_weights_sha256": fit.init_sha256 or "",
     }
     run_id = tracker.log_training(
         version=fit.version,
@@ -661,6 +733,8 @@ def run_replay(
                     "file, delete it, or run without resume (--fresh)"
                 )
             doc["curves"] = list(old.get("curves", []))
+            if old.get("ceiling") is not None:
+                doc["ceiling"] = old["ceiling"]
     ds = prepare_dataset(settings.dataset, work / "dataset", settings.max_images)
     from loop.model import prepare_ultralytics
 
@@ -673,15 +747,25 @@ def run_replay(
     def save() -> None:
         doc["strategies"] = sorted({c["strategy"] for c in doc["curves"]})
         doc["seeds"] = sorted({int(c["seed"]) for c in doc["curves"]})
-        doc["summary"] = label_savings(doc["curves"]) if "random" in doc["strategies"] else None
+        doc["summary"] = summarize(doc["curves"], doc.get("ceiling"))
         doc["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_text(out_json, json.dumps(doc, indent=1))
         if png is not None and doc["curves"]:
-            plot_curves(doc["curves"], png, title=f"oracle replay: {ds.source.name}")
+            plot_curves(
+                doc["curves"],
+                png,
+                title=f"oracle replay: {ds.source.name}",
+                ceiling=doc.get("ceiling"),
+            )
         if on_save is not None:
             on_save(doc)
 
     if not doc["curves"]:
+        save()
+    if settings.ceiling and doc.get("ceiling") is None:
+        doc["ceiling"] = replay_ceiling(
+            ds, settings, work / "ceiling", seed=settings.seeds[0], log=log
+        )
         save()
     for seed in settings.seeds:
         for strategy in settings.strategies:
@@ -703,239 +787,3 @@ def run_replay(
             save()
     save()
     return doc
-
-
-# ------------------------------------------------------------------------------------------
-# label savings and plots (pure)
-# ------------------------------------------------------------------------------------------
-
-
-def _points(curve: dict[str, Any], metric: str) -> tuple[np.ndarray, np.ndarray]:
-    pts = [(r["labeled"], r[metric]) for r in curve["rounds"] if r.get(metric) is not None]
-    if not pts:
-        return np.zeros(0), np.zeros(0)
-    arr = np.array(pts, dtype=np.float64)
-    return arr[:, 0], arr[:, 1]
-
-
-def labels_to_reach(
-    labeled: Sequence[float] | np.ndarray,
-    metric: Sequence[float] | np.ndarray,
-    target: float,
-    cap: float,
-) -> tuple[float, bool]:
-    """Labels a curve needs to reach ``target``: ``(labels, reached)``.
-
-    The first crossing, linearly interpolated between rounds (the first point itself when it is
-    already at or above the target). Not reached: extrapolated along the least-squares slope of
-    the last (up to) three points, at most ``cap``; ``cap`` when the curve is flat or falling.
-    """
-    x = np.asarray(labeled, dtype=np.float64)
-    y = np.asarray(metric, dtype=np.float64)
-    if x.size == 0:
-        return cap, False
-    for i in range(x.size):
-        if y[i] >= target:
-            if i == 0 or y[i] == y[i - 1]:
-                return float(x[i]), True
-            frac = (target - y[i - 1]) / (y[i] - y[i - 1])
-            return float(x[i - 1] + frac * (x[i] - x[i - 1])), True
-    tail_x, tail_y = x[-3:], y[-3:]
-    if tail_x.size >= 2 and np.ptp(tail_x) > 0:
-        slope = float(np.polyfit(tail_x, tail_y, 1)[0])
-        if slope > 0:
-            return float(min(cap, x[-1] + (target - y[-1]) / slope)), False
-    return cap, False
-
-
-def _savings_by_round(
-    bx: np.ndarray, by: np.ndarray, sx: np.ndarray, sy: np.ndarray
-) -> list[dict[str, Any]]:
-    """Savings against every round of the baseline after its first, not only its last: for
-    round ``r``, the labels the strategy needs to reach the baseline's ``metric`` at ``r``
-    against the baseline's labels at ``r`` (rounds where the baseline is not above its first
-    round are left out)."""
-    rows = []
-    for r in range(1, bx.size):
-        if by[r] <= by[0]:
-            continue
-        need, reached = labels_to_reach(sx, sy, float(by[r]), cap=2 * float(bx[r]))
-        rows.append(
-            {
-                "round": r,
-                "baseline_labels": float(bx[r]),
-                "target": float(by[r]),
-                "labels_needed": need,
-                "reached": reached,
-                "savings": 1.0 - need / float(bx[r]),
-            }
-        )
-    return rows
-
-
-def _mean_by_round(per_seed: list[list[dict[str, Any]]]) -> list[dict[str, Any]]:
-    """Per baseline round: mean / min / max of the seeds' `_savings_by_round` savings."""
-    by_round: dict[int, list[float]] = {}
-    for rows in per_seed:
-        for row in rows:
-            by_round.setdefault(int(row["round"]), []).append(float(row["savings"]))
-    return [
-        {
-            "round": r,
-            "savings_mean": float(np.mean(v)),
-            "savings_min": float(np.min(v)),
-            "savings_max": float(np.max(v)),
-            "n_seeds": len(v),
-        }
-        for r, v in sorted(by_round.items())
-    ]
-
-
-def label_savings(
-    curves: Iterable[dict[str, Any]], baseline: str = "random", metric: str = "test_map50"
-) -> dict[str, Any]:
-    """Label savings of every strategy against ``baseline``, seed by seed.
-
-    For seed ``s``: target = the baseline's final ``metric``, ``L_b`` = the baseline's final
-    labeled count, ``L`` = `labels_to_reach` on the strategy's curve (capped at ``2 L_b``), and
-    savings = ``1 - L / L_b`` (in ``[-1, 1)``; 0.3 = the same accuracy with 30% fewer labels;
-    negative = more labels). A seed whose baseline never rose above its first round has no
-    savings (None, with a reason); means and extremes are over the other seeds. Also the mean
-    curve over seeds per round, and the same savings against each earlier round of the
-    baseline (``savings_by_round``, averaged into ``savings_mean_over_rounds``): one final
-    point is a noisy measure of a whole curve.
-    """
-    by_key: dict[tuple[str, int], dict[str, Any]] = {
-        (c["strategy"], int(c["seed"])): c for c in curves
-    }
-    strategies = sorted({k[0] for k in by_key})
-    out: dict[str, Any] = {"baseline": baseline, "metric": metric, "strategies": {}}
-    for name in strategies:
-        per_seed: list[dict[str, Any]] = []
-        for (strat, seed), curve in sorted(by_key.items()):
-            if strat != name or (baseline, seed) not in by_key:
-                continue
-            bx, by = _points(by_key[(baseline, seed)], metric)
-            sx, sy = _points(curve, metric)
-            if bx.size == 0 or sx.size == 0:
-                continue
-            base_labels, target = float(bx[-1]), float(by[-1])
-            if bx.size < 2 or target <= by[0]:
-                # The baseline did not improve on its first round (e.g. a model that has not
-                # started learning): every curve "reaches" it at once, savings mean nothing.
-                per_seed.append(
-                    {
-                        "seed": seed,
-                        "savings": None,
-                        "reason": "the baseline did not improve on its first round",
-                        "baseline_labels": base_labels,
-                        "target": target,
-                    }
-                )
-                continue
-            need, reached = labels_to_reach(sx, sy, target, cap=2 * base_labels)
-            per_seed.append(
-                {
-                    "seed": seed,
-                    "savings": 1.0 - need / base_labels,
-                    "labels_needed": need,
-                    "reached": reached,
-                    "baseline_labels": base_labels,
-                    "target": target,
-                    "by_round": _savings_by_round(bx, by, sx, sy),
-                }
-            )
-        vals = np.array(
-            [p["savings"] for p in per_seed if p["savings"] is not None], dtype=np.float64
-        )
-        rounds_mean = _mean_by_round([p.get("by_round", []) for p in per_seed])
-        out["strategies"][name] = {
-            "savings_by_round": rounds_mean,
-            "savings_mean_over_rounds": (
-                float(np.mean([r["savings_mean"] for r in rounds_mean])) if rounds_mean else None
-            ),
-            "savings_mean": float(vals.mean()) if vals.size else None,
-            "savings_min": float(vals.min()) if vals.size else None,
-            "savings_max": float(vals.max()) if vals.size else None,
-            "savings_std": float(vals.std(ddof=1)) if vals.size > 1 else None,
-            "per_seed": per_seed,
-            "curve": mean_curve([c for (s, _), c in by_key.items() if s == name]),
-        }
-    others = {
-        n: v["savings_mean"]
-        for n, v in out["strategies"].items()
-        if n != baseline and v["savings_mean"] is not None
-    }
-    best = max(others, key=lambda n: others[n]) if others else None
-    out["best_strategy"] = best
-    out["best_savings_mean"] = None if best is None else others[best]
-    return out
-
-
-def mean_curve(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Per round: mean labeled count and mean/min/max test mAP50 (and mean mAP50-95) over the
-    curves (seeds) that reached that round."""
-    by_round: dict[int, list[dict[str, Any]]] = {}
-    for c in curves:
-        for r in c["rounds"]:
-            by_round.setdefault(int(r["round"]), []).append(r)
-    out = []
-    for rnd in sorted(by_round):
-        recs = by_round[rnd]
-        m50 = [r["test_map50"] for r in recs if r["test_map50"] is not None]
-        m95 = [r["test_map50_95"] for r in recs if r["test_map50_95"] is not None]
-        out.append(
-            {
-                "round": rnd,
-                "labeled": float(np.mean([r["labeled"] for r in recs])),
-                "map50_mean": float(np.mean(m50)) if m50 else None,
-                "map50_min": float(np.min(m50)) if m50 else None,
-                "map50_max": float(np.max(m50)) if m50 else None,
-                "map50_95_mean": float(np.mean(m95)) if m95 else None,
-                "n_seeds": len(recs),
-            }
-        )
-    return out
-
-
-def plot_curves(
-    curves: Sequence[dict[str, Any]], png: Path, metric: str = "test_map50", title: str = ""
-) -> Path:
-    """Learning curves (mean over seeds, min-max band) of every strategy: ``metric`` vs labeled
-    images. Written with matplotlib's Agg backend (no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted({c["strategy"] for c in curves}, key=lambda n: (n != "random", n))
-    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
-    key = "map50" if metric == "test_map50" else "map50_95"
-    for name in names:
-        mc = mean_curve([c for c in curves if c["strategy"] == name])
-        xs = [p["labeled"] for p in mc if p[f"{key}_mean"] is not None]
-        ys = [p[f"{key}_mean"] for p in mc if p[f"{key}_mean"] is not None]
-        n_seeds = max((p["n_seeds"] for p in mc), default=0)
-        style = "--" if name == "random" else "-"
-        (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=f"{name} ({n_seeds} seeds)")
-        if key == "map50":
-            lo = [p["map50_min"] for p in mc if p["map50_mean"] is not None]
-            hi = [p["map50_max"] for p in mc if p["map50_mean"] is not None]
-            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-        if name == "random" and ys:
-            # What the other strategies must reach: random's final mean (savings target).
-            ax.axhline(ys[-1], color=line.get_color(), alpha=0.4, linewidth=0.8, linestyle=":")
-    ax.set_ylim(bottom=0.0, top=max(0.05, ax.get_ylim()[1]))
-    ax.set_xlabel("labeled images (train + val)")
-    ax.set_ylabel("test mAP50" if key == "map50" else "test mAP50-95")
-    ax.set_title(title or "oracle replay")
-    ax.grid(alpha=0.3)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png

@@ -1,37 +1,43 @@
-"""Selection: turn scores (or embeddings) into the batch to label. Separate from scoring.
+"""Selection: turn per-image scores (and embeddings, predicted classes) into the batch to label.
 
-Every function takes a seeded `numpy.random.Generator`, so a selection is reproducible; ties are
-broken by that generator, never by list position.
+Separate from scoring (`loop.uncertainty`): a scorer gives every image a number, a selector
+chooses the batch from those numbers and, for the set-type selectors, from image embeddings and
+each image's predicted class. Every function takes a seeded `numpy.random.Generator`, so a
+selection is reproducible; ties are broken by that generator, never by list position.
 
-- `rank` / `top_k` / `random_k`: order by independent per-image scores.
-- `k_center_greedy`: core-set diversity (Sener & Savarese 2018) on image embeddings: repeatedly
-  pick the image farthest from everything labeled or picked so far.
-- `hybrid_select`: pre-filter the top-M images by an uncertainty strategy, then choose K of them
-  by k-center greedy, so a batch is uncertain AND not K near-duplicates.
-- `select_batch`: one entry point for every strategy name (the registered uncertainty strategies
-  of `loop.uncertainty` plus ``diversity`` and ``hybrid``), used by the oracle replay.
+A project names ONE strategy (``select.strategy``); `resolve_strategy` turns it into a scorer and
+a selector:
+
+- a scorer's name (``entropy``, ``margin``, ``calibrated_entropy``, ``random``, ...): selector
+  ``top``, the highest scores;
+- ``diversity``: k-center greedy on embeddings (Sener & Savarese 2018), no score;
+- ``hybrid``: the top-M images by the base scorer (``select.base_strategy``), then k of them by
+  k-center greedy, so a batch is uncertain AND not K near-duplicates;
+- ``class_quota``: per-class quotas proportional to the current model's per-class difficulty
+  (`loop.uncertainty.class_difficulty`), each filled with the best images predicted to show that
+  class, by the base score;
+- ``class_diversity``: the same quotas, each filled like ``hybrid`` within the class, with the
+  labeled images of that class as centres (class-conditioned diversity).
+
+An image's predicted class is the class of its most confident candidate box (-1: no box); a
+labeled image's class is its most frequent labeled class (-1: defect-free).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import numpy.typing as npt
 
+from loop.detections import Detections
 from loop.errors import StrategyError
 from loop.uncertainty import NEEDS, STRATEGIES, Need, Reduction, ScoringInputs, score_inputs
 
 FloatArray = npt.NDArray[np.float64]
 IntArray = npt.NDArray[np.int64]
-
-# Selection-type strategies (they choose a set; see the module docstring) and what they read.
-SELECTORS: dict[str, frozenset[Need]] = {
-    "diversity": frozenset({"embeddings"}),
-    "hybrid": frozenset({"predictions", "embeddings"}),
-}
 
 
 def rank(
@@ -187,35 +193,320 @@ def hybrid_select(
     ]
 
 
-def strategy_needs(name: str) -> frozenset[Need]:
-    """The model outputs strategy ``name`` reads (see `loop.uncertainty.Need`)."""
-    if name in SELECTORS:
-        return SELECTORS[name]
-    if name in NEEDS:
-        return NEEDS[name]
-    raise StrategyError(f"unknown strategy {name!r}; choose one of {available_strategies()}")
+# ------------------------------------------------------------------------------------------
+# per-class quotas
+# ------------------------------------------------------------------------------------------
 
 
-def available_strategies() -> list[str]:
-    """Every strategy name `select_batch` accepts."""
-    return sorted(set(STRATEGIES) | set(SELECTORS))
+def image_class(det: Detections) -> int:
+    """The predicted class of an image: the class of its most confident box (-1: no box)."""
+    if len(det) == 0:
+        return -1
+    if det.confidence is not None:
+        return int(det.class_id[int(np.argmax(det.confidence))])
+    return int(np.bincount(det.class_id).argmax())
+
+
+def labeled_class(det: Detections) -> int:
+    """The class of a labeled image: its most frequent box class, lowest id on a tie (-1: none)."""
+    if len(det) == 0:
+        return -1
+    return int(np.bincount(det.class_id).argmax())
+
+
+def class_quotas(weights: npt.ArrayLike, available: npt.ArrayLike, k: int) -> IntArray:
+    """Split a batch of ``k`` over groups: ``(G,)`` weights > 0 and ``(G,)`` available images ->
+    ``(G,)`` quotas, each <= its availability, summing to ``min(k, sum(available))``.
+
+    Proportional to the weights (largest remainder); what a group cannot fill goes to the others,
+    again by weight. Known answer: weights (3, 1), plenty available, k = 8 -> (6, 2).
+    """
+    w = np.asarray(weights, dtype=np.float64)
+    avail = np.asarray(available, dtype=np.int64)
+    if w.ndim != 1 or w.shape != avail.shape:
+        raise StrategyError(f"weights and available must be (G,), got {w.shape}, {avail.shape}")
+    if not np.all(np.isfinite(w)) or np.any(w <= 0) or np.any(avail < 0):
+        raise StrategyError(f"need weights > 0 and available >= 0, got {w}, {avail}")
+    if k < 0:
+        raise StrategyError(f"k must be >= 0, got {k}")
+    quota = np.zeros(w.shape, dtype=np.int64)
+    left = min(k, int(avail.sum()))
+    while left > 0:
+        open_ = quota < avail
+        share = np.where(open_, w, 0.0)
+        ideal = left * share / share.sum()
+        add = np.minimum(np.floor(ideal).astype(np.int64), avail - quota)
+        if add.sum() == 0:
+            # Fewer seats than open groups: one seat to the largest remainder (then weight).
+            order = np.lexsort((-share, -(ideal - np.floor(ideal))))
+            add[next(int(g) for g in order if open_[g])] = 1
+        quota += add
+        left -= int(add.sum())
+    return quota
+
+
+# ------------------------------------------------------------------------------------------
+# selectors on precomputed per-image outputs
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, eq=False)
+class CandidateSet:
+    """What the selectors read for ``n`` candidate images (parallel arrays, same order).
+
+    ``scores``: ``(n,)`` the scorer's per-image scores (higher = more worth labeling).
+    ``embeddings``: optional ``(n, d)`` image vectors. ``image_class``: optional ``(n,)`` int,
+    the predicted class of each image (-1: none), see `image_class`.
+    """
+
+    ids: Sequence[str]
+    scores: FloatArray
+    embeddings: FloatArray | None = None
+    image_class: IntArray | None = None
+
+    def __post_init__(self) -> None:
+        n = len(self.ids)
+        if len(set(self.ids)) != n:
+            raise StrategyError("candidate ids must be unique")
+        scores = np.asarray(self.scores, dtype=np.float64)
+        if scores.shape != (n,) or np.isnan(scores).any():
+            raise StrategyError(f"got {n} ids but scores of shape {scores.shape} (or NaN)")
+        object.__setattr__(self, "scores", scores)
+        if self.embeddings is not None:
+            emb = np.asarray(self.embeddings, dtype=np.float64)
+            if emb.ndim != 2 or emb.shape[0] != n:
+                raise StrategyError(f"got {n} ids but embeddings of shape {emb.shape}")
+            object.__setattr__(self, "embeddings", emb)
+        if self.image_class is not None:
+            cls = np.asarray(self.image_class, dtype=np.int64)
+            if cls.shape != (n,):
+                raise StrategyError(f"got {n} ids but image classes of shape {cls.shape}")
+            object.__setattr__(self, "image_class", cls)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+@dataclass(frozen=True, eq=False)
+class LabeledSet:
+    """The labeled images a diversity selector keeps away from: ``embeddings`` ``(m, d)`` and,
+    for class-conditioned diversity, ``image_class`` ``(m,)`` (see `labeled_class`)."""
+
+    embeddings: FloatArray | None = None
+    image_class: IntArray | None = None
 
 
 @dataclass(frozen=True)
 class SelectParams:
-    """Knobs of `select_batch` (the matching fields of `loop.config.SelectConfig`).
+    """Knobs of the selectors (the matching fields of `loop.config.SelectConfig`).
 
-    ``hybrid_base``: the uncertainty strategy hybrid pre-filters by; ``top_m``: its shortlist
-    size (None: ``hybrid_factor * k``).
+    ``top_m``: the shortlist of ``hybrid`` (None: ``hybrid_factor * k``); ``class_diversity``
+    shortlists ``hybrid_factor * quota`` per class. ``class_weights``: ``(C,)`` quota weights of
+    ``class_quota``/``class_diversity`` (the current model's `class_difficulty`).
     """
 
     reduction: Reduction = "max"
     empty_score: float = 0.0
     topk: int = 3
-    hybrid_base: str = "entropy"
+    base_strategy: str = "entropy"
     top_m: int | None = None
     hybrid_factor: float = 5.0
     normalize_embeddings: bool = True
+    class_weights: FloatArray | None = field(default=None, compare=False)
+
+
+Selector = Callable[
+    [CandidateSet, int, np.random.Generator, SelectParams, LabeledSet], list[tuple[str, float]]
+]
+SELECTORS: dict[str, Selector] = {}
+SELECTOR_NEEDS: dict[str, frozenset[Need]] = {}
+# Selectors that rank by the base scorer (the others use no score or their own scorer).
+_BASED = {"hybrid", "class_quota", "class_diversity"}
+
+
+def _selector(name: str, needs: Sequence[Need]) -> Callable[[Selector], Selector]:
+    def deco(fn: Selector) -> Selector:
+        SELECTORS[name] = fn
+        SELECTOR_NEEDS[name] = frozenset(needs)
+        return fn
+
+    return deco
+
+
+def _need_embeddings(c: CandidateSet, name: str) -> FloatArray:
+    if c.embeddings is None:
+        raise StrategyError(f"strategy {name!r} needs image embeddings (CandidateSet.embeddings)")
+    return c.embeddings
+
+
+@_selector("top", needs=())
+def _top(
+    c: CandidateSet, k: int, rng: np.random.Generator, p: SelectParams, lab: LabeledSet
+) -> list[tuple[str, float]]:
+    scores = c.scores
+    if scores.size and scores.min() < 0:
+        scores = scores - scores.min()  # priorities must be >= 0; the ranking is unchanged
+    return top_k(c.ids, scores, k, rng)
+
+
+@_selector("diversity", needs=("embeddings",))
+def _diversity(
+    c: CandidateSet, k: int, rng: np.random.Generator, p: SelectParams, lab: LabeledSet
+) -> list[tuple[str, float]]:
+    emb = _need_embeddings(c, "diversity")
+    return diversity_select(c.ids, emb, k, rng, lab.embeddings, p.normalize_embeddings)
+
+
+@_selector("hybrid", needs=("predictions", "embeddings"))
+def _hybrid(
+    c: CandidateSet, k: int, rng: np.random.Generator, p: SelectParams, lab: LabeledSet
+) -> list[tuple[str, float]]:
+    emb = _need_embeddings(c, "hybrid")
+    top_m = p.top_m if p.top_m is not None else max(k, math.ceil(p.hybrid_factor * k))
+    return hybrid_select(
+        c.ids, c.scores, emb, k, rng, top_m, lab.embeddings, p.normalize_embeddings
+    )
+
+
+def _quota_groups(
+    c: CandidateSet, k: int, p: SelectParams, name: str
+) -> tuple[IntArray, list[int], IntArray]:
+    """(image classes, the groups present, their quotas) for the class selectors."""
+    if c.image_class is None:
+        raise StrategyError(f"strategy {name!r} needs each image's predicted class")
+    if p.class_weights is None:
+        raise StrategyError(
+            f"strategy {name!r} needs per-class weights (the current model's class difficulty "
+            "from its validation AP); train a model with a val split first"
+        )
+    w = np.asarray(p.class_weights, dtype=np.float64)
+    cls = c.image_class
+    if cls.size and cls.max() >= w.shape[0]:
+        raise StrategyError(f"an image class {int(cls.max())} has no weight ({w.shape[0]} given)")
+    groups = sorted({int(g) for g in cls})
+    # Images with no predicted box form their own group, weighted like an average class.
+    weight = np.array([w[g] if g >= 0 else float(w.mean()) for g in groups])
+    available = np.array([int((cls == g).sum()) for g in groups])
+    return cls, groups, class_quotas(weight, available, k)
+
+
+def _by_score(
+    c: CandidateSet, picks: list[int], rng: np.random.Generator
+) -> list[tuple[str, float]]:
+    """The picked rows ordered by score (ties by ``rng``), with rank-based priorities."""
+    order = [c.ids[i] for i in picks]
+    ranked = rank(order, c.scores[picks], rng)
+    return [(i, pr) for (i, _), pr in zip(ranked, _pick_priorities(len(ranked)), strict=True)]
+
+
+@_selector("class_quota", needs=("predictions", "class_difficulty"))
+def _class_quota(
+    c: CandidateSet, k: int, rng: np.random.Generator, p: SelectParams, lab: LabeledSet
+) -> list[tuple[str, float]]:
+    cls, groups, quotas = _quota_groups(c, k, p, "class_quota")
+    picks: list[int] = []
+    for g, q in zip(groups, quotas, strict=True):
+        rows = np.flatnonzero(cls == g)
+        best = top_k([str(r) for r in rows], c.scores[rows], int(q), rng)
+        picks += [int(r) for r, _ in best]
+    return _by_score(c, picks, rng)
+
+
+@_selector("class_diversity", needs=("predictions", "embeddings", "class_difficulty"))
+def _class_diversity(
+    c: CandidateSet, k: int, rng: np.random.Generator, p: SelectParams, lab: LabeledSet
+) -> list[tuple[str, float]]:
+    emb = _need_embeddings(c, "class_diversity")
+    cls, groups, quotas = _quota_groups(c, k, p, "class_diversity")
+    lab_emb, lab_cls = lab.embeddings, lab.image_class
+    if lab_emb is not None and lab_cls is not None and len(lab_cls) != len(lab_emb):
+        raise StrategyError(
+            f"labeled set: {len(lab_emb)} embeddings but {len(lab_cls)} image classes"
+        )
+    picks: list[int] = []
+    for g, q in zip(groups, quotas, strict=True):
+        if q == 0:
+            continue
+        rows = np.flatnonzero(cls == g)
+        centres = None
+        if lab_emb is not None and len(lab_emb):
+            # Class-conditioned: an image is "covered" only by labeled images of its own class.
+            centres = lab_emb if lab_cls is None else lab_emb[np.asarray(lab_cls) == g]
+        top_m = max(int(q), math.ceil(p.hybrid_factor * int(q)))
+        chosen = hybrid_select(
+            [str(r) for r in rows],
+            c.scores[rows],
+            emb[rows],
+            int(q),
+            rng,
+            top_m,
+            centres,
+            p.normalize_embeddings,
+        )
+        picks += [int(r) for r, _ in chosen]
+    return _by_score(c, picks, rng)
+
+
+# ------------------------------------------------------------------------------------------
+# strategy names
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StrategyPlan:
+    """What strategy ``name`` runs: ``scorer`` (a `loop.uncertainty` strategy; None for pure
+    ``diversity``), ``selector`` (a `SELECTORS` name) and the model outputs both read."""
+
+    name: str
+    scorer: str | None
+    selector: str
+    needs: frozenset[Need]
+
+
+def resolve_strategy(name: str, base_strategy: str = "entropy") -> StrategyPlan:
+    """The scorer and selector behind strategy ``name`` (see the module docstring).
+
+    Raises `StrategyError` for an unknown name or a base that is not a scorer.
+    """
+    if name in STRATEGIES:
+        return StrategyPlan(name, name, "top", NEEDS[name])
+    if name == "diversity":
+        return StrategyPlan(name, None, name, SELECTOR_NEEDS[name])
+    if name in SELECTORS and name in _BASED:
+        if base_strategy not in STRATEGIES:
+            raise StrategyError(
+                f"base_strategy must be a scoring strategy ({sorted(STRATEGIES)}), "
+                f"not {base_strategy!r}"
+            )
+        return StrategyPlan(name, base_strategy, name, NEEDS[base_strategy] | SELECTOR_NEEDS[name])
+    raise StrategyError(f"unknown strategy {name!r}; choose one of {available_strategies()}")
+
+
+def strategy_needs(name: str, base_strategy: str = "entropy") -> frozenset[Need]:
+    """The model outputs strategy ``name`` reads (see `loop.uncertainty.Need`)."""
+    return resolve_strategy(name, base_strategy).needs
+
+
+def available_strategies() -> list[str]:
+    """Every strategy name a project may configure."""
+    return sorted(set(STRATEGIES) | (set(SELECTORS) - {"top"}))
+
+
+def select(
+    plan: StrategyPlan,
+    candidates: CandidateSet,
+    k: int,
+    rng: np.random.Generator,
+    params: SelectParams | None = None,
+    labeled: LabeledSet | None = None,
+) -> list[tuple[str, float]]:
+    """The ``k`` (or fewer, when fewer exist) ids ``plan`` picks, most valuable first, each with
+    a priority >= 0: the score itself for ``top``, rank-based ``1 .. 1/k`` for set selectors."""
+    if k < 0:
+        raise StrategyError(f"k must be >= 0, got {k}")
+    return SELECTORS[plan.selector](
+        candidates, k, rng, params or SelectParams(), labeled or LabeledSet()
+    )
 
 
 def select_batch(
@@ -226,51 +517,32 @@ def select_batch(
     rng: np.random.Generator,
     params: SelectParams | None = None,
     labeled_embeddings: npt.ArrayLike | None = None,
+    labeled_classes: npt.ArrayLike | None = None,
 ) -> list[tuple[str, float]]:
-    """The ``k`` ids (with priority >= 0, most valuable first) that strategy ``name`` picks.
-
-    ``inputs`` holds one entry per id (same order). Scoring strategies rank by score (`top_k`);
-    ``diversity`` and ``hybrid`` choose a set (their priorities are rank-based, in ``(0, 1]``).
-    Scores are shifted to be >= 0 when a strategy returns negatives (a ranking is unchanged).
-    """
+    """Score ``inputs`` (one entry per id) with strategy ``name``'s scorer, then pick ``k`` with
+    its selector: `resolve_strategy` + `loop.uncertainty.score_inputs` + `select` in one call
+    (the loop itself scores in batches, see `loop.scoring`)."""
     p = params or SelectParams()
     if len(ids) != len(inputs):
         raise StrategyError(f"got {len(ids)} ids but inputs for {len(inputs)} images")
-    if k < 0:
-        raise StrategyError(f"k must be >= 0, got {k}")
-    if name == "diversity":
-        if inputs.embeddings is None:
-            raise StrategyError("strategy 'diversity' needs ScoringInputs.embeddings")
-        return diversity_select(
-            ids, inputs.embeddings, k, rng, labeled_embeddings, p.normalize_embeddings
-        )
-    if name == "hybrid":
-        if inputs.embeddings is None:
-            raise StrategyError("strategy 'hybrid' needs ScoringInputs.embeddings")
-        if p.hybrid_base in SELECTORS:
-            raise StrategyError(f"hybrid_base must be a scoring strategy, not {p.hybrid_base!r}")
+    plan = resolve_strategy(name, p.base_strategy)
+    scores: FloatArray
+    if plan.scorer is None:
+        scores = np.zeros(len(ids), dtype=np.float64)
+    else:
         scores = score_inputs(
-            p.hybrid_base,
-            inputs,
-            reduction=p.reduction,
-            rng=rng,
-            empty_score=p.empty_score,
-            k=p.topk,
+            plan.scorer, inputs, reduction=p.reduction, rng=rng, empty_score=p.empty_score, k=p.topk
         )
-        top_m = p.top_m if p.top_m is not None else max(k, math.ceil(p.hybrid_factor * k))
-        return hybrid_select(
-            ids,
-            scores,
-            inputs.embeddings,
-            k,
-            rng,
-            top_m,
-            labeled_embeddings,
-            p.normalize_embeddings,
-        )
-    scores = score_inputs(
-        name, inputs, reduction=p.reduction, rng=rng, empty_score=p.empty_score, k=p.topk
+    if "class_difficulty" in plan.needs and p.class_weights is None:
+        p = replace(p, class_weights=inputs.class_difficulty)
+    cands = CandidateSet(
+        ids,
+        scores,
+        inputs.embeddings,
+        np.array([image_class(d) for d in inputs.detections], dtype=np.int64),
     )
-    if scores.size and scores.min() < 0:
-        scores = scores - scores.min()
-    return top_k(ids, scores, k, rng)
+    labeled = LabeledSet(
+        None if labeled_embeddings is None else np.asarray(labeled_embeddings, dtype=np.float64),
+        None if labeled_classes is None else np.asarray(labeled_classes, dtype=np.int64),
+    )
+    return select(plan, cands, k, rng, p, labeled)

@@ -59,8 +59,11 @@ class OracleGateway:
 
     `loop.project.Project.push` hands it tasks and `Project.pull` gets every pushed task back,
     annotated with its ground truth, exactly once: the oracle replay runs the real loop's
-    push -> pull -> dataset-version code without a Label Studio server. ``truth``: sha256 -> pixel
-    boxes. A pushed image without ground truth is a programming error (`DatasetError`).
+    push -> pull -> dataset-version code without a Label Studio server. Each answer carries the
+    pre-annotation the task was pushed with as its ``prediction``, as Label Studio's does, so
+    `Project.pull` writes the same correction analytics (what a labeler would have accepted,
+    adjusted, relabeled, removed and added). ``truth``: sha256 -> pixel boxes. A pushed image
+    without ground truth is a programming error (`DatasetError`).
     """
 
     def __init__(self, truth: Mapping[str, Detections], annotator: str = "oracle") -> None:
@@ -70,6 +73,7 @@ class OracleGateway:
         self.model_version: str | None = None
         self._tasks: dict[str, int] = {}  # sha256 -> task id, every task ever pushed
         self._open: list[str] = []  # pushed, not yet pulled (push order)
+        self._shown: dict[str, tuple[Detections, str]] = {}  # sha256 -> (pre-annotation, model)
 
     # Keyword options of the real gateway (polygons, progress, since, ...) mean nothing here;
     # accepting them keeps the oracle working as the real gateway grows options.
@@ -108,6 +112,7 @@ class OracleGateway:
             task_id = len(self._tasks) + 1
             self._tasks[item.sha256] = task_id
             self._open.append(item.sha256)
+            self._shown[item.sha256] = (item.detections, model_version)
             summary.created += 1
             summary.task_ids[item.sha256] = task_id
         if items:
@@ -129,6 +134,8 @@ class OracleGateway:
                 lead_time=None,
                 updated_at=now,
                 ground_truth=True,
+                prediction=self._shown[sha][0],
+                prediction_model_version=self._shown[sha][1],
             )
             for sha in self._open
         ]

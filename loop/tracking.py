@@ -35,6 +35,7 @@ if TYPE_CHECKING:
     from mlflow.data.dataset_source import DatasetSource
 
     from loop.model import EvalResult, TrainResult
+    from loop.scoring import ScoringModels
 
 CANDIDATE = "candidate"
 CHAMPION = "champion"
@@ -124,10 +125,15 @@ def __getattr__(name: str) -> Any:
 
 @dataclass(frozen=True)
 class Champion:
+    """The champion model version: its run, local weights, test mAP50-95 and the per-class
+    validation AP50 / box counts of its run (empty when the run did not log them)."""
+
     version: str
     run_id: str
     weights: Path
     test_map50_95: float | None
+    val_ap50: Mapping[str, float] = field(default_factory=dict)
+    val_instances: Mapping[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -161,6 +167,7 @@ def _metric_dict(prefix: str, ev: EvalResult, classes: list[str]) -> dict[str, f
     for c in classes:
         out[class_metric(prefix, "ap50", c)] = float(ev.per_class_ap50.get(c, 0.0))
         out[class_metric(prefix, "ap50_95", c)] = float(ev.per_class_ap50_95.get(c, 0.0))
+        out[class_metric(prefix, "instances", c)] = float(ev.n_instances.get(c, 0))
     return out
 
 
@@ -311,6 +318,10 @@ class Tracker:
             client.log_artifact(run_id, str(folder / "manifest.parquet"), "dataset")
             client.log_artifact(run_id, str(folder / "meta.json"), "dataset")
             client.log_artifact(run_id, str(result.weights), "weights")
+            last = Path(result.weights).with_name("last.pt")
+            if last.is_file() and last.resolve() != Path(result.weights).resolve():
+                # The last epoch's weights: the committee's second opinion after one round.
+                client.log_artifact(run_id, str(last), "checkpoints")
             if test is not None and test.confusion_matrix:
                 client.log_text(
                     run_id,
@@ -435,9 +446,72 @@ class Tracker:
             raise ModelError(f"model version {mv.version} of {name} has no run; re-register it")
         run = self.client.get_run(mv.run_id)
         weights = self._download_weights(str(mv.version), run)
+        metrics = run.data.metrics
+        classes = list(self.cfg.classes)
+        ap = {c: metrics[k] for c in classes if (k := class_metric("val", "ap50", c)) in metrics}
+        n = {
+            c: int(metrics[k])
+            for c in classes
+            if (k := class_metric("val", "instances", c)) in metrics
+        }
         return Champion(
-            str(mv.version), str(mv.run_id), weights, run.data.metrics.get("test_map50_95")
+            str(mv.version), str(mv.run_id), weights, metrics.get("test_map50_95"), ap, n
         )
+
+    def scoring_models(self, committee_size: int) -> ScoringModels:
+        """The champion as `loop.scoring.ScoringModels`: its weights, its per-class validation
+        AP50 and box counts (None when its run logged none), and a committee of the newest other
+        registered versions (up to ``committee_size - 1``; with none, the champion run's
+        last-epoch weights when they were logged). Raises `ModelError` before the first model."""
+        from loop.scoring import ScoringModels
+
+        champ = self.champion()
+        if champ is None:
+            raise ModelError("no champion model yet: run `defect-loop train` first")
+        name = self.cfg.mlflow.registered_model
+        others = sorted(
+            (
+                mv
+                for mv in self.client.search_model_versions(f"name = '{name}'")
+                if str(mv.version) != champ.version and mv.run_id
+            ),
+            key=lambda mv: -int(mv.version),
+        )[: max(committee_size - 1, 0)]
+        committee = [
+            self._download_weights(str(mv.version), self.client.get_run(str(mv.run_id)))
+            for mv in others
+        ]
+        if not committee and committee_size > 1:
+            last = self._download_last(champ)
+            if last is not None:
+                committee = [last]
+        complete = set(champ.val_ap50) == set(self.cfg.classes)
+        return ScoringModels(
+            weights=champ.weights,
+            committee=tuple(committee),
+            val_ap50=dict(champ.val_ap50) if complete else None,
+            val_instances=dict(champ.val_instances) if complete else None,
+            name=f"v{champ.version}",
+        )
+
+    def _download_last(self, champ: Champion) -> Path | None:
+        """The champion run's ``checkpoints/last.pt`` (None when it was not logged)."""
+        import mlflow.artifacts
+        from mlflow.exceptions import MlflowException
+
+        dest = self.cfg.workspace / "models" / f"v{champ.version}" / "checkpoints"
+        target = dest / "last.pt"
+        if not target.is_file():
+            try:
+                mlflow.artifacts.download_artifacts(
+                    run_id=champ.run_id,
+                    artifact_path="checkpoints/last.pt",
+                    dst_path=str(dest.parent),
+                    tracking_uri=self.cfg.mlflow_uri,
+                )
+            except (MlflowException, OSError):
+                return None
+        return target if target.is_file() else None
 
     def _download_weights(self, version: str, run: Any) -> Path:
         import mlflow.artifacts

@@ -40,8 +40,9 @@ Reduction = Literal["max", "mean", "sum", "topk_mean"]
 REDUCTIONS: tuple[str, ...] = ("max", "mean", "sum", "topk_mean")
 # What a strategy reads besides the image count: "predictions" (Detections with class_probs from
 # loop.model.predict), "tta" (views under flips/scales), "committee" (views from other
-# checkpoints), "embeddings" ((n, d) image vectors), "class_counts" (labeled boxes per class).
-Need = Literal["predictions", "tta", "committee", "embeddings", "class_counts"]
+# checkpoints), "embeddings" ((n, d) image vectors), "class_counts" (labeled boxes per class),
+# "class_difficulty" (per-class weights from the current model's validation AP).
+Need = Literal["predictions", "tta", "committee", "embeddings", "class_counts", "class_difficulty"]
 _EPS = 1e-12
 # A committee member "sees" a reference box when one of its boxes overlaps it at least this much.
 COMMITTEE_IOU = 0.5
@@ -57,12 +58,15 @@ class ScoringInputs:
     predictions of other checkpoints (committee).
     ``embeddings``: optional ``(n, d)`` float image vectors (diversity, hybrid).
     ``labeled_class_counts``: optional ``(C,)`` number of labeled boxes per class id.
+    ``class_difficulty``: optional ``(C,)`` weights in ``(0, 1]`` per class id, higher for a class
+    the current model detects worse (`class_difficulty`).
     """
 
     detections: Sequence[Detections]
     views: Sequence[Sequence[Detections]] | None = None
     embeddings: FloatArray | None = None
     labeled_class_counts: FloatArray | None = None
+    class_difficulty: FloatArray | None = None
 
     def __post_init__(self) -> None:
         n = len(self.detections)
@@ -84,6 +88,11 @@ class ScoringInputs:
             if not np.all(np.isfinite(counts)) or np.any(counts < 0):
                 raise StrategyError("labeled_class_counts must be finite and >= 0 (NaN given?)")
             object.__setattr__(self, "labeled_class_counts", counts)
+        if self.class_difficulty is not None:
+            w = np.asarray(self.class_difficulty, dtype=np.float64)
+            if w.ndim != 1 or w.size == 0 or not np.all((w > 0) & (w <= 1)):
+                raise StrategyError(f"class_difficulty must be (C,) values in (0, 1], got {w}")
+            object.__setattr__(self, "class_difficulty", w)
 
     def __len__(self) -> int:
         return len(self.detections)
@@ -258,6 +267,38 @@ def class_rarity(counts: npt.ArrayLike) -> FloatArray:
     return (1.0 + c.min()) / (1.0 + c)
 
 
+def class_difficulty(
+    ap50: npt.ArrayLike,
+    n_instances: npt.ArrayLike,
+    prior_boxes: float = 10.0,
+    floor: float = 0.05,
+) -> FloatArray:
+    """``(C,)`` per-class AP50 of the current model on the labeled validation images and the
+    ``(C,)`` number of validation boxes behind each -> ``(C,)`` difficulty weights in
+    ``[floor, 1]``: ``1 - AP`` after shrinking each AP towards the box-weighted mean AP.
+
+    ``AP~_c = (n_c AP_c + m mean) / (n_c + m)`` with ``m = prior_boxes``: a class measured on two
+    validation boxes says little about itself, so it stays near the mean; a class without
+    validation boxes gets the mean. ``floor`` keeps a nearly solved class from weighing 0.
+    """
+    ap = np.asarray(ap50, dtype=np.float64)
+    n = np.asarray(n_instances, dtype=np.float64)
+    if ap.ndim != 1 or ap.size == 0 or ap.shape != n.shape:
+        raise StrategyError(f"ap50 and n_instances must be (C,) arrays, got {ap.shape}, {n.shape}")
+    if not np.all(np.isfinite(ap)) or np.any((ap < 0) | (ap > 1)):
+        raise StrategyError(f"per-class AP50 must lie in [0, 1], got {ap}")
+    if not np.all(np.isfinite(n)) or np.any(n < 0):
+        raise StrategyError(f"validation box counts must be >= 0, got {n}")
+    if prior_boxes < 0 or not 0 < floor <= 1:
+        raise StrategyError(f"need prior_boxes >= 0 and 0 < floor <= 1, got {prior_boxes}, {floor}")
+    mean = float((n * ap).sum() / n.sum()) if n.sum() > 0 else 0.0
+    denom = n + prior_boxes
+    shrunk = np.where(
+        denom > 0, (n * ap + prior_boxes * mean) / np.where(denom > 0, denom, 1), mean
+    )
+    return np.clip(1.0 - shrunk, floor, 1.0)
+
+
 def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> float:
     """Reduce per-box values ``(n,)`` with n >= 1 to one image score."""
     v = np.asarray(values, dtype=np.float64)
@@ -282,6 +323,9 @@ def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> flo
 # strategies
 # ------------------------------------------------------------------------------------------
 
+# A per-box measure: (image index, that image's Detections with >= 1 box, all inputs) -> (n_boxes,)
+BoxMeasure = Callable[[int, Detections, "ScoringInputs"], FloatArray]
+
 
 def _per_image(
     detections: Sequence[Detections],
@@ -301,6 +345,34 @@ def _per_image(
     return scores
 
 
+def per_box_strategy(
+    name: str, needs: Sequence[Need] = ("predictions",)
+) -> Callable[[BoxMeasure], Strategy]:
+    """Register a per-box measure as strategy ``name``: the measure of every box of an image,
+    reduced by the caller's ``reduction`` (images with no box get ``empty_score``)."""
+
+    def deco(measure: BoxMeasure) -> Strategy:
+        def strategy(
+            detections: Sequence[Detections],
+            *,
+            reduction: Reduction = "max",
+            rng: np.random.Generator | None = None,
+            empty_score: float = 0.0,
+            k: int = 3,
+            inputs: ScoringInputs | None = None,
+        ) -> FloatArray:
+            given = inputs if inputs is not None else ScoringInputs(detections)
+            return _per_image(
+                detections, lambda i, d: measure(i, d, given), reduction, empty_score, k
+            )
+
+        strategy.__name__ = strategy.__qualname__ = name
+        strategy.__doc__ = measure.__doc__
+        return register(name, needs)(strategy)
+
+    return deco
+
+
 def _need_probs(det: Detections) -> FloatArray:
     if det.class_probs is None:
         raise StrategyError(
@@ -309,76 +381,46 @@ def _need_probs(det: Detections) -> FloatArray:
     return det.class_probs
 
 
-def _need_views(
-    inputs: ScoringInputs | None, name: str, what: str
-) -> Sequence[Sequence[Detections]]:
-    if inputs is None or inputs.views is None:
+def _need_views(inputs: ScoringInputs, name: str, what: str) -> Sequence[Sequence[Detections]]:
+    if inputs.views is None:
         raise StrategyError(f"strategy {name!r} needs ScoringInputs.views ({what})")
     return inputs.views
 
 
-@register("entropy")
-def entropy(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
+def _need_weights(
+    weights: FloatArray | None, det: Detections, name: str, what: str, field: str
 ) -> FloatArray:
-    """Per-box summed binary entropy of the class scores (nats), reduced per image.
+    """``weights`` (C,) checked against the class count of ``det``'s class scores."""
+    if weights is None:
+        raise StrategyError(f"strategy {name!r} needs ScoringInputs.{field} ({what})")
+    probs = _need_probs(det)
+    if probs.shape[1] != weights.shape[0]:
+        raise StrategyError(
+            f"class_probs have {probs.shape[1]} classes but {field} has {weights.shape[0]}"
+        )
+    return weights
 
-    ``empty_score`` is the score of an image with no candidate box at all (explicit, default 0:
-    nothing the model considers even faintly a defect).
-    """
-    return _per_image(
-        detections, lambda _i, d: box_entropy(_need_probs(d)), reduction, empty_score, k
-    )
+
+@per_box_strategy("entropy")
+def entropy(_i: int, det: Detections, _inputs: ScoringInputs) -> FloatArray:
+    """Per-box summed binary entropy of the class scores (nats), reduced per image."""
+    return box_entropy(_need_probs(det))
 
 
-@register("least_confidence")
-def least_confidence(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
-) -> FloatArray:
+@per_box_strategy("least_confidence")
+def least_confidence(_i: int, det: Detections, _inputs: ScoringInputs) -> FloatArray:
     """Per-box ``1 - max class score`` in ``[0, 1]``, reduced per image."""
-    return _per_image(
-        detections, lambda _i, d: box_least_confidence(_need_probs(d)), reduction, empty_score, k
-    )
+    return box_least_confidence(_need_probs(det))
 
 
-@register("margin")
-def margin(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
-) -> FloatArray:
+@per_box_strategy("margin")
+def margin(_i: int, det: Detections, _inputs: ScoringInputs) -> FloatArray:
     """Per-box ``1 - (top-1 - top-2 class score)`` in ``[0, 1]`` (see `box_margin`), reduced."""
-    return _per_image(
-        detections, lambda _i, d: box_margin(_need_probs(d)), reduction, empty_score, k
-    )
+    return box_margin(_need_probs(det))
 
 
-@register("localization_stability", needs=("predictions", "tta"))
-def localization_stability(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
-) -> FloatArray:
+@per_box_strategy("localization_stability", needs=("predictions", "tta"))
+def localization_stability(i: int, det: Detections, inputs: ScoringInputs) -> FloatArray:
     """Per-box ``confidence * (1 - stability)`` under test-time augmentation, reduced per image.
 
     ``inputs.views[i]``: image ``i``'s predictions under flips/scales mapped back to its pixels.
@@ -387,59 +429,48 @@ def localization_stability(
     dominate; values lie in ``[0, 1]``.
     """
     views = _need_views(inputs, "localization_stability", "test-time augmentation predictions")
-
-    def per_box(i: int, det: Detections) -> FloatArray:
-        conf = det.confidence if det.confidence is not None else _need_probs(det).max(axis=1)
-        return np.asarray(conf, dtype=np.float64) * (1.0 - box_stability(det, views[i]))
-
-    return _per_image(detections, per_box, reduction, empty_score, k)
+    conf = det.confidence if det.confidence is not None else _need_probs(det).max(axis=1)
+    return np.asarray(conf, dtype=np.float64) * (1.0 - box_stability(det, views[i]))
 
 
-@register("committee", needs=("predictions", "committee"))
-def committee(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
-) -> FloatArray:
+@per_box_strategy("committee", needs=("predictions", "committee"))
+def committee(i: int, det: Detections, inputs: ScoringInputs) -> FloatArray:
     """Per-box disagreement (nats, `box_committee`) between the reference checkpoint and the
     others, reduced per image. ``inputs.views[i]``: the other checkpoints' predictions of image
     ``i``."""
     views = _need_views(inputs, "committee", "predictions of the other checkpoints")
-    return _per_image(
-        detections, lambda i, d: box_committee(d, views[i]), reduction, empty_score, k
-    )
+    return box_committee(det, views[i])
 
 
-@register("class_balance", needs=("predictions", "class_counts"))
-def class_balance(
-    detections: Sequence[Detections],
-    *,
-    reduction: Reduction = "max",
-    rng: np.random.Generator | None = None,
-    empty_score: float = 0.0,
-    k: int = 3,
-    inputs: ScoringInputs | None = None,
-) -> FloatArray:
+@per_box_strategy("class_balance", needs=("predictions", "class_counts"))
+def class_balance(_i: int, det: Detections, inputs: ScoringInputs) -> FloatArray:
     """Per-box ``max_c p_c * rarity_c`` in ``[0, 1]`` (`class_rarity` of the labeled set's box
     counts), reduced per image: favours images predicted to hold classes that are rare so far."""
-    if inputs is None or inputs.labeled_class_counts is None:
-        raise StrategyError("strategy 'class_balance' needs ScoringInputs.labeled_class_counts")
-    weights = class_rarity(inputs.labeled_class_counts)
+    counts = inputs.labeled_class_counts
+    rarity = None if counts is None else class_rarity(counts)
+    weights = _need_weights(
+        rarity, det, "class_balance", "labeled boxes per class", "labeled_class_counts"
+    )
+    return (_need_probs(det) * weights[None, :]).max(axis=1)
 
-    def per_box(_i: int, det: Detections) -> FloatArray:
-        probs = _need_probs(det)
-        if probs.shape[1] != weights.shape[0]:
-            raise StrategyError(
-                f"class_probs have {probs.shape[1]} classes but labeled_class_counts "
-                f"{weights.shape[0]}"
-            )
-        return (probs * weights[None, :]).max(axis=1)
 
-    return _per_image(detections, per_box, reduction, empty_score, k)
+@per_box_strategy("calibrated_entropy", needs=("predictions", "class_difficulty"))
+def calibrated_entropy(_i: int, det: Detections, inputs: ScoringInputs) -> FloatArray:
+    """Difficulty-calibrated entropy: per-box entropy (nats) times the difficulty of the box's
+    predicted class (`class_difficulty`, in ``(0, 1]``), reduced per image.
+
+    The idea of PPAL's difficulty-calibrated uncertainty sampling (Yang et al., CVPR 2024): the
+    same doubt about a class the current model handles badly is worth more labels than doubt
+    about a class it already detects.
+    """
+    weights = _need_weights(
+        inputs.class_difficulty,
+        det,
+        "calibrated_entropy",
+        "per-class difficulty",
+        "class_difficulty",
+    )
+    return box_entropy(_need_probs(det)) * weights[det.class_id]
 
 
 @register("random", needs=())
@@ -503,6 +534,7 @@ def score_images(
     views: Sequence[Sequence[Detections]] | None = None,
     embeddings: npt.ArrayLike | None = None,
     labeled_class_counts: npt.ArrayLike | None = None,
+    class_difficulty: npt.ArrayLike | None = None,
 ) -> FloatArray:
     """Score ``detections`` with strategy ``name``; result shape ``(len(detections),)``.
 
@@ -516,5 +548,8 @@ def score_images(
         labeled_class_counts=None
         if labeled_class_counts is None
         else np.asarray(labeled_class_counts, dtype=np.float64),
+        class_difficulty=None
+        if class_difficulty is None
+        else np.asarray(class_difficulty, dtype=np.float64),
     )
     return score_inputs(name, inputs, reduction=reduction, rng=rng, empty_score=empty_score, k=k)

@@ -47,16 +47,38 @@ def test_label_efficiency_smoke_writes_the_result_file(tmp_path: Path) -> None:
     line = run_bench("label_efficiency.py", *args)
     assert line["complete"] is True and line["curves_done"] == line["curves_total"] == 3
     assert set(line["strategies"]) == {"random", "entropy", "hybrid"}
-    doc = json.loads((results / "label_efficiency_smoke.json").read_text())
-    for key in ("dataset", "seeds", "strategies", "best_strategy", "best_savings_mean"):
+    text = (results / "label_efficiency_smoke.json").read_text()
+    doc = json.loads(text)
+    assert '"/' not in text, "the result file names absolute paths of this machine"
+    for key in (
+        "dataset",
+        "seeds",
+        "strategies",
+        "best_strategy",
+        "best_savings_mean",
+        "ceiling",
+        "best_savings_at_95pct_ceiling",
+        "start",
+    ):
         assert key in doc
+    shared = REPO.parent / "shared" / "models" / "yolov8n.pt"
+    assert doc["start"] == (
+        "../shared/models/yolov8n.pt" if shared.is_file() else "yolov8n.yaml (random weights)"
+    )
     assert doc["seeds"] == [0] and (results / "label_efficiency_smoke.png").stat().st_size > 0
+    # The ceiling trains once on every non-test label of the 160-image subset.
+    assert doc["ceiling"]["labeled"] > 36 and 0.0 <= doc["ceiling"]["test_map50"] <= 1.0
     for name, s in doc["strategies"].items():
         assert {"savings_mean", "savings_min", "curve", "savings_map50_95_mean"} <= set(s)
+        assert {"savings_at_95pct_ceiling_mean", "actions_savings_mean", "effort"} <= set(s)
         assert [r["labeled"] for r in s["curve"]] == [24, 36], name  # initial, + one step
         assert sum(s["final_labeled_boxes_mean"].values()) > 0
+        r0, r1 = s["rounds_per_seed"]["0"]
+        assert r0["effort"] is None and r1["effort"]["gt_boxes"] > 0
+        assert r1["actions_total"] == r0["actions_total"] + r1["effort"]["actions"]
+        assert s["effort"]["gt_boxes"] == r1["effort"]["gt_boxes"]
     assert doc["strategies"]["random"]["savings_mean"] in (0.0, None)  # random against itself
-    # A second run resumes: every curve is already there, nothing is trained again.
+    # A second run resumes: every curve and the ceiling are there, nothing is trained again.
     again = run_bench("label_efficiency.py", *args)
     assert again["curves_done"] == 3 and again["elapsed_s_this_run"] < 60
 

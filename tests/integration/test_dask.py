@@ -78,9 +78,11 @@ def _rows(ranked: list[Any]) -> list[tuple[str, float]]:
     return [(s.sha256, s.score) for s in ranked]
 
 
+@pytest.mark.parametrize("strategy", ["entropy", "class_diversity"])
 def test_dask_scoring_gives_the_local_ranking(
-    trained: Path, cluster: Any, prefect_api: str, monkeypatch: pytest.MonkeyPatch
+    trained: Path, cluster: Any, prefect_api: str, monkeypatch: pytest.MonkeyPatch, strategy: str
 ) -> None:
+    """Both a scorer and a set selector that reads embeddings and class difficulty."""
     from distributed import Client, get_task_stream
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterId
@@ -88,6 +90,7 @@ def test_dask_scoring_gives_the_local_ranking(
     from flows.score import score_flow
 
     monkeypatch.delenv("DEFECT_LOOP_SCORING__DASK_ADDRESS", raising=False)
+    monkeypatch.setenv("DEFECT_LOOP_SELECT__STRATEGY", strategy)
     n = len(Project(load_config(trained)).candidates())
     assert n > 32, "more than two batches"
     local = score_flow(str(trained))
@@ -104,7 +107,8 @@ def test_dask_scoring_gives_the_local_ranking(
     assert all(
         a.detections.same_boxes(b.detections, atol=0) for a, b in zip(on_dask, local, strict=True)
     )
-    assert len({s for _, s in _rows(local)}) < n, "the test covers tied scores"
+    if strategy == "entropy":
+        assert len({s for _, s in _rows(local)}) < n, "the test covers tied scores"
 
     # Each batch ran as its own task on the cluster and reported to the Prefect server.
     with get_client(sync_client=True) as client:
@@ -122,17 +126,17 @@ def test_dask_scoring_gives_the_local_ranking(
 
 
 def test_unbatched_single_process_path_agrees(trained: Path, prefect_api: str) -> None:
-    """The batched local path ranks like the original one-pass `Project.score` (entropy, batch
-    size a multiple of the model's 16-image predict chunk)."""
+    """The batched flow ranks like one `loop.scoring.score_batch` over every candidate (entropy,
+    batch size a multiple of the model's 16-image predict chunk)."""
     from flows.score import score_flow
+    from loop.scoring import plan_scoring, rank_candidates, score_batch
     from loop.tracking import Tracker
 
     cfg = load_config(trained)
     project = Project(cfg)
-    champ = Tracker(cfg).champion()
-    assert champ is not None
+    plan = plan_scoring(project, Tracker(cfg).scoring_models(cfg.select.committee_size))
     shas = project.candidates()
-    once = project.score(shas, project.predict(champ.weights, shas))
+    once = rank_candidates(project, plan, score_batch(project, plan, shas))
     assert _rows(score_flow(str(trained))) == _rows(once)
 
 

@@ -6,6 +6,7 @@ mAP is never asserted (it is ~0 after one epoch from scratch); the protocol is.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -22,15 +23,8 @@ from loop.config import SplitConfig, TrainConfig
 from loop.datasets import DatasetStore, assign_split
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError, StrategyError
-from loop.replay import (
-    ReplaySettings,
-    initial_set,
-    label_savings,
-    labels_to_reach,
-    mean_curve,
-    prepare_dataset,
-    run_replay,
-)
+from loop.replay import ReplaySettings, initial_set, prepare_dataset, run_replay
+from loop.savings import label_savings, labels_to_reach, mean_curve
 from loop.simulate import OracleGateway
 from loop.synth import SYNTH_CLASSES, write_dataset
 
@@ -224,7 +218,20 @@ def test_simulation_writes_every_curve_round_and_metric(simulated: dict[str, Any
             assert set(r["test_per_class_ap50"]) == set(SYNTH_CLASSES)
             assert set(r["test_per_class_ap50_95"]) == set(SYNTH_CLASSES)
             assert r["wall_seconds"] >= 0 and r["train_seconds"] > 0
-        assert rounds[1]["init"] == "previous round" and rounds[0]["init"] == "scratch"
+        # No checkpoint in the config and init "pretrained": every round starts from the YAML.
+        assert [r["init"] for r in rounds] == ["scratch"] * (ROUNDS + 1)
+        # Effort: what the oracle labeler did with the pushed pre-annotations, every final box
+        # either matched to a suggestion (accepted / adjusted / relabeled) or added.
+        assert rounds[0]["effort"] is None
+        for prev, r in itertools.pairwise(rounds):
+            e = r["effort"]
+            new_boxes = sum(r["labeled_boxes"].values()) - sum(prev["labeled_boxes"].values())
+            assert e["gt_boxes"] == new_boxes
+            assert e["accepted"] + e["adjusted"] + e["relabeled"] + e["added"] == new_boxes
+            assert e["actions"] == e["adjusted"] + e["relabeled"] + e["removed"] + e["added"]
+            assert r["actions_total"] == prev["actions_total"] + e["actions"]
+            assert sum(r["selected_predicted_class"].values()) <= STEP
+        assert rounds[0]["actions_total"] == sum(rounds[0]["labeled_boxes"].values())
     # Round 0 depends only on the seed: trained once, reused by the other strategies.
     assert [c["rounds"][0]["round0_cached"] for c in doc["curves"]] == [False, True, True]
     assert len({c["rounds"][0]["dataset_digest"] for c in doc["curves"]}) == 1
@@ -236,6 +243,8 @@ def test_simulation_writes_every_curve_round_and_metric(simulated: dict[str, Any
         assert means["entropy"] is None and means["hybrid"] is None
     else:
         assert summary["best_strategy"] in {"entropy", "hybrid"}
+    assert set(summary["effort"]) == set(STRATEGIES)
+    assert all("actions_savings_mean" in v for v in summary["strategies"].values())
     assert (out / "replay.png").stat().st_size > 1000
     assert "label savings vs random" in simulated["output"]
 

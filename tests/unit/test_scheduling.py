@@ -14,13 +14,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
 import yaml
 
-from loop.config import ProjectConfig, load_config
-from loop.detections import Detections
-from loop.errors import ConfigError, DatasetError, ModelError, ServiceError
+from loop.config import load_config
+from loop.errors import ConfigError, ModelError, ServiceError
 from loop.scheduling import (
     CycleBusyError,
     CycleLock,
@@ -34,7 +32,6 @@ from loop.scheduling import (
     is_transient,
     merge_in_order,
 )
-from loop.selection import rank
 from loop.services import PrefectService, free_port
 
 CLASSES = ["scratch", "pit"]
@@ -277,77 +274,6 @@ def test_deployment_name():
 
 
 # --- batched scoring is independent of the batches -----------------------------------------------
-def _det(sha: str, n: int, seed: int) -> Detections:
-    rng = np.random.default_rng(seed)
-    xy = rng.uniform(0, 40, size=(n, 2))
-    probs = rng.uniform(0, 1, size=(n, len(CLASSES)))
-    cls = probs.argmax(axis=1)
-    return Detections(
-        np.hstack([xy, xy + 5]),
-        cls,
-        (64, 64),
-        confidence=probs[np.arange(n), cls],
-        class_probs=probs,
-        meta={"path": sha},
-    )
-
-
-@pytest.fixture
-def fake_project(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
-    from loop.project import Project
-
-    def project(strategy: str) -> Any:
-        cfg = ProjectConfig(
-            classes=CLASSES,
-            workspace=tmp_path / "ws",
-            select={"strategy": strategy, "preannotation_conf": 0.5, "seed": 3},
-        )
-        p = Project(cfg)
-        p.state.round = 2
-        return p
-
-    dets = {f"{i:02x}" * 32: _det(f"{i:02x}" * 32, i % 4, i) for i in range(40)}
-    # Ties on purpose: images with no box all score the empty score.
-
-    def fake_predict(self: Any, weights: Path, shas: list[str]) -> Any:
-        return iter([dets[s] for s in shas])
-
-    monkeypatch.setattr(Project, "predict", fake_predict)
-    return project, list(dets)
-
-
-@pytest.mark.parametrize("strategy", ["entropy", "random"])
-def test_ranking_does_not_depend_on_batches(fake_project: Any, strategy: str):
-    make, shas = fake_project
-    project = make(strategy)
-    whole = project.merge_ranked(shas, [project.score_batch(Path("w.pt"), shas)])
-    for size in (1, 7, 16):
-        parts = [project.score_batch(Path("w.pt"), b) for b in batches(shas, size)]
-        again = project.merge_ranked(shas, list(reversed(parts)))  # any arrival order
-        assert [(s.sha256, s.score) for s in again] == [(s.sha256, s.score) for s in whole]
-        assert all(a.detections.same_boxes(b.detections) for a, b in zip(again, whole, strict=True))
-    # Boxes shown to labelers are those above preannotation_conf.
-    assert all(
-        (s.detections.confidence >= 0.5).all() for s in whole if s.detections.confidence is not None
-    )
-    if strategy == "entropy":
-        # The same ranking as the unbatched single-pass `Project.score`.
-        old = project.score(shas, project.predict(Path("w.pt"), shas))
-        assert [(s.sha256, s.score) for s in old] == [(s.sha256, s.score) for s in whole]
-    # Ties are broken by one generator seeded by (select.seed, round), applied after merging.
-    scores = dict((r[0], r[1]) for r in project.score_batch(Path("w.pt"), shas))
-    expected = rank(shas, [scores[s] for s in shas], np.random.default_rng([3, 2]))
-    assert [s for s, _ in expected] == [s.sha256 for s in whole]
-
-
-def test_merge_ranked_refuses_a_lost_batch(fake_project: Any):
-    make, shas = fake_project
-    project = make("entropy")
-    parts = [project.score_batch(Path("w.pt"), b) for b in batches(shas, 16)]
-    with pytest.raises(DatasetError, match="missing"):
-        project.merge_ranked(shas, parts[:-1])
-
-
 # --- PrefectService without starting it ----------------------------------------------------------
 def test_prefect_service_env_and_command(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     monkeypatch.setenv("PREFECT_API_URL", "http://elsewhere:4200/api")

@@ -11,12 +11,18 @@ import pytest
 from loop.detections import Detections
 from loop.errors import StrategyError
 from loop.selection import (
-    SELECTORS,
+    CandidateSet,
+    LabeledSet,
     SelectParams,
     available_strategies,
+    class_quotas,
     diversity_select,
     hybrid_select,
+    image_class,
     k_center_greedy,
+    labeled_class,
+    resolve_strategy,
+    select,
     select_batch,
     strategy_needs,
 )
@@ -109,7 +115,11 @@ def _inputs(n: int, seed: int = 0) -> tuple[list[str], ScoringInputs]:
     ids = [f"img{i:02d}" for i in range(n)]
     views = [[d] for d in dets]
     return ids, ScoringInputs(
-        dets, views=views, embeddings=rng.random((n, 5)), labeled_class_counts=np.array([3.0, 1])
+        dets,
+        views=views,
+        embeddings=rng.random((n, 5)),
+        labeled_class_counts=np.array([3.0, 1]),
+        class_difficulty=np.array([0.2, 0.9]),
     )
 
 
@@ -147,14 +157,120 @@ def test_select_batch_shifts_negative_scores_to_valid_priorities():
 
 def test_select_batch_errors_are_named():
     ids, inputs = _inputs(4)
-    plain = ScoringInputs(inputs.detections)
-    for name in SELECTORS:
+    plain = ScoringInputs(inputs.detections, class_difficulty=np.array([0.5, 0.5]))
+    for name in ("diversity", "hybrid", "class_diversity"):
         with pytest.raises(StrategyError, match="embeddings"):
             select_batch(name, ids, plain, 2, RNG(0))
+    with pytest.raises(StrategyError, match="per-class weights"):
+        select_batch("class_quota", ids, ScoringInputs(inputs.detections), 2, RNG(0))
     with pytest.raises(StrategyError, match="unknown strategy"):
         strategy_needs("nope")
     with pytest.raises(StrategyError, match="inputs for 4"):
         select_batch("entropy", ids[:2], inputs, 1, RNG(0))
     with pytest.raises(StrategyError, match="scoring strategy"):
-        select_batch("hybrid", ids, inputs, 1, RNG(0), SelectParams(hybrid_base="diversity"))
+        select_batch("hybrid", ids, inputs, 1, RNG(0), SelectParams(base_strategy="diversity"))
     assert strategy_needs("hybrid") == {"predictions", "embeddings"}
+
+
+@pytest.mark.parametrize(
+    ("name", "base", "scorer", "selector", "needs"),
+    [
+        ("entropy", "margin", "entropy", "top", {"predictions"}),
+        ("random", "entropy", "random", "top", set()),
+        ("diversity", "entropy", None, "diversity", {"embeddings"}),
+        ("hybrid", "margin", "margin", "hybrid", {"predictions", "embeddings"}),
+        ("class_quota", "entropy", "entropy", "class_quota", {"predictions", "class_difficulty"}),
+        (
+            "class_diversity",
+            "calibrated_entropy",
+            "calibrated_entropy",
+            "class_diversity",
+            {"predictions", "embeddings", "class_difficulty"},
+        ),
+        (
+            "hybrid",
+            "localization_stability",
+            "localization_stability",
+            "hybrid",
+            {"predictions", "embeddings", "tta"},
+        ),
+    ],
+)
+def test_resolve_strategy_table(name, base, scorer, selector, needs):
+    plan = resolve_strategy(name, base)
+    assert (plan.scorer, plan.selector, set(plan.needs)) == (scorer, selector, needs)
+
+
+def test_resolve_strategy_refuses_unknown_names_and_non_scorer_bases():
+    with pytest.raises(StrategyError, match="unknown strategy 'top'"):
+        resolve_strategy("top")  # a selector's internal name is not a strategy
+    with pytest.raises(StrategyError, match="base_strategy"):
+        resolve_strategy("class_quota", "hybrid")
+    assert "class_diversity" in available_strategies() and "top" not in available_strategies()
+
+
+@pytest.mark.parametrize(
+    ("weights", "available", "k", "expected"),
+    [
+        ([3, 1], [10, 10], 8, [6, 2]),
+        ([1, 1, 1], [10, 10, 10], 3, [1, 1, 1]),
+        ([3, 1], [2, 10], 8, [2, 6]),  # the first group is short: the rest goes to the other
+        ([1, 1], [3, 2], 10, [3, 2]),  # fewer images than seats
+        ([1, 2, 1], [5, 5, 5], 1, [0, 1, 0]),  # one seat: the heaviest group
+        ([0.5, 0.25, 0.25], [9, 9, 9], 5, [3, 1, 1]),
+        ([1, 1], [0, 0], 4, [0, 0]),
+        ([2, 1], [5, 5], 0, [0, 0]),
+    ],
+)
+def test_class_quotas_known_answers(weights, available, k, expected):
+    q = class_quotas(weights, available, k)
+    assert q.tolist() == expected
+    assert q.sum() == min(k, sum(available)) and (q <= np.array(available)).all()
+
+
+def test_class_quotas_refuses_bad_input():
+    with pytest.raises(StrategyError, match="weights > 0"):
+        class_quotas([0, 1], [1, 1], 1)
+    with pytest.raises(StrategyError, match=r"\(G,\)"):
+        class_quotas([1, 1], [1], 1)
+
+
+def test_image_class_and_labeled_class():
+    a = det([[0.2, 0.9], [0.95, 0.1]])  # most confident box: class 0
+    assert image_class(a) == 0
+    assert image_class(Detections.empty((8, 8), 2)) == -1
+    gt = Detections(np.tile([1.0, 1, 5, 5], (3, 1)), np.array([1, 0, 1]), (8, 8))
+    assert labeled_class(gt) == 1 and labeled_class(Detections.empty((8, 8))) == -1
+
+
+def _cands(classes: list[int], scores: list[float], emb: np.ndarray | None = None) -> CandidateSet:
+    ids = [f"i{j}" for j in range(len(classes))]
+    return CandidateSet(ids, np.array(scores, float), emb, np.array(classes))
+
+
+def test_class_quota_fills_each_class_with_its_best_images():
+    # Class 1 is three times as hard as class 0: 3 of 4 seats, filled by its highest scores.
+    c = _cands([0, 0, 0, 1, 1, 1, 1], [0.9, 0.8, 0.1, 0.2, 0.7, 0.3, 0.6])
+    plan = resolve_strategy("class_quota")
+    params = SelectParams(class_weights=np.array([0.25, 0.75]))
+    picked = select(plan, c, 4, RNG(0), params)
+    assert {i for i, _ in picked} == {"i0", "i4", "i6", "i5"}
+    assert [i for i, _ in picked] == ["i0", "i4", "i6", "i5"]  # by score
+    assert [p for _, p in picked] == [1.0, 0.75, 0.5, 0.25]
+    # Uniform weights: 2 + 2.
+    even = select(plan, c, 4, RNG(0), SelectParams(class_weights=np.array([0.5, 0.5])))
+    assert {i for i, _ in even} == {"i0", "i1", "i4", "i6"}
+
+
+def test_class_diversity_keeps_away_from_labeled_images_of_the_same_class_only():
+    # Candidates: class 0 at 0 and 9, class 1 at 1 and 10. Labeled: a class-0 image at 10 and a
+    # class-1 image at 0, i.e. each near the OTHER class's candidates.
+    c = _cands([0, 0, 1, 1], [0.5, 0.5, 0.5, 0.5], line(0.0, 9.0, 1.0, 10.0))
+    plan = resolve_strategy("class_diversity")
+    params = SelectParams(class_weights=np.array([0.5, 0.5]), normalize_embeddings=False)
+    labeled = LabeledSet(line(10.0, 0.0), np.array([0, 1]))
+    # Class-conditioned: each class keeps away from its own labeled image only.
+    assert {i for i, _ in select(plan, c, 2, RNG(0), params, labeled)} == {"i0", "i3"}
+    # Without classes the labeled images cover whatever lies near them.
+    blind = LabeledSet(line(10.0, 0.0), None)
+    assert {i for i, _ in select(plan, c, 2, RNG(0), params, blind)} == {"i1", "i2"}

@@ -303,7 +303,7 @@ def test_class_balance_favours_rare_classes():
     assert s.tolist() == pytest.approx([0.09, 0.9])
     with pytest.raises(StrategyError, match="labeled_class_counts"):
         score_images("class_balance", [common], rng=RNG(0))
-    with pytest.raises(StrategyError, match="3 classes but labeled_class_counts 2"):
+    with pytest.raises(StrategyError, match="3 classes but labeled_class_counts has 2"):
         score_images("class_balance", [common], labeled_class_counts=[1, 2], rng=RNG(0))
     with pytest.raises(StrategyError, match="NaN"):
         score_images("class_balance", [common], labeled_class_counts=[1, np.nan, 2], rng=RNG(0))
@@ -349,3 +349,60 @@ def test_single_model_strategies_ignore_extra_inputs():
     plain = score_images("entropy", [a], rng=RNG(0))
     extra = score_images("entropy", [a], rng=RNG(0), embeddings=np.ones((1, 4)))
     assert plain.tolist() == extra.tolist()
+
+
+# ----------------------------------------------------------------------------------------------
+# class difficulty and difficulty-calibrated entropy
+# ----------------------------------------------------------------------------------------------
+
+from loop.uncertainty import class_difficulty  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("ap", "n", "prior", "expected"),
+    [
+        # No prior: 1 - AP, floored.
+        ([0.9, 0.2, 1.0], [10, 10, 10], 0.0, [0.1, 0.8, 0.05]),
+        # Prior of 10 boxes: mean AP 0.5 (box-weighted); a class seen on 10 boxes moves halfway.
+        ([0.9, 0.1], [10, 10], 10.0, [1 - 0.7, 1 - 0.3]),
+        # A class without validation boxes gets the mean of the others.
+        ([0.8, 0.0], [5, 0], 10.0, [1 - (5 * 0.8 + 10 * 0.8) / 15, 1 - 0.8]),
+        # Nothing measured at all: every class is maximally hard.
+        ([0.0, 0.0], [0, 0], 10.0, [1.0, 1.0]),
+    ],
+)
+def test_class_difficulty_known_answers(ap, n, prior, expected):
+    assert class_difficulty(ap, n, prior_boxes=prior).tolist() == pytest.approx(expected)
+
+
+def test_class_difficulty_refuses_bad_input():
+    with pytest.raises(StrategyError, match="AP50"):
+        class_difficulty([1.5, 0.2], [1, 1])
+    with pytest.raises(StrategyError, match=r"\(C,\)"):
+        class_difficulty([0.5], [1, 2])
+    with pytest.raises(StrategyError, match=">= 0"):
+        class_difficulty([0.5, 0.5], [-1, 2])
+
+
+def test_calibrated_entropy_weighs_doubt_about_hard_classes_more():
+    easy = det([[0, 0, 5, 5]], [[0.5, 0.0, 0.0]])  # most doubt, class 0 (easy)
+    hard = det([[0, 0, 5, 5]], [[0.0, 0.2, 0.0]])  # less doubt, class 1 (hard)
+    difficulty = np.array([0.1, 0.9, 0.5])
+    plain = score_images("entropy", [easy, hard], rng=RNG(0))
+    calibrated = score_images(
+        "calibrated_entropy", [easy, hard], rng=RNG(0), class_difficulty=difficulty
+    )
+    assert plain[0] > plain[1]
+    assert calibrated.tolist() == pytest.approx([plain[0] * 0.1, plain[1] * 0.9])
+    assert calibrated[1] > calibrated[0]
+    assert NEEDS["calibrated_entropy"] == {"predictions", "class_difficulty"}
+
+
+def test_calibrated_entropy_needs_difficulty_for_every_class():
+    a = det([[0, 0, 5, 5]], [[0.5, 0.1, 0.1]])
+    with pytest.raises(StrategyError, match="class_difficulty"):
+        score_images("calibrated_entropy", [a], rng=RNG(0))
+    with pytest.raises(StrategyError, match="3 classes but class_difficulty has 2"):
+        score_images("calibrated_entropy", [a], rng=RNG(0), class_difficulty=[0.5, 0.5])
+    with pytest.raises(StrategyError, match=r"\(0, 1\]"):
+        ScoringInputs([a], class_difficulty=np.array([0.0, 0.5, 0.5]))

@@ -59,8 +59,8 @@ FULL: dict[str, Any] = {
     "step": 100,
     "rounds": 6,
     "imgsz": 224,
-    "epochs": 15,
-    "min_iterations": 300,
+    "epochs": 10,
+    "min_iterations": 200,
     "batch": 16,
     "max_images": None,
 }

@@ -38,7 +38,8 @@ def init(
         Path | None,
         typer.Option(
             help="local .pt checkpoint every training starts from, e.g. Ultralytics' "
-            "COCO-pretrained yolov8n.pt (its sha256 is pinned in the YAML); nothing is downloaded"
+            "COCO-pretrained yolov8n.pt (its sha256 is pinned in the YAML); nothing is downloaded",
+            envvar="DEFECT_LOOP_TRAIN__WEIGHTS",
         ),
     ] = None,
 ) -> None:
@@ -130,7 +131,9 @@ def score(
     """Rank the unlabeled pool with the champion model (prints the top).
 
     The model runs through `scoring.backend` (torch, onnx or onnx-int8), e.g.
-    DEFECT_LOOP_SCORING__BACKEND=onnx-int8 defect-loop score.
+    DEFECT_LOOP_SCORING__BACKEND=onnx-int8 defect-loop score. The priority column is the
+    strategy's score for a scorer (entropy, margin, ...); for a set selector (diversity, hybrid,
+    class_quota, class_diversity) it is rank-based: 1 for its first pick.
     """
     cfg = _load(config)
     _prefect_env(cfg)
@@ -139,7 +142,7 @@ def score(
         from flows.score import score_flow
 
         ranked = score_flow(str(config))
-        table = Table("rank", "image", "score", "boxes shown")
+        table = Table("rank", "image", "priority", "boxes shown")
         for i, s in enumerate(ranked[:top], start=1):
             table.add_row(str(i), s.sha256[:12], f"{s.score:.4f}", str(len(s.detections)))
         console.print(table)

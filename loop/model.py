@@ -1046,3 +1046,165 @@ def prepare_ultralytics(yolo_config_dir: Path, threads: int = 2) -> None:
     that outlives them.
     """
     _setup(yolo_config_dir, threads)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX with an embedding output (deployment bundles and production monitoring)
+# --------------------------------------------------------------------------------------------
+
+EMBEDDING_OUTPUT = "embedding"
+
+
+def add_embedding_output(onnx_path: Path, out_path: Path, layer: int | None = None) -> Path:
+    """Write a copy of an `export_onnx` model with a second output ``embedding``: ``(B, d)``
+    float32, the global average pool of layer ``layer``'s feature map (default: the layer just
+    before the Detect head, as `embed` does; 256-d for yolov8n). Output 0 (the detection head,
+    ``(B, 4 + nc, anchors)``) is left exactly as it was, so `predict_onnx` on the copy gives
+    the same `Detections`. Returns ``out_path`` resolved.
+
+    The layer's output is found by Ultralytics' ONNX node names (``/model.<i>/...``): the last
+    node of module ``i`` in the graph's topological order produces it.
+    """
+    import re
+
+    src = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    if importlib.util.find_spec("onnx") is None:
+        raise ModelError("adding an embedding output needs the 'onnx' package: pip install onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    if any(o.name == EMBEDDING_OUTPUT for o in graph.output):
+        raise ModelError(f"{src} already has an '{EMBEDDING_OUTPUT}' output")
+    module_of: dict[int, list[Any]] = {}
+    for node in graph.node:
+        m = re.match(r"/model\.(\d+)/", node.name)
+        if m:
+            module_of.setdefault(int(m.group(1)), []).append(node)
+    if not module_of:
+        raise ModelError(
+            f"{src} has no Ultralytics module names (/model.<i>/...); export it with "
+            "loop.model.export_onnx"
+        )
+    head = max(module_of)
+    index = head - 1 if layer is None else layer
+    if index not in module_of or not 0 <= index < head:
+        raise ModelError(f"layer must be within [0, {head - 1}] for this model, got {layer}")
+    feature = module_of[index][-1].output[0]
+    channels: int | str = "channels"
+    try:
+        inferred = onnx.shape_inference.infer_shapes(proto)
+        for vi in inferred.graph.value_info:
+            if vi.name == feature:
+                dim = vi.type.tensor_type.shape.dim[1]
+                if dim.HasField("dim_value"):
+                    channels = int(dim.dim_value)
+    except Exception:  # the channel count only documents the output shape
+        pass
+    pooled = f"/{EMBEDDING_OUTPUT}/pooled"
+    graph.node.extend(
+        [
+            helper.make_node(
+                "GlobalAveragePool", [feature], [pooled], name=f"/{EMBEDDING_OUTPUT}/pool"
+            ),
+            helper.make_node(
+                "Flatten", [pooled], [EMBEDDING_OUTPUT], name=f"/{EMBEDDING_OUTPUT}/flatten", axis=1
+            ),
+        ]
+    )
+    graph.output.append(
+        helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["batch", channels])
+    )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"the embedding output of {src} gives an invalid graph: {exc}") from exc
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return out.resolve()
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session for ``path`` with the thread settings `predict_onnx` uses."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError("the ONNX path needs onnxruntime: pip install onnxruntime") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def predict_onnx_embedded(
+    onnx_path: Path,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float,
+    yolo_config_dir: Path,
+    num_classes: int,
+    batch: int = 16,
+    iou: float = 0.7,
+    threads: int = 2,
+    min_candidates: int = 0,
+) -> Iterator[tuple[Detections, np.ndarray]]:
+    """`predict_onnx` on a model made by `add_embedding_output`: per image, in input order, its
+    `Detections` (exactly as `predict_onnx` gives them) and its ``(d,)`` float32 embedding, from
+    ONE forward pass. Preprocessing: Ultralytics' square letterbox to ``imgsz``."""
+    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    _check_predict_args(conf, iou, batch, min_candidates)
+    if imgsz % 32:
+        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
+    _setup(yolo_config_dir, threads)
+    session = _ort_session(path, threads)
+    outputs = [o.name for o in session.get_outputs()]
+    if EMBEDDING_OUTPUT not in outputs:
+        raise ModelError(
+            f"{path} has no '{EMBEDDING_OUTPUT}' output; make one with "
+            "loop.model.add_embedding_output"
+        )
+    input_name = session.get_inputs()[0].name
+
+    def stream() -> Iterator[tuple[Detections, np.ndarray]]:
+        import torch
+        from ultralytics.utils import ops
+
+        for chunk, sizes, x in _prefetched(images, batch, imgsz):
+            out, emb = session.run([outputs[0], EMBEDDING_OUTPUT], {input_name: x})
+            if out.ndim != 3 or out.shape[1] != 4 + num_classes:
+                raise ModelError(
+                    f"ONNX output of shape {out.shape} is not (B, 4 + {num_classes}, anchors): "
+                    "export a detection model trained on the project's classes"
+                )
+            raw = torch.from_numpy(out[: len(chunk)])
+            dets, keep = _nms_with_floor(raw, conf, iou, 300, min_candidates)
+            for b, (p, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
+                d = dets[b]
+                boxes: Any = ops.scale_boxes((imgsz, imgsz), d[:, :4].clone(), (h, w))
+                probs = raw[b, 4 : 4 + num_classes][:, keep[b]].T
+                det = Detections(
+                    xyxy=boxes.numpy().astype(np.float64),
+                    class_id=d[:, 5].numpy().astype(np.int64),
+                    image_wh=(w, h),
+                    confidence=d[:, 4].numpy().astype(np.float64),
+                    class_probs=probs.numpy().astype(np.float64).reshape(-1, num_classes),
+                    meta={"path": str(p)},
+                )
+                yield (
+                    _candidate_floor(det, conf, min_candidates),
+                    np.asarray(emb[b], dtype=np.float32).reshape(-1),
+                )
+
+    return stream()

@@ -24,6 +24,7 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
+from loop.review_queue import ReviewQueue
 from loop.selection import rank
 from loop.uncertainty import score_images
 
@@ -476,6 +477,9 @@ class Project:
         pid = self.ensure_ls_project(gw)
         fresh = [s for s in ranked if s.sha256 not in self.state.pending]
         waiting = [s for s in ranked if s.sha256 in self.state.pending]
+        # Images the production monitor queued lead the push (loop.review_queue).
+        queue = ReviewQueue(self.cfg.monitor_dir)
+        fresh = queue.first(fresh)
         chosen = fresh[: self.cfg.select.batch_size] + waiting
         items = [
             PushItem(
@@ -494,6 +498,7 @@ class Project:
             batch_size=self.cfg.labelstudio.batch_size,
             progress=None if self.cfg.labelstudio.progress else False,
         )
+        queue.mark_pushed(summary.task_ids)
         self.state.pending.update(summary.task_ids)
         self.state.last_model_version = model_version
         self.save_state()

@@ -37,7 +37,15 @@ import numpy as np
 import numpy.typing as npt
 
 from loop.detections import Detections
-from loop.drift import IMAGE_STATS, FeatureSet, image_stats, nearest_distance, read_gray
+from loop.drift import (
+    IMAGE_STATS,
+    FeatureSet,
+    image_stats,
+    nearest_distance,
+    part_normalize,
+    part_scales,
+    read_gray,
+)
 from loop.errors import DefectLoopError, DeployError, ImageError
 from loop.images import atomic_write_text, sha256_file
 
@@ -64,7 +72,7 @@ PREPROCESSING = {
 OUTPUTS = {
     "output0": "(B, 4 + nc, anchors): centre-x, centre-y, width, height in input pixels, then "
     "one sigmoid score per class; class-aware NMS at `iou` outside the graph",
-    "embedding": "(B, d): global average pool of the feature map before the Detect head",
+    "embedding": "(B, d): spatially pooled feature maps, concatenated (see embedding_parts)",
 }
 
 Progress = Callable[[str], None]
@@ -89,6 +97,7 @@ class BundleSpec:
     fp32_model: str
     int8_model: str | None
     embedding_dim: int
+    embedding_parts: list[dict[str, Any]]
     created_at: str
     source: dict[str, str] = field(default_factory=dict)
 
@@ -124,6 +133,7 @@ class BundleSpec:
                 fp32_model=str(doc["fp32_model"]),
                 int8_model=None if doc.get("int8_model") is None else str(doc["int8_model"]),
                 embedding_dim=int(doc["embedding_dim"]),
+                embedding_parts=[dict(p) for p in doc["embedding_parts"]],
                 created_at=str(doc["created_at"]),
                 source={str(k): str(v) for k, v in (doc.get("source") or {}).items()},
             )
@@ -135,13 +145,38 @@ class BundleSpec:
 class Reference:
     """The monitor's reference. ``features``: held-out labeled images (never trained on), which
     production windows are compared with; ``neighbours`` ``(m, d)``: embeddings of the train
-    images, which novelty is measured against; ``nn_distance``: each reference image's cosine
-    distance to its nearest neighbour (the null distribution of novelty)."""
+    images, which novelty is measured against; ``parts``: the widths of the embedding's pieces
+    (bundle.json ``embedding_parts``).
+
+    Embeddings are compared in `embed_space`: centred on the neighbours' mean (pooled features
+    share a large common component) with each piece scaled by its spread over the neighbours,
+    so that every piece weighs the same (`loop.drift.part_normalize`). Novelty is the Euclidean
+    distance there to the nearest train image; ``nn_distance`` (derived) holds it for every
+    reference image: the null distribution of novelty."""
 
     features: FeatureSet
     neighbours: npt.NDArray[np.float32]
     neighbour_sha256: tuple[str, ...]
-    nn_distance: npt.NDArray[np.float64]
+    parts: tuple[int, ...]
+    nn_distance: npt.NDArray[np.float64] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.neighbours.ndim != 2 or len(self.neighbours) != len(self.neighbour_sha256):
+            raise DeployError("reference neighbours and their sha256 keys do not match")
+        if sum(self.parts) != self.neighbours.shape[1]:
+            raise DeployError(f"embedding parts {self.parts} do not add up to the embedding width")
+        object.__setattr__(self, "_scaling", part_scales(self.neighbours, self.parts))
+        object.__setattr__(self, "_space", self.embed_space(self.neighbours))
+        object.__setattr__(self, "nn_distance", self.novelty_distance(self.features.embedding))
+
+    def embed_space(self, embedding: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """``(n, d)`` embeddings in the comparison space (`loop.drift.part_normalize`)."""
+        center, scales = self._scaling  # type: ignore[attr-defined]
+        return part_normalize(embedding, center, scales, self.parts)
+
+    def novelty_distance(self, embedding: npt.ArrayLike) -> npt.NDArray[np.float64]:
+        """Distance from each embedding to its nearest train image in `embed_space`."""
+        return nearest_distance(self.embed_space(embedding), self._space)  # type: ignore[attr-defined]
 
     def save(self, path: Path) -> None:
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.npz")
@@ -149,7 +184,7 @@ class Reference:
             **self.features.arrays("ref_"),
             "neighbours": self.neighbours,
             "neighbour_sha256": np.array(self.neighbour_sha256, dtype="U64"),
-            "nn_distance": self.nn_distance,
+            "parts": np.array(self.parts, dtype=np.int64),
         }
         np.savez_compressed(tmp, **arrays)
         os.replace(tmp, path)
@@ -163,7 +198,7 @@ class Reference:
                 FeatureSet.from_arrays(arrays, "ref_"),
                 np.asarray(arrays["neighbours"], dtype=np.float32),
                 tuple(str(s) for s in arrays["neighbour_sha256"].tolist()),
-                np.asarray(arrays["nn_distance"], dtype=np.float64),
+                tuple(int(w) for w in arrays["parts"].tolist()),
             )
         except (OSError, ValueError, KeyError, DefectLoopError) as exc:
             raise DeployError(
@@ -426,7 +461,7 @@ def build_bundle(
         private = tmp / ".weights.pt"
         shutil.copyfile(weights, private)
         plain = model.export_onnx(private, imgsz, yolo_config_dir, tmp / ".plain.onnx", threads)
-        model.add_embedding_output(plain, tmp / FP32_FILE)
+        parts = model.add_embedding_output(plain, tmp / FP32_FILE)
         plain.unlink(missing_ok=True)
         private.unlink(missing_ok=True)
         if int8:
@@ -456,6 +491,11 @@ def build_bundle(
                 threads=threads,
             )
         )[1]
+        if probe.shape[0] != sum(p.channels for p in parts):
+            raise DeployError(
+                f"the embedding output has {probe.shape[0]} values, its parts "
+                f"{[asdict(p) for p in parts]} say {sum(p.channels for p in parts)}"
+            )
         spec = BundleSpec(
             classes=tuple(classes),
             imgsz=imgsz,
@@ -467,6 +507,7 @@ def build_bundle(
             fp32_model=FP32_FILE,
             int8_model=INT8_FILE if int8 else None,
             embedding_dim=int(probe.shape[0]),
+            embedding_parts=[asdict(p) for p in parts],
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             source=dict(source or {}),
         )
@@ -480,7 +521,7 @@ def build_bundle(
         nb = bundle.features(
             [Path(p) for _, p in neighbours], [s for s, _ in neighbours], yolo_config_dir, threads
         )
-        Reference(ref, nb.embedding, nb.sha256, nearest_distance(ref.embedding, nb.embedding)).save(
+        Reference(ref, nb.embedding, nb.sha256, tuple(p.channels for p in parts)).save(
             tmp / REFERENCE_FILE
         )
         files = _file_table(tmp)

@@ -378,19 +378,67 @@ def pca_project(z: npt.ArrayLike, k: int) -> FloatArray:
     return vecs[:, ::-1][:, :k] * np.sqrt(np.maximum(vals[::-1][:k], 0.0))
 
 
-def nearest_distance(
-    queries: npt.ArrayLike, neighbours: npt.ArrayLike, chunk: int = 1024
+def _widths(parts: Sequence[int], d: int) -> list[int]:
+    widths = [int(w) for w in parts]
+    if not widths or any(w < 1 for w in widths) or sum(widths) != d:
+        raise DriftError(f"parts {widths} do not split {d} dimensions")
+    return widths
+
+
+def part_scales(x: npt.ArrayLike, parts: Sequence[int]) -> tuple[FloatArray, FloatArray]:
+    """``(center, scales)`` of rows ``x`` ``(n, d)`` cut into consecutive ``parts`` (widths
+    summing to ``d``): the mean row, and per part the root-mean-square length of the centred
+    rows (1.0 for a part that never varies)."""
+    z = _finite_2d(x, "embeddings")
+    center = z.mean(axis=0)
+    c = z - center
+    scales = []
+    start = 0
+    for w in _widths(parts, z.shape[1]):
+        rms = math.sqrt(float((c[:, start : start + w] ** 2).sum(axis=1).mean()))
+        scales.append(rms if rms > 0 else 1.0)
+        start += w
+    return center, np.array(scales)
+
+
+def part_normalize(
+    x: npt.ArrayLike, center: npt.ArrayLike, scales: npt.ArrayLike, parts: Sequence[int]
 ) -> FloatArray:
-    """Cosine distance ``1 - cos`` from each row of ``queries`` to its nearest row of
-    ``neighbours`` (both ``(n, d)``, normalised here), in [0, 2]."""
-    q = l2_normalize(_finite_2d(queries, "queries"))
-    nb = l2_normalize(_finite_2d(neighbours, "neighbours"))
+    """Rows of ``x`` ``(n, d)`` minus ``center``, each of the consecutive ``parts`` divided by
+    its scale (`part_scales`) and the whole by ``sqrt(len(parts))``: every part weighs the
+    same, and the reference rows have a root-mean-square length of 1. Unlike a per-row unit
+    length, this keeps how far a row lies from the centre."""
+    z = _finite_2d(x, "embeddings") - np.asarray(center, dtype=np.float64)[None, :]
+    widths = _widths(parts, z.shape[1])
+    sc = np.asarray(scales, dtype=np.float64).reshape(-1)
+    if sc.size != len(widths) or not np.all(sc > 0):
+        raise DriftError(f"need one positive scale per part, got {sc.tolist()}")
+    return z / np.repeat(sc, widths)[None, :] / math.sqrt(len(widths))
+
+
+def nearest_distance(
+    queries: npt.ArrayLike, neighbours: npt.ArrayLike, metric: str = "euclidean", chunk: int = 1024
+) -> FloatArray:
+    """Distance from each row of ``queries`` to its nearest row of ``neighbours`` (both
+    ``(n, d)``): ``euclidean``, or ``cosine`` (``1 - cos`` of the rows normalised, in [0, 2])."""
+    q = _finite_2d(queries, "queries")
+    nb = _finite_2d(neighbours, "neighbours")
     if q.shape[1] != nb.shape[1]:
         raise DriftError(f"embeddings differ in dimension: {q.shape[1]} vs {nb.shape[1]}")
+    if metric not in ("euclidean", "cosine"):
+        raise DriftError(f"metric must be 'euclidean' or 'cosine', got {metric!r}")
+    if metric == "cosine":
+        q, nb = l2_normalize(q), l2_normalize(nb)
+    nb_sq = np.einsum("ij,ij->i", nb, nb)
     out = np.empty(q.shape[0])
     for s in range(0, q.shape[0], chunk):
-        out[s : s + chunk] = 1.0 - (q[s : s + chunk] @ nb.T).max(axis=1)
-    return np.clip(out, 0.0, 2.0)
+        block = q[s : s + chunk]
+        if metric == "cosine":
+            out[s : s + chunk] = 1.0 - (block @ nb.T).max(axis=1)
+        else:
+            d2 = np.einsum("ij,ij->i", block, block)[:, None] + nb_sq[None, :] - 2 * block @ nb.T
+            out[s : s + chunk] = np.sqrt(np.maximum(d2.min(axis=1), 0.0))
+    return np.clip(out, 0.0, 2.0) if metric == "cosine" else out
 
 
 # ----------------------------------------------------------------------------- images

@@ -17,7 +17,7 @@ import importlib.util
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -1055,14 +1055,29 @@ def prepare_ultralytics(yolo_config_dir: Path, threads: int = 2) -> None:
 EMBEDDING_OUTPUT = "embedding"
 
 
-def add_embedding_output(onnx_path: Path, out_path: Path, layer: int | None = None) -> Path:
-    """Write a copy of an `export_onnx` model with a second output ``embedding``: ``(B, d)``
-    float32, the global average pool of layer ``layer``'s feature map (default: the layer just
-    before the Detect head, as `embed` does; 256-d for yolov8n). Output 0 (the detection head,
-    ``(B, 4 + nc, anchors)``) is left exactly as it was, so `predict_onnx` on the copy gives
-    the same `Detections`. Returns ``out_path`` resolved.
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """One piece of an ONNX ``embedding`` output: layer ``layer``'s feature map pooled over
+    space by ``pool`` (``avg`` or ``max``) into ``channels`` values."""
 
-    The layer's output is found by Ultralytics' ONNX node names (``/model.<i>/...``): the last
+    layer: int
+    pool: str
+    channels: int
+
+
+def add_embedding_output(
+    onnx_path: Path, out_path: Path, parts: Sequence[tuple[int, str]] | None = None
+) -> list[EmbeddingPart]:
+    """Write a copy of an `export_onnx` model with a second output ``embedding`` ``(B, d)``
+    float32: the concatenation of ``parts``, each ``(layer, "avg" | "max")`` a layer's feature
+    map pooled over space. Output 0 (the detection head, ``(B, 4 + nc, anchors)``) is left
+    exactly as it was, so `predict_onnx` on the copy gives the same `Detections`. Returns the
+    parts in output order, with their widths.
+
+    Default parts: the averages of the Detect head's highest-resolution input (stride 8: small,
+    local defects still weigh in it) and of its lowest-resolution input (the layer `embed`
+    pools). For yolov8n: layers 15 (64 values) and 21 (256).
+    A layer's output is found by Ultralytics' ONNX node names (``/model.<i>/...``): the last
     node of module ``i`` in the graph's topological order produces it.
     """
     import re
@@ -1088,33 +1103,52 @@ def add_embedding_output(onnx_path: Path, out_path: Path, layer: int | None = No
             "loop.model.export_onnx"
         )
     head = max(module_of)
-    index = head - 1 if layer is None else layer
-    if index not in module_of or not 0 <= index < head:
-        raise ModelError(f"layer must be within [0, {head - 1}] for this model, got {layer}")
-    feature = module_of[index][-1].output[0]
-    channels: int | str = "channels"
+    output_of = {nodes[-1].output[0]: i for i, nodes in module_of.items() if i < head}
+    head_inputs = sorted({output_of[t] for n in module_of[head] for t in n.input if t in output_of})
+    if parts is None:
+        if not head_inputs:
+            raise ModelError(f"cannot find the inputs of the Detect head in {src}")
+        parts = [(head_inputs[0], "avg"), (head_inputs[-1], "avg")]
+    if not parts:
+        raise ModelError("add_embedding_output needs at least one part")
     try:
-        inferred = onnx.shape_inference.infer_shapes(proto)
-        for vi in inferred.graph.value_info:
-            if vi.name == feature:
-                dim = vi.type.tensor_type.shape.dim[1]
-                if dim.HasField("dim_value"):
-                    channels = int(dim.dim_value)
-    except Exception:  # the channel count only documents the output shape
-        pass
-    pooled = f"/{EMBEDDING_OUTPUT}/pooled"
-    graph.node.extend(
-        [
-            helper.make_node(
-                "GlobalAveragePool", [feature], [pooled], name=f"/{EMBEDDING_OUTPUT}/pool"
-            ),
-            helper.make_node(
-                "Flatten", [pooled], [EMBEDDING_OUTPUT], name=f"/{EMBEDDING_OUTPUT}/flatten", axis=1
-            ),
-        ]
+        shapes = {
+            vi.name: vi.type.tensor_type.shape
+            for vi in onnx.shape_inference.infer_shapes(proto).graph.value_info
+        }
+    except Exception as exc:
+        raise ModelError(f"ONNX shape inference failed on {src}: {exc}") from exc
+    made: list[EmbeddingPart] = []
+    pooled_names = []
+    for k, (layer, pool) in enumerate(parts):
+        if layer not in module_of or not 0 <= layer < head:
+            raise ModelError(f"layer must be within [0, {head - 1}] for this model, got {layer}")
+        if pool not in ("avg", "max"):
+            raise ModelError(f"pool must be 'avg' or 'max', got {pool!r}")
+        feature = module_of[layer][-1].output[0]
+        shape = shapes.get(feature)
+        if shape is None or len(shape.dim) != 4 or not shape.dim[1].HasField("dim_value"):
+            raise ModelError(f"layer {layer} of {src} is not a (B, C, H, W) feature map")
+        op = "GlobalAveragePool" if pool == "avg" else "GlobalMaxPool"
+        pooled, flat = f"/{EMBEDDING_OUTPUT}/{k}/pooled", f"/{EMBEDDING_OUTPUT}/{k}/flat"
+        graph.node.extend(
+            [
+                helper.make_node(op, [feature], [pooled], name=f"/{EMBEDDING_OUTPUT}/{k}/pool"),
+                helper.make_node(
+                    "Flatten", [pooled], [flat], name=f"/{EMBEDDING_OUTPUT}/{k}/flatten", axis=1
+                ),
+            ]
+        )
+        pooled_names.append(flat)
+        made.append(EmbeddingPart(layer, pool, int(shape.dim[1].dim_value)))
+    graph.node.append(
+        helper.make_node(
+            "Concat", pooled_names, [EMBEDDING_OUTPUT], name=f"/{EMBEDDING_OUTPUT}/concat", axis=1
+        )
     )
+    width = sum(p.channels for p in made)
     graph.output.append(
-        helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["batch", channels])
+        helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["batch", width])
     )
     try:
         onnx.checker.check_model(proto)
@@ -1128,7 +1162,7 @@ def add_embedding_output(onnx_path: Path, out_path: Path, layer: int | None = No
         os.replace(tmp, out)
     finally:
         tmp.unlink(missing_ok=True)
-    return out.resolve()
+    return made
 
 
 def _ort_session(path: Path, threads: int) -> Any:

@@ -4,14 +4,16 @@
 (`loop.deploy.Bundle`) in windows of ``monitor.window_size`` and compares every window with the
 bundle's reference (held-out images of the champion's dataset) in `evaluate_window`:
 
-- input drift: the backbone embeddings (MMD with a permutation test on the pooled sample's 32
-  principal axes) and four image statistics (brightness, contrast, sharpness, noise;
-  Kolmogorov-Smirnov each);
+- input drift: the model's embeddings (pooled feature maps, see `loop.model.add_embedding_output`;
+  MMD with a permutation test on the first ``pca_dims`` principal axes of the pooled sample, in
+  the reference's comparison space `loop.deploy.Reference.embed_space`) and four image
+  statistics (brightness, contrast, sharpness, noise; Kolmogorov-Smirnov each);
 - output drift: the highest box confidence and the uncertainty (highest box entropy) per image
   (Kolmogorov-Smirnov), the predicted class mix per image (chi-square, permutation p-value) and
   the rate of images with no defect (Fisher's exact test);
-- novelty: how many images lie farther from every training image (cosine distance of
-  embeddings) than the reference's ``novelty_quantile`` (exact negative hypergeometric tail).
+- novelty: how many images lie farther from every training image (embedding distance in the
+  comparison space) than the reference's ``novelty_quantile`` of the same distance (exact
+  negative hypergeometric tail).
 
 A window alerts when any p-value is below ``alpha / 10`` (Bonferroni over the ten tests: at most
 ``alpha`` false alarms per window without drift). The ``queue_per_window`` most novel or uncertain
@@ -52,9 +54,7 @@ from loop.drift import (
     exceedance_test,
     exceedance_threshold,
     ks_test,
-    l2_normalize,
     mmd_test,
-    nearest_distance,
     pca_project,
     proportion_test,
 )
@@ -237,7 +237,9 @@ def evaluate_window(
         )
     rng = np.random.default_rng([cfg.seed, index])
     n = len(window)
-    pooled = pca_project(l2_normalize(np.vstack([window.embedding, ref.embedding])), cfg.pca_dims)
+    pooled = pca_project(
+        reference.embed_space(np.vstack([window.embedding, ref.embedding])), cfg.pca_dims
+    )
     tests = [mmd_test(pooled[:n], pooled[n:], rng, cfg.permutations, name="embedding_mmd")]
     for j, s in enumerate(IMAGE_STATS):
         tests.append(ks_test(window.stats[:, j], ref.stats[:, j], name=f"{s}_ks"))
@@ -258,7 +260,7 @@ def evaluate_window(
             "no_defect_rate",
         )
     )
-    nn = nearest_distance(window.embedding, reference.neighbours)
+    nn = reference.novelty_distance(window.embedding)
     tests.append(exceedance_test(nn, reference.nn_distance, cfg.novelty_quantile, "novelty"))
     decision = bonferroni(tests, cfg.alpha)
     metrics: dict[str, float] = {

@@ -73,7 +73,9 @@ def test_monitor_deployment_polls_the_watch_folder(tmp_path: Path):
     from flows.deployments import build_deployments
 
     path = tmp_path / "defect-loop.yaml"
-    path.write_text("name: line-3\nclasses: [scratch]\nmonitor:\n  watch_dir: incoming\n  interval_s: 30\n")
+    path.write_text(
+        "name: line-3\nclasses: [scratch]\nmonitor:\n  watch_dir: incoming\n  interval_s: 30\n"
+    )
     deps = {d.flow_name: d for d in build_deployments(path)}
     (sched,) = deps["monitor"].schedules
     assert sched.schedule.interval.total_seconds() == 30

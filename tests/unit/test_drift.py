@@ -28,6 +28,8 @@ from loop.drift import (
     mmd_test,
     nearest_distance,
     pairwise_sq_dists,
+    part_normalize,
+    part_scales,
     pca_project,
     proportion_test,
 )
@@ -197,12 +199,34 @@ def test_bonferroni_divides_alpha_by_the_number_of_tests():
 
 
 # ------------------------------------------------------------------------------ embeddings
-def test_nearest_distance_is_cosine():
+def test_nearest_distance_cosine_and_euclidean():
     nb = np.array([[1.0, 0.0], [0.0, 2.0]])
     q = np.array([[3.0, 0.0], [1.0, 1.0], [-1.0, 0.0]])
-    d = nearest_distance(q, nb)
+    d = nearest_distance(q, nb, metric="cosine")
     assert d == pytest.approx([0.0, 1 - 1 / math.sqrt(2), 1.0])
-    assert nearest_distance([[-1.0, 0.0]], [[1.0, 0.0]]) == pytest.approx([2.0])
+    assert nearest_distance([[-1.0, 0.0]], [[1.0, 0.0]], metric="cosine") == pytest.approx([2.0])
+    # Euclidean: (3, 0) -> (1, 0) is 2; (1, 1) -> 1 from both; (-1, 0) -> (1, 0) is 2.
+    assert nearest_distance(q, nb) == pytest.approx([2.0, 1.0, 2.0])
+    with pytest.raises(DriftError, match="metric"):
+        nearest_distance(q, nb, metric="manhattan")
+
+
+def test_part_scales_and_normalize_weigh_parts_alike():
+    # part 1 (2 dims) spreads 10x more than part 2 (1 dim)
+    x = np.array([[10.0, 0.0, 1.0], [-10.0, 0.0, -1.0], [0.0, 10.0, 1.0], [0.0, -10.0, -1.0]])
+    center, scales = part_scales(x, [2, 1])
+    assert center == pytest.approx([0.0, 0.0, 0.0]) and scales == pytest.approx([10.0, 1.0])
+    z = part_normalize(x, center, scales, [2, 1])
+    assert z == pytest.approx(
+        np.array([[1, 0, 1], [-1, 0, -1], [0, 1, 1], [0, -1, -1]]) / math.sqrt(2)
+    )
+    assert np.sqrt((z**2).sum(axis=1).mean()) == pytest.approx(1.0)
+    # Magnitude is kept: twice as far from the centre, twice the length.
+    far = part_normalize([[20.0, 0.0, 2.0]], center, scales, [2, 1])
+    assert np.linalg.norm(far) == pytest.approx(2 * np.linalg.norm(z[0]))
+    assert part_scales(np.ones((3, 2)), [2])[1] == pytest.approx([1.0])  # constant: scale 1
+    with pytest.raises(DriftError, match="do not split"):
+        part_scales(x, [2, 2])
 
 
 def test_pca_project_keeps_the_main_axis():

@@ -41,10 +41,14 @@ def sample(tmp_path: Path) -> ProductionData:
     img = tmp_path / "novel.png"
     Image.fromarray(np.full((40, 60, 3), 90, dtype=np.uint8)).save(img)
     novel = [
-        NovelImage("a" * 64, img, (60, 40), [(5.0, 5.0, 30.0, 20.0, EVIL, 0.61)], 4.2, "novel", 2, "queued"),
+        NovelImage(
+            "a" * 64, img, (60, 40), [(5.0, 5.0, 30.0, 20.0, EVIL, 0.61)], 4.2, "novel", 2, "queued"
+        ),
         NovelImage("b" * 64, None, (60, 40), [], 1.3, "uncertain", 2, "pushed"),
     ]
-    return ProductionData([point(0), point(1), point(2, alert=True)], novel, queued=1, pushed=1, images=600)
+    return ProductionData(
+        [point(0), point(1), point(2, alert=True)], novel, queued=1, pushed=1, images=600
+    )
 
 
 def test_no_production_data_yet():
@@ -65,7 +69,9 @@ def test_the_section_shows_drift_alerts_and_novel_images(tmp_path: Path):
     assert body.count("data:image/png;base64,") == 3  # the drift plot + 2 thumbnails
     assert "<b>3</b><span>windows checked</span>" in body and "<b>1</b><span>alerts</span>" in body
     assert "<b>600</b><span>production images</span>" in body
-    rows = re.findall(r"<tr><td>(\d+)</td>", re.search(r'id="alerts".*?</table>', body, re.S).group(0))
+    rows = re.findall(
+        r"<tr><td>(\d+)</td>", re.search(r'id="alerts".*?</table>', body, re.S).group(0)
+    )
     assert rows == ["2"]
     assert EVIL not in html and "&lt;script&gt;" in body  # escaped
     assert body.count("<figure>") == 2 and "novel, priority 4.20" in body

@@ -73,7 +73,7 @@ def deploy(
         return
 
     def go() -> None:
-        from loop.deploy import _who, deploy
+        from loop.deploy import current_user, deploy
         from loop.project import Project
         from loop.tracking import Tracker
 
@@ -82,7 +82,7 @@ def deploy(
             Project(cfg),
             Tracker(cfg),
             out_dir=out,
-            moved_by=by or _who(),
+            moved_by=by or current_user(),
             reason=reason,
             activate=not no_production,
             progress=lambda m: console.print(f"[dim]{m}[/]"),
@@ -111,10 +111,12 @@ def promote(
     """Move production to a registered bundle version."""
 
     def go() -> None:
-        from loop.deploy import _who
+        from loop.deploy import current_user
         from loop.tracking import Tracker
 
-        move = Tracker(_load(config)).move_production(version, by or _who(), "promote", reason)
+        move = Tracker(_load(config)).move_production(
+            version, by or current_user(), "promote", reason
+        )
         console.print(_move_line(move))
 
     _run(go)
@@ -127,10 +129,10 @@ def rollback(
     """Move production back to the version it had before the current one."""
 
     def go() -> None:
-        from loop.deploy import _who
+        from loop.deploy import current_user
         from loop.tracking import Tracker
 
-        move = Tracker(_load(config)).rollback_production(by or _who(), reason)
+        move = Tracker(_load(config)).rollback_production(by or current_user(), reason)
         console.print(_move_line(move))
 
     _run(go)

@@ -216,10 +216,13 @@ class MonitorConfig(_Section):
     Images are checked in windows of ``window_size`` against the production bundle's reference;
     a window alerts when any of its tests has a p-value below ``alpha`` / (number of tests)
     (Bonferroni: a window without drift alerts with probability at most ``alpha``).
-    ``permutations``: of the MMD and class-mix tests (seeded by ``seed`` and the window index).
-    ``novelty_quantile``: an image is novel when its embedding is farther from every training
-    image than this quantile of the reference images' distances. The ``queue_per_window`` most
-    novel or uncertain images of a window go into the pool, first in the next push.
+    ``permutations``: of the MMD and class-mix tests (seeded by ``seed`` and the window index;
+    at least ``10 / alpha``, or they could never alert). ``novelty_quantile``: the novelty test
+    counts the images whose embedding is farther from every training image than this quantile
+    of the reference images' distances (0.95: with a few hundred reference images a higher
+    quantile rests on a handful of them, and the exact test loses power). Up to
+    ``queue_per_window`` images of a window beyond the reference's ``queue_quantile`` of novelty
+    or of uncertainty go into the pool, most extreme first, and lead the next push.
     ``watch_dir``: the folder `defect-loop monitor --watch` and the served deployment poll every
     ``interval_s`` seconds."""
 
@@ -229,7 +232,8 @@ class MonitorConfig(_Section):
     alpha: float = Field(0.01, gt=0, lt=1)
     permutations: int = Field(2000, ge=99)
     seed: int = 0
-    novelty_quantile: float = Field(0.99, gt=0, lt=1)
+    novelty_quantile: float = Field(0.95, gt=0, lt=1)
+    queue_quantile: float = Field(0.99, gt=0, lt=1)
     queue_per_window: int = Field(20, ge=0)
     pca_dims: int = Field(32, ge=1)
     min_flush: int = Field(10, ge=2, description="smallest partial window --flush checks")

@@ -528,7 +528,7 @@ def build_bundle(
         doc: dict[str, Any] = {
             "format": BUNDLE_FORMAT,
             "created_at": spec.created_at,
-            "created_by": _who(),
+            "created_by": current_user(),
             "model": dict(spec.source),
             "classes": list(classes),
             "imgsz": imgsz,
@@ -556,7 +556,8 @@ def build_bundle(
     return load_bundle(out)
 
 
-def _who() -> str:
+def current_user() -> str:
+    """``user@host`` of this process: who built a bundle or moved production by default."""
     try:
         user = getpass.getuser()
     except (KeyError, OSError):
@@ -700,6 +701,6 @@ def deploy(
     move = None
     if activate:
         move = tracker.move_production(
-            bundle_version, moved_by or _who(), action="deploy", reason=reason
+            bundle_version, moved_by or current_user(), action="deploy", reason=reason
         )
     return DeployOutcome(bundle.root, bundle.digest, champ.version, bundle_version, run_id, move)

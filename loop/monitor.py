@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import shutil
 import sqlite3
 from collections.abc import Callable, Iterator, Sequence
@@ -58,7 +59,7 @@ from loop.drift import (
     pca_project,
     proportion_test,
 )
-from loop.errors import DeployError, ImageError
+from loop.errors import ConfigError, DeployError, ImageError
 from loop.images import IMAGE_SUFFIXES, ImagePool, check_image, iter_image_files, sha256_file
 from loop.review_queue import QueueEntry, ReviewQueue, connect, transaction
 from loop.scheduling import CycleLock
@@ -160,14 +161,14 @@ def select_for_queue(
     eligible: npt.NDArray[np.bool_] | None = None,
 ) -> list[QueueCandidate]:
     """The at most ``queue_per_window`` images of ``window`` most beyond the reference: an
-    image's novelty is its nearest-neighbour distance over the reference's
-    ``novelty_quantile`` threshold, its uncertainty its highest box entropy over the same
-    quantile of the reference's; priority = the larger; only priority > 1 and ``eligible`` rows,
-    highest first (ties by sha256)."""
+    image's novelty is its nearest-neighbour distance over the reference's ``queue_quantile``
+    of that distance, its uncertainty its highest box entropy over the same quantile of the
+    reference's; priority = the larger; only priority > 1 and ``eligible`` rows, highest first
+    (ties by sha256)."""
     if cfg.queue_per_window == 0 or len(window) == 0:
         return []
-    t_nov, _ = exceedance_threshold(reference.nn_distance, cfg.novelty_quantile)
-    t_unc, _ = exceedance_threshold(reference.features.uncertainty, cfg.novelty_quantile)
+    t_nov, _ = exceedance_threshold(reference.nn_distance, cfg.queue_quantile)
+    t_unc, _ = exceedance_threshold(reference.features.uncertainty, cfg.queue_quantile)
     novelty = nn_distance / max(t_nov, 1e-12)
     uncertainty = window.uncertainty / max(t_unc, 1e-12)
     priority = np.maximum(novelty, uncertainty)
@@ -216,6 +217,18 @@ def _describe(t: TestResult, classes: Sequence[str], window: FeatureSet, ref: Fe
     return f"{t.name} ({p})"
 
 
+def check_power(cfg: MonitorConfig) -> None:
+    """Raise `ConfigError` when a permutation test could never alert: its smallest p-value,
+    ``1 / (permutations + 1)``, must lie below the per-test threshold ``alpha / len(TESTS)``."""
+    need = math.ceil(len(TESTS) / cfg.alpha)
+    if cfg.permutations + 1 <= need:
+        raise ConfigError(
+            f"monitor.permutations={cfg.permutations} is too few for alpha={cfg.alpha}: the "
+            f"permutation tests' smallest p-value 1/{cfg.permutations + 1} never falls below "
+            f"{cfg.alpha:g}/{len(TESTS)}; set monitor.permutations to at least {need}"
+        )
+
+
 def evaluate_window(
     reference: Reference,
     window: FeatureSet,
@@ -235,6 +248,7 @@ def evaluate_window(
             f"the window has {window.n_classes} classes and the reference {ref.n_classes}, the "
             f"bundle {len(classes)}; score both with the same bundle"
         )
+    check_power(cfg)
     rng = np.random.default_rng([cfg.seed, index])
     n = len(window)
     pooled = pca_project(
@@ -374,6 +388,7 @@ class Monitor:
                 f"the bundle's classes {bundle.classes} are not the project's "
                 f"{list(project.cfg.classes)}; deploy the current champion again"
             )
+        check_power(self.mcfg)
         with self._con():
             pass  # creates the schema
 

@@ -186,11 +186,14 @@ def drift_png(data: ProductionData) -> bytes | None:
 
 def production_html(data: ProductionData | None) -> str:
     """The section's body: stats, the drift plot, the alerts table and the novel images."""
-    from loop.report import Box, Disagreement, _h, _img, _nodata, _num, _png_uri, thumbnail_png
+    from loop.report import Box, Disagreement, _h, _num, _png_uri, thumbnail_png
+
+    def muted(text: str) -> str:
+        return f'<p class="nodata">{_h(text)}</p>'
 
     if data is None or not data.windows:
-        return _nodata(
-            NO_PRODUCTION + ": deploy a model (`defect-loop deploy`) and run `defect-loop monitor`"
+        return muted(
+            f"{NO_PRODUCTION}: deploy a model (`defect-loop deploy`) and run `defect-loop monitor`"
         )
     last = data.windows[-1]
     stats = (
@@ -202,7 +205,8 @@ def production_html(data: ProductionData | None) -> str:
         f'<div class="stat"><b>v{_h(last.bundle_version)}</b><span>bundle of the last window</span></div>'
         "</div>"
     )
-    plot = _img(drift_png(data), "drift over time", "no windows")
+    png = drift_png(data)
+    plot = "" if png is None else f'<img class="plot" alt="drift over time" src="{_png_uri(png)}">'
     if data.alerts:
         rows = "".join(
             f'<tr><td>{w.index}</td><td>{_h(w.created_at)}</td><td style="text-align:left">'
@@ -238,7 +242,7 @@ def production_html(data: ProductionData | None) -> str:
             f'<div class="gallery" id="novel-images">{"".join(figs)}</div>'
         )
     else:
-        novel = "<h3>Most novel or uncertain images</h3>" + _nodata("no image was queued")
+        novel = "<h3>Most novel or uncertain images</h3>" + muted("No image was queued.")
     return stats + plot + alerts + novel
 
 

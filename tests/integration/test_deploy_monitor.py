@@ -60,7 +60,7 @@ def trained(ls_server: Any) -> Iterator[Path]:
                 "train": {"imgsz": 64, "epochs": 2, "batch": 8, "threads": 2},
                 "select": {"batch_size": 40},
                 "deploy": {"min_reference": 10},
-                "monitor": {"window_size": 20, "permutations": 999, "queue_per_window": 4},
+                "monitor": {"window_size": 20, "permutations": 1000, "queue_per_window": 4},
             }
         )
     )
@@ -203,6 +203,34 @@ def test_a_second_deploy_int8_and_a_rollback(trained: Path) -> None:
     assert load_bundle(prod.path).digest == registered.tags["bundle_digest"]  # the first bundle
     assert load_bundle(prod.path).spec.scoring_model == "model.onnx"
     assert [m.action for m in tracker.production_history()][-3:] == ["deploy", "deploy", "rollback"]
+    # The same from the command line.
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    r = CliRunner().invoke(app, ["deploy", "history", "-c", str(trained)])
+    assert r.exit_code == 0, r.output
+    assert (
+        "rollback" in r.output
+        and "cy@qa" in r.output
+        and f"production now: bundle v{before}" in r.output
+    )
+    r = CliRunner().invoke(app, ["deploy", "verify", str(out.bundle_dir)])
+    assert r.exit_code == 0 and "files match the model card" in r.output
+    image = sorted((trained.parent / "synth" / "images").iterdir())[0]
+    r = CliRunner().invoke(
+        app,
+        [
+            "deploy",
+            "score",
+            str(out.bundle_dir),
+            str(image),
+            "--workdir",
+            str(trained.parent / "rt"),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.output.strip().splitlines()[-1])["image"] == str(image)
 
 
 def _camera_change(src: Path, dst: Path) -> None:
@@ -296,6 +324,16 @@ def test_monitor_alerts_on_a_camera_change_not_on_clean_images(
     assert again.scan.new == 0 and again.windows == [] and again.queued == 0
     assert [x.alert for x in read_windows(cfg.monitor_dir)] == [False, False, True, True]
     assert [e.sha256 for e in ReviewQueue(cfg.monitor_dir).entries()] == queued
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    r = CliRunner().invoke(app, ["monitor", "status", "-c", str(trained)])
+    assert r.exit_code == 0, r.output
+    status = json.loads(r.output)
+    assert status["windows"] == 4 and status["alerts"] == 2 and status["images"] == {"done": 80}
+    r = CliRunner().invoke(app, ["monitor", "alerts", "-c", str(trained)])
+    assert "window 2" in r.output and "window 3" in r.output
 
 
 def test_the_next_push_serves_the_queued_images_first(

@@ -126,7 +126,7 @@ def setup(tmp_path: Path) -> tuple[Project, FakeBundle]:
     cfg = ProjectConfig(
         classes=CLASSES,
         workspace=tmp_path / "ws",
-        monitor=MonitorConfig(window_size=20, permutations=499, queue_per_window=4),
+        monitor=MonitorConfig(window_size=20, permutations=1000, queue_per_window=4),
     )
     bundle = FakeBundle()
     bundle.reference_set = make_reference(bundle, tmp_path / "data")
@@ -164,7 +164,7 @@ def test_evaluate_window_is_deterministic_per_window_index():
         r.integers(-1, 2, 40),
         r.integers(0, 2, (40, 2)),
     )
-    cfg = MonitorConfig(permutations=199)
+    cfg = MonitorConfig(permutations=1000)
     a = evaluate_window(ref, win, cfg, 5, CLASSES).p_values()
     assert a == evaluate_window(ref, win, cfg, 5, CLASSES).p_values()
     b = evaluate_window(ref, win, cfg, 6, CLASSES).p_values()
@@ -208,7 +208,7 @@ def test_novel_images_fire_novelty_and_lead_the_queue():
         r.integers(-1, 2, n),
         r.integers(0, 2, (n, 2)),
     )
-    cfg = MonitorConfig(permutations=199, queue_per_window=10)
+    cfg = MonitorConfig(permutations=1000, queue_per_window=10)
     res = evaluate_window(ref, win, cfg, 0, CLASSES, "3")
     assert "novelty" in res.fired and res.metrics["novelty_rate"] >= k / n
     assert {c.sha256 for c in res.candidates} <= set(win.sha256[:k])
@@ -414,3 +414,19 @@ def test_the_report_reads_the_monitor_records(setup, tmp_path: Path):
     assert data.novel[0].window == 1  # the striped images lead the queue
     assert all(n.reason in ("novel", "uncertain") and n.priority > 1 for n in data.novel)
     assert set(data.windows[1].p_values) == set(TESTS)
+
+
+def test_too_few_permutations_for_alpha_are_refused(setup):
+    from loop.errors import ConfigError
+
+    project, bundle = setup
+    ref = synthetic_reference()
+    # 10 tests at alpha 0.01: a permutation p-value must reach below 0.001, i.e. >= 1000 draws.
+    with pytest.raises(ConfigError, match="at least 1000"):
+        evaluate_window(ref, ref.features, MonitorConfig(permutations=999), 0, CLASSES)
+    evaluate_window(
+        ref, ref.features.subset(np.arange(20)), MonitorConfig(permutations=1000), 0, CLASSES
+    )
+    low = project.cfg.model_copy(update={"monitor": MonitorConfig(alpha=0.001, permutations=5000)})
+    with pytest.raises(ConfigError, match="at least 10000"):
+        Monitor(Project(low), bundle, "1")  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ Registered on the main app in `loop.cli` by::
 from __future__ import annotations
 
 import json
+import tempfile
 import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -22,6 +23,7 @@ from loop.cli_common import load as _load
 from loop.cli_common import prefect_env as _prefect_env
 from loop.cli_common import run as _run
 from loop.config import DEFAULT_CONFIG_NAME
+from loop.errors import DefectLoopError
 
 deploy_app = typer.Typer(
     help="Bundle the champion for the line (ONNX, class map, thresholds, model card, monitoring "
@@ -187,8 +189,9 @@ def score_images(
     bundle: Annotated[Path, typer.Argument(help="bundle folder")],
     images: Annotated[list[Path], typer.Argument(help="image files")],
     workdir: Annotated[
-        Path, typer.Option(help="writable folder for the runtime's settings")
-    ] = Path(".defect-loop-runtime"),
+        Path | None,
+        typer.Option(help="writable folder for the runtime's settings [default: a temporary one]"),
+    ] = None,
 ) -> None:
     """Score images with a bundle alone (no project, no MLflow).
 
@@ -199,28 +202,23 @@ def score_images(
         from loop.deploy import load_bundle
 
         b = load_bundle(bundle, verify=True)
-        for path, (det, _) in zip(images, b.score(images, workdir.resolve()), strict=True):
-            shown = det.with_min_confidence(b.spec.defect_conf)
-            conf = [] if shown.confidence is None else shown.confidence.tolist()
-            typer.echo(
-                json.dumps(
-                    {
-                        "image": str(path),
-                        "boxes": [
-                            {
-                                "xyxy": [round(v, 2) for v in xyxy],
-                                "class": b.classes[c],
-                                "confidence": round(s, 4),
-                            }
-                            for xyxy, c, s in zip(
-                                shown.xyxy.tolist(), shown.class_id.tolist(), conf, strict=True
-                            )
-                        ],
-                    }
-                )
-            )
+        with tempfile.TemporaryDirectory(prefix="defect-loop-runtime-") as tmp:
+            runtime = Path(tmp) if workdir is None else workdir.resolve()
+            _score_lines(b, images, runtime)
 
     _run(go)
+
+
+def _score_lines(b: Any, images: list[Path], runtime: Path) -> None:
+    """One JSON line per image: its boxes at or above the bundle's defect threshold."""
+    for path, (det, _) in zip(images, b.score(images, runtime), strict=True):
+        shown = det.with_min_confidence(b.spec.defect_conf)
+        conf = [] if shown.confidence is None else shown.confidence.tolist()
+        boxes = [
+            {"xyxy": [round(v, 2) for v in xyxy], "class": b.classes[c], "confidence": round(s, 4)}
+            for xyxy, c, s in zip(shown.xyxy.tolist(), shown.class_id.tolist(), conf, strict=True)
+        ]
+        typer.echo(json.dumps({"image": str(path), "boxes": boxes}))
 
 
 # ---------------------------------------------------------------------------------------- monitor
@@ -286,7 +284,7 @@ def monitor(
         state: Any = monitor_flow(
             str(config), None if source is None else str(source), flush, return_state=True
         )
-        out = state.result()
+        out = state.result()  # raises what failed the run
         _print_outcome(out if out is not None else state)
 
     def go() -> None:
@@ -297,7 +295,11 @@ def monitor(
         console.print(f"watching every {pause:g} s; Ctrl-C stops")
         try:
             while True:
-                once()
+                try:
+                    once()
+                except DefectLoopError as exc:
+                    # Keep watching: the next poll retries (nothing was lost, see `monitor status`).
+                    console.print(f"[bold red]error:[/] {exc}; retrying in {pause:g} s")
                 time.sleep(pause)
         except KeyboardInterrupt:
             console.print("stopped")

@@ -470,8 +470,9 @@ class Project:
     def push(self, gw: Any, ranked: list[ScoredImage], model_version: str) -> Any:
         """Push the top ``select.batch_size`` new images of ``ranked`` as pre-annotated tasks,
         best first; images of ``ranked`` already waiting in Label Studio get a prediction of
-        ``model_version`` (and their new priority) when it is a new model version. Returns the
-        gateway's `PushSummary` (created, refreshed, skipped, failed)."""
+        ``model_version`` (and their new priority) when it is a new model version. Images the
+        production monitor queued (`loop.review_queue`) lead the batch, with priorities above
+        the rest. Returns the gateway's `PushSummary` (created, refreshed, skipped, failed)."""
         from loop.labelstudio import PushItem
 
         pid = self.ensure_ls_project(gw)

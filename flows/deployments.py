@@ -9,6 +9,8 @@ the Prefect CLI or UI, e.g. ``prefect deployment run 'cycle/defect-loop' --watch
   ``schedule.count_trigger`` is set (starts a cycle when enough annotations are new).
 - ``ingest``, ``train``, ``score``, ``push``, ``pull`` (and ``report`` when `flows.report`
   exists): no schedule, run on demand (``ingest`` needs ``--param source=/path/to/images``).
+- ``monitor/<project>``: every ``monitor.interval_s`` seconds when ``monitor.watch_dir`` is set,
+  else on demand (``--param source=/path/to/production/images``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from prefect.types.entrypoint import EntrypointType
 
 from flows.cycle import cycle_flow
 from flows.ingest import ingest_flow
+from flows.monitor import monitor_flow
 from flows.score import score_flow
 from flows.sync import pull_flow, push_flow
 from flows.train import train_flow
@@ -82,6 +85,20 @@ def build_deployments(config_path: str | Path, cfg: ProjectConfig | None = None)
     ]
     for fl in (ingest_flow, train_flow, score_flow, push_flow, pull_flow, *_optional_flows()):
         deployments.append(fl.to_deployment(name, **common))
+    mon = cfg.monitor
+    deployments.append(
+        monitor_flow.to_deployment(
+            name,
+            schedules=[Interval(mon.interval_s)] if mon.watch_dir is not None else [],
+            description=(
+                f"check new images in {mon.watch_dir} with the production bundle"
+                if mon.watch_dir is not None
+                else "check production images (on demand: --param source=/path; set "
+                "monitor.watch_dir to poll a folder)"
+            ),
+            **common,
+        )
+    )
     return deployments
 
 

@@ -376,6 +376,7 @@ def demo(
 def _register_subcommands() -> None:
     # Sub-apps live in their own modules; they import helpers from this one, hence the late import.
     from loop.cli_datasets import datasets_app
+    from loop.cli_deploy import deploy_app, monitor_app
     from loop.cli_ls import ls_app
     from loop.cli_report import report
     from loop.cli_serve import prefect_server_app, serve
@@ -388,6 +389,8 @@ def _register_subcommands() -> None:
     app.add_typer(prefect_server_app, name="prefect-server")
     app.command("simulate")(simulate)
     app.add_typer(import_app, name="import")
+    app.add_typer(deploy_app, name="deploy")
+    app.add_typer(monitor_app, name="monitor")
 
 
 _register_subcommands()

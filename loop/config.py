@@ -370,6 +370,56 @@ class ScoringConfig(_Section):
         return v.strip() or None
 
 
+class DeployConfig(_Section):
+    """`defect-loop deploy`: the production bundle of the champion (see `loop.deploy`).
+
+    ``int8``: also quantize the bundle's ONNX model to int8 and score with it (None: when
+    ``scoring.backend`` is ``onnx-int8``). ``defect_conf``: a box at or above this confidence is
+    a defect (None: ``select.preannotation_conf``). ``registered_model``: the MLflow registered
+    model whose ``production`` alias names the bundle in use (None:
+    ``<mlflow.registered_model>-bundle``). The monitor's reference is drawn from the champion's
+    dataset version: up to ``reference_images`` held-out (val + test) images for the two-sample
+    tests, up to ``neighbour_images`` train images for novelty; a version with fewer than
+    ``min_reference`` held-out images is refused."""
+
+    int8: bool | None = None
+    defect_conf: float | None = Field(None, gt=0, lt=1)
+    registered_model: str | None = None
+    reference_images: int = Field(500, ge=2)
+    neighbour_images: int = Field(2000, ge=1)
+    min_reference: int = Field(50, ge=2)
+    seed: int = 0
+
+
+class MonitorConfig(_Section):
+    """`defect-loop monitor`: drift and novelty checks on production images (see `loop.monitor`).
+
+    Images are checked in windows of ``window_size`` against the production bundle's reference;
+    a window alerts when any of its tests has a p-value below ``alpha`` / (number of tests)
+    (Bonferroni: a window without drift alerts with probability at most ``alpha``).
+    ``permutations``: of the MMD and class-mix tests (seeded by ``seed`` and the window index;
+    at least ``10 / alpha``, or they could never alert). ``novelty_quantile``: the novelty test
+    counts the images whose embedding is farther from every training image than this quantile
+    of the reference images' distances (0.95: with a few hundred reference images a higher
+    quantile rests on a handful of them, and the exact test loses power). Up to
+    ``queue_per_window`` images of a window beyond the reference's ``queue_quantile`` of novelty
+    or of uncertainty go into the pool, most extreme first, and lead the next push.
+    ``watch_dir``: the folder `defect-loop monitor --watch` and the served deployment poll every
+    ``interval_s`` seconds."""
+
+    watch_dir: Path | None = None
+    interval_s: float = Field(60.0, ge=1)
+    window_size: int = Field(200, ge=10)
+    alpha: float = Field(0.01, gt=0, lt=1)
+    permutations: int = Field(2000, ge=99)
+    seed: int = 0
+    novelty_quantile: float = Field(0.95, gt=0, lt=1)
+    queue_quantile: float = Field(0.99, gt=0, lt=1)
+    queue_per_window: int = Field(20, ge=0)
+    pca_dims: int = Field(32, ge=1)
+    min_flush: int = Field(10, ge=2, description="smallest partial window --flush checks")
+
+
 class PrefectConfig(_Section):
     """The local Prefect server `defect-loop prefect-server start` runs (127.0.0.1, SQLite)."""
 
@@ -400,6 +450,8 @@ class ProjectConfig(BaseSettings):
     schedule: ScheduleConfig = ScheduleConfig()
     scoring: ScoringConfig = ScoringConfig()
     prefect: PrefectConfig = PrefectConfig()
+    deploy: DeployConfig = DeployConfig()
+    monitor: MonitorConfig = MonitorConfig()
 
     @classmethod
     def settings_customise_sources(
@@ -459,6 +511,16 @@ class ProjectConfig(BaseSettings):
     @property
     def yolo_config_dir(self) -> Path:
         return self.workspace / "ultralytics"
+
+    @property
+    def bundles_dir(self) -> Path:
+        """Deployment bundles built here and production bundles downloaded from MLflow."""
+        return self.workspace / "bundles"
+
+    @property
+    def monitor_dir(self) -> Path:
+        """The monitor's state, window records, alerts and review queue."""
+        return self.workspace / "monitor"
 
     @property
     def state_path(self) -> Path:
@@ -527,6 +589,9 @@ def load_config(path: Path | str, **overrides: Any) -> ProjectConfig:
         raise ConfigError(f"{path} is invalid:\n{exc}") from exc
     if not cfg.workspace.is_absolute():
         cfg.workspace = (path.parent / cfg.workspace).resolve()
+    watch = cfg.monitor.watch_dir
+    if watch is not None and not watch.is_absolute():
+        cfg.monitor.watch_dir = (path.parent / watch).resolve()
     weights = cfg.train.weights
     if weights is not None and not weights.expanduser().is_absolute():
         cfg.train.weights = (path.parent / weights).resolve()

@@ -58,3 +58,11 @@ class StrategyError(DefectLoopError, ValueError):
 
 class OfflineViolationError(DefectLoopError):
     """Code tried to reach a non-loopback network address while offline mode is enforced."""
+
+
+class DeployError(DefectLoopError):
+    """A deployment bundle is missing, corrupt or cannot be built, or production cannot move."""
+
+
+class DriftError(DefectLoopError, ValueError):
+    """A drift statistic got unusable input (empty samples, NaN, mismatched shapes)."""

@@ -17,7 +17,7 @@ import importlib.util
 import math
 import os
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
@@ -1046,3 +1046,199 @@ def prepare_ultralytics(yolo_config_dir: Path, threads: int = 2) -> None:
     that outlives them.
     """
     _setup(yolo_config_dir, threads)
+
+
+# --------------------------------------------------------------------------------------------
+# ONNX with an embedding output (deployment bundles and production monitoring)
+# --------------------------------------------------------------------------------------------
+
+EMBEDDING_OUTPUT = "embedding"
+
+
+@dataclass(frozen=True)
+class EmbeddingPart:
+    """One piece of an ONNX ``embedding`` output: layer ``layer``'s feature map pooled over
+    space by ``pool`` (``avg`` or ``max``) into ``channels`` values."""
+
+    layer: int
+    pool: str
+    channels: int
+
+
+def add_embedding_output(
+    onnx_path: Path, out_path: Path, parts: Sequence[tuple[int, str]] | None = None
+) -> list[EmbeddingPart]:
+    """Write a copy of an `export_onnx` model with a second output ``embedding`` ``(B, d)``
+    float32: the concatenation of ``parts``, each ``(layer, "avg" | "max")`` a layer's feature
+    map pooled over space. Output 0 (the detection head, ``(B, 4 + nc, anchors)``) is left
+    exactly as it was, so `predict_onnx` on the copy gives the same `Detections`. Returns the
+    parts in output order, with their widths.
+
+    Default parts: the averages of the Detect head's highest-resolution input (stride 8: small,
+    local defects still weigh in it) and of its lowest-resolution input (the layer `embed`
+    pools). For yolov8n: layers 15 (64 values) and 21 (256).
+    A layer's output is found by Ultralytics' ONNX node names (``/model.<i>/...``): the last
+    node of module ``i`` in the graph's topological order produces it.
+    """
+    import re
+
+    src = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    if importlib.util.find_spec("onnx") is None:
+        raise ModelError("adding an embedding output needs the 'onnx' package: pip install onnx")
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load(str(src))
+    graph = proto.graph
+    if any(o.name == EMBEDDING_OUTPUT for o in graph.output):
+        raise ModelError(f"{src} already has an '{EMBEDDING_OUTPUT}' output")
+    module_of: dict[int, list[Any]] = {}
+    for node in graph.node:
+        m = re.match(r"/model\.(\d+)/", node.name)
+        if m:
+            module_of.setdefault(int(m.group(1)), []).append(node)
+    if not module_of:
+        raise ModelError(
+            f"{src} has no Ultralytics module names (/model.<i>/...); export it with "
+            "loop.model.export_onnx"
+        )
+    head = max(module_of)
+    output_of = {nodes[-1].output[0]: i for i, nodes in module_of.items() if i < head}
+    head_inputs = sorted({output_of[t] for n in module_of[head] for t in n.input if t in output_of})
+    if parts is None:
+        if not head_inputs:
+            raise ModelError(f"cannot find the inputs of the Detect head in {src}")
+        parts = [(head_inputs[0], "avg"), (head_inputs[-1], "avg")]
+    if not parts:
+        raise ModelError("add_embedding_output needs at least one part")
+    try:
+        shapes = {
+            vi.name: vi.type.tensor_type.shape
+            for vi in onnx.shape_inference.infer_shapes(proto).graph.value_info
+        }
+    except Exception as exc:
+        raise ModelError(f"ONNX shape inference failed on {src}: {exc}") from exc
+    made: list[EmbeddingPart] = []
+    pooled_names = []
+    for k, (layer, pool) in enumerate(parts):
+        if layer not in module_of or not 0 <= layer < head:
+            raise ModelError(f"layer must be within [0, {head - 1}] for this model, got {layer}")
+        if pool not in ("avg", "max"):
+            raise ModelError(f"pool must be 'avg' or 'max', got {pool!r}")
+        feature = module_of[layer][-1].output[0]
+        shape = shapes.get(feature)
+        if shape is None or len(shape.dim) != 4 or not shape.dim[1].HasField("dim_value"):
+            raise ModelError(f"layer {layer} of {src} is not a (B, C, H, W) feature map")
+        op = "GlobalAveragePool" if pool == "avg" else "GlobalMaxPool"
+        pooled, flat = f"/{EMBEDDING_OUTPUT}/{k}/pooled", f"/{EMBEDDING_OUTPUT}/{k}/flat"
+        graph.node.extend(
+            [
+                helper.make_node(op, [feature], [pooled], name=f"/{EMBEDDING_OUTPUT}/{k}/pool"),
+                helper.make_node(
+                    "Flatten", [pooled], [flat], name=f"/{EMBEDDING_OUTPUT}/{k}/flatten", axis=1
+                ),
+            ]
+        )
+        pooled_names.append(flat)
+        made.append(EmbeddingPart(layer, pool, int(shape.dim[1].dim_value)))
+    graph.node.append(
+        helper.make_node(
+            "Concat", pooled_names, [EMBEDDING_OUTPUT], name=f"/{EMBEDDING_OUTPUT}/concat", axis=1
+        )
+    )
+    width = sum(p.channels for p in made)
+    graph.output.append(
+        helper.make_tensor_value_info(EMBEDDING_OUTPUT, TensorProto.FLOAT, ["batch", width])
+    )
+    try:
+        onnx.checker.check_model(proto)
+    except Exception as exc:
+        raise ModelError(f"the embedding output of {src} gives an invalid graph: {exc}") from exc
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        onnx.save(proto, str(tmp))
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return made
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    """An ONNX Runtime CPU session for ``path`` with the thread settings `predict_onnx` uses."""
+    try:
+        import onnxruntime as ort
+    except ImportError as exc:
+        raise ModelError("the ONNX path needs onnxruntime: pip install onnxruntime") from exc
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    opts.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as exc:
+        raise ModelError(f"ONNX Runtime cannot load {path}: {exc}") from exc
+
+
+def predict_onnx_embedded(
+    onnx_path: Path,
+    images: Iterable[Path],
+    imgsz: int,
+    conf: float,
+    yolo_config_dir: Path,
+    num_classes: int,
+    batch: int = 16,
+    iou: float = 0.7,
+    threads: int = 2,
+    min_candidates: int = 0,
+) -> Iterator[tuple[Detections, np.ndarray]]:
+    """`predict_onnx` on a model made by `add_embedding_output`: per image, in input order, its
+    `Detections` (exactly as `predict_onnx` gives them) and its ``(d,)`` float32 embedding, from
+    ONE forward pass. Preprocessing: Ultralytics' square letterbox to ``imgsz``."""
+    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    _check_predict_args(conf, iou, batch, min_candidates)
+    if imgsz % 32:
+        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
+    _setup(yolo_config_dir, threads)
+    session = _ort_session(path, threads)
+    outputs = [o.name for o in session.get_outputs()]
+    if EMBEDDING_OUTPUT not in outputs:
+        raise ModelError(
+            f"{path} has no '{EMBEDDING_OUTPUT}' output; make one with "
+            "loop.model.add_embedding_output"
+        )
+    input_name = session.get_inputs()[0].name
+
+    def stream() -> Iterator[tuple[Detections, np.ndarray]]:
+        import torch
+        from ultralytics.utils import ops
+
+        for chunk, sizes, x in _prefetched(images, batch, imgsz):
+            out, emb = session.run([outputs[0], EMBEDDING_OUTPUT], {input_name: x})
+            if out.ndim != 3 or out.shape[1] != 4 + num_classes:
+                raise ModelError(
+                    f"ONNX output of shape {out.shape} is not (B, 4 + {num_classes}, anchors): "
+                    "export a detection model trained on the project's classes"
+                )
+            raw = torch.from_numpy(out[: len(chunk)])
+            dets, keep = _nms_with_floor(raw, conf, iou, 300, min_candidates)
+            for b, (p, (h, w)) in enumerate(zip(chunk, sizes, strict=True)):
+                d = dets[b]
+                boxes: Any = ops.scale_boxes((imgsz, imgsz), d[:, :4].clone(), (h, w))
+                probs = raw[b, 4 : 4 + num_classes][:, keep[b]].T
+                det = Detections(
+                    xyxy=boxes.numpy().astype(np.float64),
+                    class_id=d[:, 5].numpy().astype(np.int64),
+                    image_wh=(w, h),
+                    confidence=d[:, 4].numpy().astype(np.float64),
+                    class_probs=probs.numpy().astype(np.float64).reshape(-1, num_classes),
+                    meta={"path": str(p)},
+                )
+                yield (
+                    _candidate_floor(det, conf, min_candidates),
+                    np.asarray(emb[b], dtype=np.float32).reshape(-1),
+                )
+
+    return stream()

@@ -24,6 +24,7 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
+from loop.review_queue import ReviewQueue
 
 Progress = Callable[[int, int], None]
 
@@ -447,13 +448,17 @@ class Project:
     def push(self, gw: Any, ranked: list[ScoredImage], model_version: str) -> Any:
         """Push the top ``select.batch_size`` new images of ``ranked`` as pre-annotated tasks,
         best first; images of ``ranked`` already waiting in Label Studio get a prediction of
-        ``model_version`` (and their new priority) when it is a new model version. Returns the
-        gateway's `PushSummary` (created, refreshed, skipped, failed)."""
+        ``model_version`` (and their new priority) when it is a new model version. Images the
+        production monitor queued (`loop.review_queue`) lead the batch, with priorities above
+        the rest. Returns the gateway's `PushSummary` (created, refreshed, skipped, failed)."""
         from loop.labelstudio import PushItem
 
         pid = self.ensure_ls_project(gw)
         fresh = [s for s in ranked if s.sha256 not in self.state.pending]
         waiting = [s for s in ranked if s.sha256 in self.state.pending]
+        # Images the production monitor queued lead the push (loop.review_queue).
+        queue = ReviewQueue(self.cfg.monitor_dir)
+        fresh = queue.first(fresh)
         chosen = fresh[: self.cfg.select.batch_size] + waiting
         items = [
             PushItem(
@@ -472,6 +477,7 @@ class Project:
             batch_size=self.cfg.labelstudio.batch_size,
             progress=None if self.cfg.labelstudio.progress else False,
         )
+        queue.mark_pushed(summary.task_ids)
         self.state.pending.update(summary.task_ids)
         self.state.last_model_version = model_version
         self.save_state()

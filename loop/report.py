@@ -53,6 +53,7 @@ from loop.tracking import TAG, class_metric
 if TYPE_CHECKING:
     from loop.datasets import DatasetVersion
     from loop.project import Project, ScoredImage
+    from loop.report_production import ProductionData
     from loop.tracking import Tracker
 
 CORRECTIONS_FILE = "corrections.json"
@@ -252,6 +253,7 @@ class ReportData:
     disagreements: Sequence[Disagreement] = ()
     next_batch: NextBatch | None = None
     notes: Sequence[str] = ()  # why optional inputs were skipped (malformed files, ...)
+    production: ProductionData | None = None  # the monitor's records (loop.report_production)
 
 
 @dataclass(frozen=True)
@@ -1050,6 +1052,8 @@ def _next_batch_html(data: ReportData) -> str:
 
 def render_html(data: ReportData) -> str:
     """The self-contained report page (inline CSS, ``data:`` images, no scripts)."""
+    from loop.report_production import production_html
+
     title = f"defect-loop report: {data.project}" + (
         f", round {data.round}" if data.round is not None else ""
     )
@@ -1102,6 +1106,7 @@ def render_html(data: ReportData) -> str:
 <section id="disagreement"><h2>Where model and labelers disagreed most</h2>
 {_disagreements_html(data)}</section>
 <section id="next-batch"><h2>Next batch</h2>{_next_batch_html(data)}</section>
+<section id="production"><h2>Production</h2>{production_html(data.production)}</section>
 {notes}
 <footer>defect-loop model-improvement report. Self-contained: open it from disk, nothing is
 loaded from the network.</footer>
@@ -1171,6 +1176,9 @@ def render_markdown(data: ReportData, html_name: str | None = None) -> str:
             ]
     lines += ["", "## What to do next", ""]
     lines += [f"- **{a.level}**: {_md(a.text)}" for a in what_to_do_next(data)]
+    from loop.report_production import production_markdown
+
+    lines += production_markdown(data.production)
     if html_name:
         lines += ["", f"Full report with plots: {_md(html_name)} (MLflow artifact `report/`)."]
     return "\n".join(lines) + "\n"
@@ -1427,6 +1435,9 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
     classes = tuple(cfg.classes)
     notes: list[str] = []
     baseline, next_batch = _optional(project, notes)
+    from loop.report_production import safe_collect
+
+    production = safe_collect(project, notes)
     runs = _training_runs(tracker)
     if not runs:
         if round is not None:
@@ -1441,6 +1452,7 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
             baseline=baseline,
             next_batch=next_batch,
             notes=notes,
+            production=production,
         )
     by_round = {r.round: r for r in runs}
     if round is None:
@@ -1549,6 +1561,7 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
         disagreements=disagreements,
         next_batch=next_batch,
         notes=notes,
+        production=production,
     )
 
 

@@ -1,0 +1,801 @@
+"""Production monitoring: drift and novelty checks on windows of production images.
+
+`Monitor` takes new images from a folder (or a batch), scores them with the production bundle
+(`loop.deploy.Bundle`) in windows of ``monitor.window_size`` and compares every window with the
+bundle's reference (held-out images of the champion's dataset) in `evaluate_window`:
+
+- input drift: the model's embeddings (pooled feature maps, see `loop.model.add_embedding_output`;
+  MMD with a permutation test on the first ``pca_dims`` principal axes of the pooled sample, in
+  the reference's comparison space `loop.deploy.Reference.embed_space`) and four image
+  statistics (brightness, contrast, sharpness, noise; Kolmogorov-Smirnov each);
+- output drift: the highest box confidence and the uncertainty (highest box entropy) per image
+  (Kolmogorov-Smirnov), the predicted class mix per image (chi-square, permutation p-value) and
+  the rate of images with no defect (Fisher's exact test);
+- novelty: how many images lie farther from every training image (embedding distance in the
+  comparison space) than the reference's ``novelty_quantile`` of the same distance (exact
+  negative hypergeometric tail).
+
+A window alerts when any p-value is below ``alpha / 10`` (Bonferroni over the ten tests: at most
+``alpha`` false alarms per window without drift). The ``queue_per_window`` most novel or uncertain
+images of each window (`select_for_queue`) are added to the project's pool and to the review
+queue (`loop.review_queue`), which the next push serves first.
+
+Everything is kept in ``<workspace>/monitor/monitor.sqlite`` (files seen, images waiting for a
+window, window records with their alerts, the queue), so a restart loses nothing, checks nothing
+twice and queues nothing twice. Windows are logged to MLflow (one run per production bundle,
+metrics at step = window index, alert tags); a window MLflow did not take is logged on the next
+run. Nothing here imports Prefect: ``flows/monitor.py`` adds its events and states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import sqlite3
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import numpy.typing as npt
+
+from loop.config import MonitorConfig
+from loop.datasets import assign_split
+from loop.drift import (
+    IMAGE_STATS,
+    FeatureSet,
+    TestResult,
+    bonferroni,
+    category_test,
+    exceedance_test,
+    exceedance_threshold,
+    ks_test,
+    mmd_test,
+    pca_project,
+    proportion_test,
+)
+from loop.errors import ConfigError, DeployError, ImageError
+from loop.images import IMAGE_SUFFIXES, ImagePool, check_image, iter_image_files, sha256_file
+from loop.review_queue import QueueEntry, ReviewQueue, connect, transaction
+from loop.scheduling import CycleLock
+from loop.tracking import TAG, metric_name
+
+if TYPE_CHECKING:
+    from loop.deploy import Bundle, Reference
+    from loop.project import Project
+    from loop.tracking import Tracker
+
+log = logging.getLogger("defect_loop.monitor")
+
+TESTS: tuple[str, ...] = (
+    "embedding_mmd",
+    *(f"{s}_ks" for s in IMAGE_STATS),
+    "confidence_ks",
+    "uncertainty_ks",
+    "class_mix",
+    "no_defect_rate",
+    "novelty",
+)
+
+_SCHEMA = (
+    """CREATE TABLE IF NOT EXISTS files (
+        path TEXT PRIMARY KEY, size INTEGER, mtime_ns INTEGER, sha256 TEXT, reason TEXT)""",
+    """CREATE TABLE IF NOT EXISTS images (
+        sha256 TEXT PRIMARY KEY, path TEXT NOT NULL, seq INTEGER NOT NULL,
+        status TEXT NOT NULL, window INTEGER)""",
+    """CREATE TABLE IF NOT EXISTS windows (
+        idx INTEGER PRIMARY KEY, bundle_version TEXT NOT NULL, created_at TEXT NOT NULL,
+        alert INTEGER NOT NULL, logged INTEGER NOT NULL, doc TEXT NOT NULL)""",
+)
+
+
+# ============================================================================ the window test
+
+
+@dataclass(frozen=True)
+class QueueCandidate:
+    """An image of a window worth labeling first: ``row`` in the window, ``novelty`` and
+    ``uncertainty`` relative to the reference's thresholds (> 1: beyond), ``priority`` the
+    larger, ``reason`` which one."""
+
+    row: int
+    sha256: str
+    priority: float
+    novelty: float
+    uncertainty: float
+    reason: str
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    """One checked window. ``tests``: every test's result; ``fired``: the tests below
+    ``threshold`` (= ``alpha`` / number of tests); ``metrics``: what MLflow gets; ``message``:
+    the alert text ("" without alert); ``candidates``: the images selected for the queue."""
+
+    index: int
+    bundle_version: str
+    n_images: int
+    created_at: str
+    alpha: float
+    threshold: float
+    tests: list[TestResult]
+    fired: list[str]
+    metrics: dict[str, float]
+    message: str
+    sha256: list[str] = field(default_factory=list)
+    candidates: list[QueueCandidate] = field(default_factory=list)
+
+    @property
+    def alert(self) -> bool:
+        return bool(self.fired)
+
+    def p_values(self) -> dict[str, float]:
+        return {t.name: t.p_value for t in self.tests}
+
+    def to_json(self) -> str:
+        doc = {
+            **{k: v for k, v in self.__dict__.items() if k not in ("tests", "candidates")},
+            "tests": [t.to_dict() for t in self.tests],
+            "candidates": [c.__dict__ for c in self.candidates],
+        }
+        return json.dumps(doc)
+
+    @staticmethod
+    def from_json(text: str) -> WindowResult:
+        doc = json.loads(text)
+        doc["tests"] = [TestResult(**t) for t in doc["tests"]]
+        doc["candidates"] = [QueueCandidate(**c) for c in doc["candidates"]]
+        return WindowResult(**doc)
+
+
+def select_for_queue(
+    window: FeatureSet,
+    nn_distance: npt.NDArray[np.float64],
+    reference: Reference,
+    cfg: MonitorConfig,
+    eligible: npt.NDArray[np.bool_] | None = None,
+) -> list[QueueCandidate]:
+    """The at most ``queue_per_window`` images of ``window`` most beyond the reference: an
+    image's novelty is its nearest-neighbour distance over the reference's ``queue_quantile``
+    of that distance, its uncertainty its highest box entropy over the same quantile of the
+    reference's; priority = the larger; only priority > 1 and ``eligible`` rows, highest first
+    (ties by sha256)."""
+    if cfg.queue_per_window == 0 or len(window) == 0:
+        return []
+    t_nov, _ = exceedance_threshold(reference.nn_distance, cfg.queue_quantile)
+    t_unc, _ = exceedance_threshold(reference.features.uncertainty, cfg.queue_quantile)
+    novelty = nn_distance / max(t_nov, 1e-12)
+    uncertainty = window.uncertainty / max(t_unc, 1e-12)
+    priority = np.maximum(novelty, uncertainty)
+    ok = priority > 1.0
+    if eligible is not None:
+        ok &= np.asarray(eligible, dtype=bool)
+    rows = [int(i) for i in np.flatnonzero(ok)]
+    rows.sort(key=lambda i: (-float(priority[i]), window.sha256[i]))
+    return [
+        QueueCandidate(
+            i,
+            window.sha256[i],
+            round(float(priority[i]), 6),
+            round(float(novelty[i]), 6),
+            round(float(uncertainty[i]), 6),
+            "novel" if novelty[i] >= uncertainty[i] else "uncertain",
+        )
+        for i in rows[: cfg.queue_per_window]
+    ]
+
+
+def _pct(x: float | None) -> str:
+    return "?" if x is None else f"{100 * x:.1f}%"
+
+
+def _describe(t: TestResult, classes: Sequence[str], window: FeatureSet, ref: FeatureSet) -> str:
+    p = f"p {t.p_value:.2g}"
+    if t.name == "embedding_mmd":
+        return f"backbone embeddings shifted (MMD² {t.statistic:.3g}, {p})"
+    if t.name.endswith("_ks"):
+        what = t.name[:-3]
+        return f"{what} {t.window:.4g} vs reference {t.reference:.4g} (KS {t.statistic:.2f}, {p})"
+    if t.name == "class_mix":
+        names = ["no defect", *classes]
+        sw = np.bincount(window.top_class + 1, minlength=len(names)) / len(window)
+        sr = np.bincount(ref.top_class + 1, minlength=len(names)) / len(ref)
+        k = int(np.argmax(np.abs(sw - sr)))
+        return f"predicted class mix changed: {names[k]} {_pct(sw[k])} vs {_pct(sr[k])} ({p})"
+    if t.name == "no_defect_rate":
+        return f"no-defect rate {_pct(t.window)} vs reference {_pct(t.reference)} ({p})"
+    if t.name == "novelty":
+        return (
+            f"{_pct(t.window)} of images far from every training image vs "
+            f"{_pct(t.reference)} of the reference ({p})"
+        )
+    return f"{t.name} ({p})"
+
+
+def check_power(cfg: MonitorConfig) -> None:
+    """Raise `ConfigError` when a permutation test could never alert: its smallest p-value,
+    ``1 / (permutations + 1)``, must lie below the per-test threshold ``alpha / len(TESTS)``."""
+    need = math.ceil(len(TESTS) / cfg.alpha)
+    if cfg.permutations + 1 <= need:
+        raise ConfigError(
+            f"monitor.permutations={cfg.permutations} is too few for alpha={cfg.alpha}: the "
+            f"permutation tests' smallest p-value 1/{cfg.permutations + 1} never falls below "
+            f"{cfg.alpha:g}/{len(TESTS)}; set monitor.permutations to at least {need}"
+        )
+
+
+def evaluate_window(
+    reference: Reference,
+    window: FeatureSet,
+    cfg: MonitorConfig,
+    index: int,
+    classes: Sequence[str],
+    bundle_version: str = "",
+    eligible: npt.NDArray[np.bool_] | None = None,
+) -> WindowResult:
+    """Test ``window`` against ``reference`` (see the module docstring). Deterministic: the
+    permutation tests draw from ``np.random.default_rng([cfg.seed, index])``."""
+    ref = reference.features
+    if len(window) < 2:
+        raise DeployError(f"a window needs at least 2 images, got {len(window)}")
+    if window.n_classes != len(classes) or ref.n_classes != len(classes):
+        raise DeployError(
+            f"the window has {window.n_classes} classes and the reference {ref.n_classes}, the "
+            f"bundle {len(classes)}; score both with the same bundle"
+        )
+    check_power(cfg)
+    rng = np.random.default_rng([cfg.seed, index])
+    n = len(window)
+    pooled = pca_project(
+        reference.embed_space(np.vstack([window.embedding, ref.embedding])), cfg.pca_dims
+    )
+    tests = [mmd_test(pooled[:n], pooled[n:], rng, cfg.permutations, name="embedding_mmd")]
+    for j, s in enumerate(IMAGE_STATS):
+        tests.append(ks_test(window.stats[:, j], ref.stats[:, j], name=f"{s}_ks"))
+    tests.append(ks_test(window.max_conf, ref.max_conf, name="confidence_ks"))
+    tests.append(ks_test(window.uncertainty, ref.uncertainty, name="uncertainty_ks"))
+    nc = len(classes)
+    tests.append(
+        category_test(
+            window.top_class + 1, ref.top_class + 1, nc + 1, rng, cfg.permutations, "class_mix"
+        )
+    )
+    tests.append(
+        proportion_test(
+            int(np.sum(window.top_class < 0)),
+            n,
+            int(np.sum(ref.top_class < 0)),
+            len(ref),
+            "no_defect_rate",
+        )
+    )
+    nn = reference.novelty_distance(window.embedding)
+    tests.append(exceedance_test(nn, reference.nn_distance, cfg.novelty_quantile, "novelty"))
+    decision = bonferroni(tests, cfg.alpha)
+    metrics: dict[str, float] = {
+        "n_images": float(n),
+        "alert": float(decision.alert),
+        "min_p": min(t.p_value for t in tests),
+        "embedding_mmd2": tests[0].statistic,
+        "novelty_rate": tests[-1].statistic,
+        "no_defect_rate": float(np.mean(window.top_class < 0)),
+        "confidence_mean": float(window.max_conf.mean()),
+        "uncertainty_mean": float(window.uncertainty.mean()),
+    }
+    for j, s in enumerate(IMAGE_STATS):
+        metrics[f"{s}_mean"] = float(window.stats[:, j].mean())
+    for c, share in zip(
+        classes, np.bincount(window.top_class + 1, minlength=nc + 1)[1:] / n, strict=True
+    ):
+        metrics[f"class_share_{metric_name(c)}"] = float(share)
+    metrics.update({f"p_{t.name}": t.p_value for t in tests})
+    message = ""
+    if decision.alert:
+        parts = [_describe(t, classes, window, ref) for t in tests if t.name in decision.fired]
+        message = (
+            f"drift alert, window {index} ({n} images, bundle v{bundle_version or '?'}): "
+            + "; ".join(parts)
+            + f" [threshold p < {decision.threshold:.2g}]"
+        )
+    return WindowResult(
+        index=index,
+        bundle_version=bundle_version,
+        n_images=n,
+        created_at=datetime.now(UTC).isoformat(timespec="seconds"),
+        alpha=cfg.alpha,
+        threshold=decision.threshold,
+        tests=tests,
+        fired=list(decision.fired),
+        metrics=metrics,
+        message=message,
+        sha256=list(window.sha256),
+        candidates=select_for_queue(window, nn, reference, cfg, eligible),
+    )
+
+
+# ============================================================================ the monitor
+
+
+@dataclass(frozen=True)
+class ScanResult:
+    """What one scan of a folder found: ``new`` images now waiting for a window,
+    ``duplicates`` (an image already seen, under any name), ``rejected`` (path, reason)."""
+
+    new: int
+    duplicates: int
+    rejected: list[tuple[str, str]]
+
+
+@dataclass(frozen=True)
+class MonitorOutcome:
+    """One monitor run: the windows checked now (oldest first), MLflow logging of earlier
+    windows caught up, images still waiting for a full window, images queued now."""
+
+    bundle_version: str
+    scan: ScanResult | None
+    windows: list[WindowResult]
+    pending: int
+    queued: int
+    relogged: int = 0
+
+    @property
+    def alerts(self) -> list[WindowResult]:
+        return [w for w in self.windows if w.alert]
+
+
+@dataclass(frozen=True)
+class PendingImage:
+    sha256: str
+    path: Path
+
+
+def read_windows(monitor_dir: Path) -> list[WindowResult]:
+    """Every window record of a workspace, oldest first (none when the monitor never ran)."""
+    if not (Path(monitor_dir) / "monitor.sqlite").is_file():
+        return []
+    con = connect(monitor_dir)
+    try:
+        for stmt in _SCHEMA:
+            con.execute(stmt)
+        return [
+            WindowResult.from_json(r[0])
+            for r in con.execute("SELECT doc FROM windows ORDER BY idx")
+        ]
+    finally:
+        con.close()
+
+
+class Monitor:
+    """The monitor of one project with one bundle (``bundle_version``: its version in the
+    bundle registered model, or any label). Every method persists what it did before it
+    returns."""
+
+    def __init__(self, project: Project, bundle: Bundle, bundle_version: str) -> None:
+        self.project = project
+        self.cfg = project.cfg
+        self.mcfg = project.cfg.monitor
+        self.bundle = bundle
+        self.bundle_version = str(bundle_version)
+        self.dir = project.cfg.monitor_dir
+        self.queue = ReviewQueue(self.dir)
+        if list(bundle.classes) != list(project.cfg.classes):
+            raise DeployError(
+                f"the bundle's classes {bundle.classes} are not the project's "
+                f"{list(project.cfg.classes)}; deploy the current champion again"
+            )
+        check_power(self.mcfg)
+        with self._con():
+            pass  # creates the schema
+
+    @contextmanager
+    def _con(self) -> Iterator[sqlite3.Connection]:
+        con = connect(self.dir)
+        try:
+            for stmt in _SCHEMA:
+                con.execute(stmt)
+            yield con
+        finally:
+            con.close()
+
+    # ------------------------------------------------------------------ intake
+    def scan(self, source: Path, on_file: Callable[[Path], None] | None = None) -> ScanResult:
+        """Register the image files below ``source`` not seen before (by path, size and
+        modification time; then by content): each new image waits for a window. Unreadable
+        files are recorded with the reason and never retried unless they change."""
+        source = Path(source)
+        if not source.exists():
+            raise ImageError(f"{source} does not exist; pass the folder production images land in")
+        new = dup = 0
+        rejected: list[tuple[str, str]] = []
+        with self._con() as con:
+            known = {
+                r[0]: (r[1], r[2]) for r in con.execute("SELECT path, size, mtime_ns FROM files")
+            }
+            seq = int(con.execute("SELECT COALESCE(MAX(seq), 0) FROM images").fetchone()[0])
+            for path in iter_image_files(source):
+                if on_file is not None:
+                    on_file(path)
+                key = str(path.resolve())
+                try:
+                    st = path.stat()
+                except OSError:
+                    continue  # vanished while scanning
+                if known.get(key) == (st.st_size, st.st_mtime_ns):
+                    continue
+                reason = None
+                sha = None
+                if path.suffix.lower() not in IMAGE_SUFFIXES:
+                    reason = f"not an image file ({path.suffix or 'no suffix'})"
+                else:
+                    try:
+                        check_image(path, self.cfg.ingest)
+                        sha = sha256_file(path)
+                    except (ImageError, OSError) as exc:
+                        reason = str(exc)
+                with transaction(con):
+                    con.execute(
+                        "INSERT OR REPLACE INTO files VALUES (?, ?, ?, ?, ?)",
+                        (key, st.st_size, st.st_mtime_ns, sha, reason),
+                    )
+                    if sha is not None:
+                        seq += 1
+                        cur = con.execute(
+                            "INSERT OR IGNORE INTO images VALUES (?, ?, ?, 'pending', NULL)",
+                            (sha, key, seq),
+                        )
+                        if cur.rowcount == 1:
+                            new += 1
+                        else:
+                            dup += 1
+                if reason is not None:
+                    rejected.append((key, reason))
+        return ScanResult(new, dup, rejected)
+
+    def add(self, paths: Sequence[Path]) -> ScanResult:
+        """Register a batch of files (see `scan`)."""
+        totals = ScanResult(0, 0, [])
+        for p in paths:
+            r = self.scan(Path(p))
+            totals = ScanResult(
+                totals.new + r.new, totals.duplicates + r.duplicates, totals.rejected + r.rejected
+            )
+        return totals
+
+    def pending(self) -> list[PendingImage]:
+        """Images waiting for a window, in arrival order."""
+        with self._con() as con:
+            rows = con.execute(
+                "SELECT sha256, path FROM images WHERE status = 'pending' ORDER BY seq"
+            )
+            return [PendingImage(s, Path(p)) for s, p in rows]
+
+    def next_index(self) -> int:
+        with self._con() as con:
+            return int(con.execute("SELECT COALESCE(MAX(idx), -1) + 1 FROM windows").fetchone()[0])
+
+    def ready_windows(self, flush: bool = False) -> list[list[PendingImage]]:
+        """The full windows waiting (and, with ``flush``, the last partial one when it holds at
+        least ``monitor.min_flush`` images). Images whose file disappeared are dropped
+        (status ``missing``)."""
+        present: list[PendingImage] = []
+        gone: list[PendingImage] = []
+        for img in self.pending():
+            (present if img.path.is_file() else gone).append(img)
+        if gone:
+            with self._con() as con, transaction(con):
+                con.executemany(
+                    "UPDATE images SET status = 'missing' WHERE sha256 = ?",
+                    [(g.sha256,) for g in gone],
+                )
+            log.warning("%d waiting images disappeared before they were checked", len(gone))
+        size = self.mcfg.window_size
+        out = [present[i : i + size] for i in range(0, len(present), size)]
+        if out and len(out[-1]) < size and not (flush and len(out[-1]) >= self.mcfg.min_flush):
+            out.pop()
+        return out
+
+    # ------------------------------------------------------------------ one window
+    def _eligible(self, shas: Sequence[str]) -> npt.NDArray[np.bool_]:
+        """Which images may be queued: not labeled yet, not waiting in Label Studio, not in the
+        frozen test split (the loop never selects test images)."""
+        version = self.project.current_version()
+        labeled = set() if version is None else {r.sha256 for r in version.rows}
+        pending = set(self.project.state.pending)
+        return np.array(
+            [
+                s not in labeled and s not in pending and assign_split(s, self.cfg.split) != "test"
+                for s in shas
+            ],
+            dtype=bool,
+        )
+
+    def check(
+        self, images: Sequence[PendingImage], index: int | None = None
+    ) -> tuple[WindowResult, FeatureSet]:
+        """Score ``images`` with the bundle and test them as window ``index`` (default: the
+        next). Writes nothing."""
+        idx = self.next_index() if index is None else index
+        feats = self.bundle.features(
+            [i.path for i in images],
+            [i.sha256 for i in images],
+            self.cfg.yolo_config_dir,
+            threads=self.cfg.train.threads,
+        )
+        result = evaluate_window(
+            self.bundle.reference(),
+            feats,
+            self.mcfg,
+            idx,
+            self.bundle.classes,
+            self.bundle_version,
+            self._eligible(feats.sha256),
+        )
+        return result, feats
+
+    def commit(self, result: WindowResult, images: Sequence[PendingImage]) -> list[QueueEntry]:
+        """Record ``result``: its candidates are copied aside and queued (an image already
+        queued is skipped), its images marked done and the window stored, in one transaction;
+        then the queued images go into the pool when the workspace is free. Committing the
+        same window twice changes nothing. Returns the entries queued now."""
+        by_sha = {i.sha256: i for i in images}
+        cand = [c for c in result.candidates if c.sha256 in by_sha and c.sha256 not in self.queue]
+        boxes = self._boxes([by_sha[c.sha256].path for c in cand])
+        entries = []
+        held_dir = self.dir / "held"
+        for c, (det_boxes, wh) in zip(cand, boxes, strict=True):
+            src = by_sha[c.sha256].path
+            held = held_dir / f"{c.sha256}{src.suffix.lower()}"
+            held.parent.mkdir(parents=True, exist_ok=True)
+            if not held.is_file():
+                tmp = held.with_name(held.name + ".part")
+                shutil.copyfile(src, tmp)
+                tmp.replace(held)
+            entries.append(
+                QueueEntry(
+                    sha256=c.sha256,
+                    priority=c.priority,
+                    reason=c.reason,
+                    novelty=c.novelty,
+                    uncertainty=c.uncertainty,
+                    window=result.index,
+                    bundle_version=self.bundle_version,
+                    source=str(src),
+                    width=wh[0],
+                    height=wh[1],
+                    boxes=det_boxes,
+                    held=str(held),
+                )
+            )
+        with self._con() as con, transaction(con):
+            exists = con.execute("SELECT 1 FROM windows WHERE idx = ?", (result.index,)).fetchone()
+            added = [] if exists else self.queue.add(entries, con)
+            if not exists:
+                con.execute(
+                    "INSERT INTO windows VALUES (?, ?, ?, ?, 0, ?)",
+                    (
+                        result.index,
+                        result.bundle_version,
+                        result.created_at,
+                        int(result.alert),
+                        result.to_json(),
+                    ),
+                )
+                con.executemany(
+                    "UPDATE images SET status = 'done', window = ? WHERE sha256 = ?",
+                    [(result.index, i.sha256) for i in images],
+                )
+        if result.alert:
+            log.warning(result.message)
+        self.ingest_queued()
+        return added
+
+    def _boxes(self, paths: Sequence[Path]) -> list[tuple[list[list[float]], tuple[int, int]]]:
+        """The bundle's defect boxes of ``paths`` (for the queue's thumbnails) and image sizes."""
+        if not paths:
+            return []
+        out = []
+        thr = self.bundle.spec.defect_conf
+        for det, _ in self.bundle.score(
+            list(paths), self.cfg.yolo_config_dir, threads=self.cfg.train.threads
+        ):
+            shown = det.with_min_confidence(thr)
+            conf = shown.confidence if shown.confidence is not None else np.ones(len(shown))
+            rows = [
+                [*(round(float(v), 2) for v in xyxy), int(c), round(float(s), 4)]
+                for xyxy, c, s in zip(shown.xyxy, shown.class_id, conf, strict=True)
+            ]
+            out.append((rows, (int(det.image_wh[0]), int(det.image_wh[1]))))
+        return out
+
+    def ingest_queued(self) -> int:
+        """Put queued images that are not in the pool yet into it, when the workspace lock is
+        free (a cycle holds it while it trains, scores and pushes: they wait for the next run).
+        Returns how many were added."""
+        todo = [e for e in self.queue.entries("queued") if not e.in_pool]
+        if not todo:
+            return 0
+        lock = CycleLock(self.cfg.workspace)
+        if not lock.acquire("skip", 0, "monitor: queue images into the pool"):
+            log.info(
+                "workspace busy (%s): %d queued images join the pool on a later run",
+                lock.holder_text(),
+                len(todo),
+            )
+            return 0
+        try:
+            # A fresh pool: an ingest may have run since this project was loaded.
+            pool = ImagePool(self.cfg.images_dir, self.cfg.workspace / "pool.json")
+            changed = []
+            for e in todo:
+                held = Path(e.held) if e.held else None
+                if e.sha256 not in pool:
+                    reason = "its private copy is gone"
+                    if held is not None and held.is_file():
+                        report = pool.ingest([held], self.cfg.ingest)
+                        reason = report.rejected[0].reason if report.rejected else ""
+                    if e.sha256 not in pool:
+                        log.warning("queued image %s dropped: %s", e.sha256[:12], reason)
+                        changed.append(replace(e, status="dropped"))
+                        continue
+                changed.append(replace(e, in_pool=True, held=None))
+            self.queue.update(changed)
+            for e in todo:
+                if e.held:
+                    Path(e.held).unlink(missing_ok=True)
+            self.project.pool = pool
+            return sum(e.in_pool for e in changed)
+        finally:
+            lock.release()
+
+    # ------------------------------------------------------------------ MLflow
+    def _monitor_run(self, tracker: Tracker) -> str:
+        client = tracker.client
+        runs = client.search_runs(
+            [tracker.experiment_id()],
+            filter_string=(
+                "tags.`defect_loop.kind` = 'monitor' and "
+                f"tags.`defect_loop.bundle_version` = '{self.bundle_version}'"
+            ),
+            max_results=1,
+        )
+        if runs:
+            return str(runs[0].info.run_id)
+        run = client.create_run(
+            tracker.experiment_id(),
+            run_name=f"monitor-bundle-v{self.bundle_version}",
+            tags={
+                TAG + "kind": "monitor",
+                TAG + "bundle_version": self.bundle_version,
+                TAG + "bundle_digest": self.bundle.digest,
+                TAG + "alert_count": "0",
+            },
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+        return str(run.info.run_id)
+
+    def log(self, tracker: Tracker, result: WindowResult) -> str:
+        """Log ``result`` to the bundle's monitor run (metrics at step = window index; on alert
+        the tags ``defect_loop.alert`` (latest), ``defect_loop.alert.w<index>`` and
+        ``defect_loop.alert_count``) and mark it logged. Returns the run id."""
+        from mlflow.entities import RunTag
+
+        run_id = self._monitor_run(tracker)
+        tracker.log_metrics(run_id, result.metrics, step=result.index)
+        if result.alert:
+            with self._con() as con:
+                count = int(
+                    con.execute(
+                        "SELECT COUNT(*) FROM windows WHERE alert = 1 AND bundle_version = ?",
+                        (result.bundle_version,),
+                    ).fetchone()[0]
+                )
+            tracker.client.log_batch(
+                run_id,
+                tags=[
+                    RunTag(TAG + "alert", result.message[:5000]),
+                    RunTag(f"{TAG}alert.w{result.index}", result.message[:5000]),
+                    RunTag(TAG + "alert_count", str(max(count, 1))),
+                ],
+            )
+        with self._con() as con, transaction(con):
+            con.execute("UPDATE windows SET logged = 1 WHERE idx = ?", (result.index,))
+        return run_id
+
+    def unlogged(self) -> list[WindowResult]:
+        """Windows recorded but not yet logged to MLflow (their logging failed)."""
+        with self._con() as con:
+            rows = con.execute("SELECT doc FROM windows WHERE logged = 0 ORDER BY idx")
+            return [WindowResult.from_json(r[0]) for r in rows]
+
+    # ------------------------------------------------------------------ status and a whole run
+    def windows(self) -> list[WindowResult]:
+        return read_windows(self.dir)
+
+    def status(self) -> dict[str, Any]:
+        return {"bundle_version": self.bundle_version, **monitor_status(self.dir)}
+
+    def run(
+        self,
+        source: Path | None,
+        tracker: Tracker | None = None,
+        flush: bool = False,
+        on_window: Callable[[WindowResult], None] | None = None,
+    ) -> MonitorOutcome:
+        """Scan ``source`` (None: only what is already waiting), check every ready window,
+        commit it and log it to MLflow (with ``tracker``); first catch up on windows whose
+        MLflow logging failed before. ``on_window`` sees each result (alerts, progress)."""
+        relogged = 0
+        if tracker is not None:
+            for old in self.unlogged():
+                self.log(tracker, old)
+                relogged += 1
+        self.ingest_queued()
+        scan = self.scan(source) if source is not None else None
+        results = []
+        queued = 0
+        for images in self.ready_windows(flush):
+            result, _ = self.check(images)
+            queued += len(self.commit(result, images))
+            if tracker is not None:
+                self.log(tracker, result)
+            if on_window is not None:
+                on_window(result)
+            results.append(result)
+        return MonitorOutcome(
+            self.bundle_version, scan, results, len(self.pending()), queued, relogged
+        )
+
+
+def monitor_status(monitor_dir: Path) -> dict[str, Any]:
+    """Counts of a workspace's monitor: images by status (pending, done, missing), rejected
+    files, windows, alerts, queue entries (queued, pushed, not in the pool yet), last window."""
+    if not (Path(monitor_dir) / "monitor.sqlite").is_file():
+        return {"images": {}, "rejected_files": 0, "windows": 0, "alerts": 0, "queue": {}}
+    con = connect(monitor_dir)
+    try:
+        for stmt in _SCHEMA:
+            con.execute(stmt)
+        counts = dict(con.execute("SELECT status, COUNT(*) FROM images GROUP BY status").fetchall())
+        n_windows, n_alerts = con.execute(
+            "SELECT COUNT(*), COALESCE(SUM(alert), 0) FROM windows"
+        ).fetchone()
+        rejected = con.execute("SELECT COUNT(*) FROM files WHERE reason IS NOT NULL").fetchone()[0]
+        last = con.execute(
+            "SELECT idx, created_at, alert FROM windows ORDER BY idx DESC LIMIT 1"
+        ).fetchone()
+    finally:
+        con.close()
+    entries = ReviewQueue(monitor_dir).entries()
+    return {
+        "images": {str(k): int(v) for k, v in counts.items()},
+        "rejected_files": int(rejected),
+        "windows": int(n_windows),
+        "alerts": int(n_alerts),
+        "last_window": None
+        if last is None
+        else {"index": int(last[0]), "at": last[1], "alert": bool(last[2])},
+        "queue": {
+            "queued": sum(e.status == "queued" for e in entries),
+            "pushed": sum(e.status == "pushed" for e in entries),
+            "dropped": sum(e.status == "dropped" for e in entries),
+            "not_in_pool_yet": sum(e.status == "queued" and not e.in_pool for e in entries),
+        },
+    }
+
+
+@contextmanager
+def monitor_lock(monitor_dir: Path) -> Iterator[bool]:
+    """The monitor's own lock (``<monitor_dir>/cycle.lock``): yields False when another monitor
+    of the workspace is running (then do nothing), True while this one holds it."""
+    lock = CycleLock(monitor_dir)
+    got = lock.acquire("skip", 0, "monitor")
+    try:
+        yield got
+    finally:
+        if got:
+            lock.release()

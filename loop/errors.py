@@ -58,3 +58,7 @@ class StrategyError(DefectLoopError, ValueError):
 
 class OfflineViolationError(DefectLoopError):
     """Code tried to reach a non-loopback network address while offline mode is enforced."""
+
+
+class EvaluationError(DefectLoopError, ValueError):
+    """Match statistics, a bootstrap or a paired comparison got inconsistent input."""

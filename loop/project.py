@@ -24,7 +24,7 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
-from loop.quality import gate_and_record, preannotation_filter, test_split_status
+from loop.quality import gate_and_record, preannotation_filter, split_status
 from loop.selection import rank
 from loop.uncertainty import score_images
 
@@ -663,7 +663,7 @@ class Project:
             "pending_in_label_studio": len(self.state.pending),
             "label_studio_project": self.state.ls_project_id,
             "model_version": self.state.last_model_version,
-            "test_split": test_split_status(self.cfg, version),
+            "test_split": split_status(self.cfg, version),
         }
 
 

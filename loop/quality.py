@@ -290,7 +290,7 @@ def _identity(det: Detections) -> Detections:
     return det
 
 
-def test_split_status(cfg: ProjectConfig, version: DatasetVersion | None) -> dict[str, Any]:
+def split_status(cfg: ProjectConfig, version: DatasetVersion | None) -> dict[str, Any]:
     """The test split for `defect-loop status`: images, boxes per class, the champion's test
     mAP50 interval (when it was measured on this very split) and the warnings of
     `loop.evaluation.split_health`."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -327,23 +327,3 @@ def split_status(cfg: ProjectConfig, version: DatasetVersion | None) -> dict[str
         )
     out["warnings"] = warnings
     return out
-
-
-def gate_tags_summary(tags: Mapping[str, str]) -> dict[str, Any]:
-    """The paired gate's tags of a training run, parsed (missing ones are None/empty)."""
-    from loop.tracking import TAG
-
-    def js(key: str) -> list[str]:
-        try:
-            v = json.loads(tags.get(TAG + key, "[]"))
-        except ValueError:
-            return []
-        return [str(x) for x in v] if isinstance(v, list) else []
-
-    return {
-        "verdict": tags.get(TAG + "gate_verdict"),
-        "difference": tags.get(TAG + "gate_difference"),
-        "bootstrap": tags.get(TAG + "bootstrap"),
-        "preannotation_hidden": js("preannotation_hidden"),
-        "test_split_warnings": js("test_split_warnings"),
-    }

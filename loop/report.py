@@ -1401,6 +1401,7 @@ def render_markdown(data: ReportData, html_name: str | None = None) -> str:
             if data.promoted is False
             else "no promotion decision"
         )
+
         def ci_md(ci: tuple[float, float] | None) -> str:
             return f" {_md(_ci_text(ci).strip())}" if ci is not None else ""
 

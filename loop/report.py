@@ -747,7 +747,8 @@ def learning_curve_png(data: ReportData) -> bytes | None:
     for p in pts:
         ax.annotate(
             f"r{p.round}",
-            (p.labeled, p.test_map50),
+            # Above the error bar when there is one.
+            (p.labeled, p.map50_hi if p.map50_hi is not None else p.test_map50),
             textcoords="offset points",
             xytext=(0, 8),
             ha="center",

@@ -368,3 +368,20 @@ def test_add_test_cli(tmp_path: Path) -> None:
     assert status["test_split"]["boxes_per_class"] == {"scratch": 3, "pit": 0}
     r = runner.invoke(app, ["datasets", "add-test", str(imgs), "-c", str(cfg_path)])
     assert r.exit_code != 0  # --labels is required
+
+
+def test_next_batch_counts_only_the_boxes_labelers_see(tmp_path: Path) -> None:
+    from loop.report import write_next_batch
+
+    project = Project(_cfg(tmp_path, select={"batch_size": 2}))
+    det = Detections(
+        np.array([[0, 0, 5, 5], [1, 1, 6, 6]], dtype=float), np.array([0, 1]), (32, 32)
+    )
+    only_pit = Detections(np.array([[0, 0, 5, 5]], dtype=float), np.array([1]), (32, 32))
+    ranked = [ScoredImage("a" * 64, 0.9, det), ScoredImage("b" * 64, 0.8, only_pit)]
+    doc = json.loads(write_next_batch(project, ranked).read_text())
+    assert doc["class_mix"] == {"scratch": 1, "pit": 2} and doc["hidden_classes"] == []
+    write_quality(project.cfg, _rec())  # champion v3: 'pit' below the bar
+    doc = json.loads(write_next_batch(project, ranked).read_text())
+    assert doc["class_mix"] == {"scratch": 1} and doc["hidden_classes"] == ["pit"]
+    assert doc["images_without_boxes"] == 1

@@ -277,7 +277,12 @@ def analyse(
         verdicts: dict[str, int] = {"improvement": 0, "noise": 0, "worse": 0}
         for a, b in pairs:
             ma, mb = matches[a].take(idx), matches[b].take(idx)
-            for champ, cand, champ_seed in ((ma, mb, a), (mb, ma, b)):
+            # One paired bootstrap per pair; the other order shares its replicates.
+            b_vs_a = paired_bootstrap(mb, ma, classes, settings)
+            for champ, cand, champ_seed, comp in (
+                (ma, mb, a, b_vs_a),
+                (mb, ma, b, b_vs_a.swapped()),
+            ):
                 comps += 1
                 old = gate(
                     _metric_dict(cand, classes),
@@ -286,7 +291,6 @@ def analyse(
                     TOLERANCE,
                     MAX_CLASS_DROP,
                 )
-                comp = paired_bootstrap(cand, champ, classes, settings)
                 new = paired_gate(comp, TOLERANCE, MAX_CLASS_DROP, str(champ_seed))
                 old_n += int(old.promoted)
                 new_n += int(new.promoted)
@@ -373,7 +377,13 @@ def main(argv: list[str] | None = None) -> int:
             )
             log(f"model s{seed}: test mAP50 {infos[seed]['map50']:.3f}")
             complete = len(matches) == len(seeds)
-            if len(matches) >= 2 and (complete or len(matches) % 2 == 0):
+            models = {f"s{k}": v for k, v in sorted(infos.items())}
+            if not complete:
+                # Progress only; the analysis runs once every model is in.
+                partial = {"bench": "evaluation_noise", "complete": False, "models": models}
+                atomic_write_text(results, json.dumps(partial, indent=1))
+            else:
+                log("analysing: bootstraps of every pair at every test size")
                 doc = {
                     "bench": "evaluation_noise",
                     "dataset": dataset.name,
@@ -386,7 +396,7 @@ def main(argv: list[str] | None = None) -> int:
                         "recipe": "COCO yolov8n.pt fine-tuned, same data, seeds differ",
                     },
                     "classes": classes,
-                    "models": {f"s{k}": v for k, v in sorted(infos.items())},
+                    "models": models,
                     **analyse(matches, classes, s),
                     "elapsed_s_this_run": round(time.monotonic() - started, 1),
                 }

@@ -649,6 +649,25 @@ class PairedComparison:
     n_images: int
     settings: BootstrapSettings
 
+    def swapped(self) -> PairedComparison:
+        """The same comparison with the roles exchanged (champion minus candidate): the
+        replicates are shared, so every difference interval is mirrored."""
+
+        def neg(iv: Interval) -> Interval:
+            return Interval(-iv.value, -iv.hi, -iv.lo)
+
+        return PairedComparison(
+            candidate=self.champion,
+            champion=self.candidate,
+            difference_map50=neg(self.difference_map50),
+            difference_map50_95=neg(self.difference_map50_95),
+            per_class_difference_ap50_95={
+                c: neg(iv) for c, iv in self.per_class_difference_ap50_95.items()
+            },
+            n_images=self.n_images,
+            settings=self.settings,
+        )
+
     def metrics(self, prefix: str = "gate_diff") -> dict[str, float]:
         """``<prefix>_map50_95`` (+ ``_lo``/``_hi``), ``<prefix>_map50``, and
         ``<prefix>_ap50_95_<class>`` per class, for MLflow."""

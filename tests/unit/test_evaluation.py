@@ -403,3 +403,21 @@ def test_the_statistics_module_does_not_import_ultralytics() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=repo, check=True
     )
     assert out.stdout.strip() == "False"
+
+
+def test_swapped_comparison_equals_the_reverse_bootstrap() -> None:
+    cand = matches(_detector(50, 0.8, seed=6), 2)
+    champ = matches(_detector(50, 0.6, seed=7), 2)
+    fwd = paired_bootstrap(cand, champ, ["a", "b"], SETTINGS)
+    rev = paired_bootstrap(champ, cand, ["a", "b"], SETTINGS)
+    sw = fwd.swapped()
+    for x, y in (
+        (sw.difference_map50_95, rev.difference_map50_95),
+        (sw.difference_map50, rev.difference_map50),
+        *((sw.per_class_difference_ap50_95[c], rev.per_class_difference_ap50_95[c]) for c in "ab"),
+    ):
+        assert (x.value, x.lo, x.hi) == pytest.approx((y.value, y.lo, y.hi), abs=1e-12)
+    assert (
+        sw.candidate is fwd.champion and sw.swapped().difference_map50_95 == fwd.difference_map50_95
+    )
+    assert paired_gate(sw, 0, 0.05).verdict == paired_gate(rev, 0, 0.05).verdict

@@ -13,7 +13,9 @@ measures from those statistics:
   new paired gate (`loop.evaluation.paired_gate`, tolerance 0), over every ordered pair of
   same-data different-seed models (a promotion there is a promotion of noise), at each size;
 - the time of 1,000 bootstrap resamples of 300 test images (goal: under 5 s on 2 cores), and
-  of the paired bootstrap the gate runs (two models).
+  of the paired bootstrap the gate runs (two models): wall time and the process's CPU time
+  (the bootstrap is single-threaded, so CPU time is its time on an idle core), with the
+  machine's load average beside them.
 
 Resumable: trained models and their match statistics stay under ``--work`` (default
 ``bench/work/evaluation_noise``); a rerun trains only what is missing. Writes
@@ -318,15 +320,18 @@ def analyse(
         }
     # Timing: the bootstrap the loop runs on a 300-image test split (or the whole pool when
     # smaller), and the paired one of the gate.
+    # Wall time on a shared machine depends on its load; the process's CPU time is what the
+    # same work takes on an idle core (the bootstrap runs in one thread).
     idx = np.arange(min(pool, TIMING_IMAGES))
     m0 = matches[ref].take(idx)
-    t0 = time.perf_counter()
+    load = os.getloadavg()[0]
+    t0, c0 = time.perf_counter(), time.process_time()
     bootstrap(m0, classes, BootstrapSettings(resamples=TIMING_RESAMPLES))
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     if len(seeds) > 1:
         other = matches[seeds[1]].take(idx)
         paired_bootstrap(other, m0, classes, BootstrapSettings(resamples=TIMING_RESAMPLES))
-    t2 = time.perf_counter()
+    t2, c2 = time.perf_counter(), time.process_time()
     return {
         "reference_model": f"s{ref}",
         "halfwidth_map50": halfwidth,
@@ -338,7 +343,10 @@ def analyse(
             "resamples": TIMING_RESAMPLES,
             "predictions": len(m0.conf),
             "bootstrap_s": round(t1 - t0, 2),
+            "bootstrap_cpu_s": round(c1 - c0, 2),
             "paired_bootstrap_s": round(t2 - t1, 2),
+            "paired_bootstrap_cpu_s": round(c2 - c1, 2),
+            "load_average_1min": round(load, 1),
             "goal_s": 5.0,
         },
     }

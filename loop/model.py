@@ -473,26 +473,37 @@ def evaluate(
 
 # The last few evaluations, so that the promotion gate's per-image statistics of a model that
 # `evaluate` just scored cost nothing. Keyed by the weights file (path, size, mtime), the dataset
-# YAML's text (exported versions live in a folder named by their digest), split, size, batch and
-# classes; a retrained or re-exported model misses and is evaluated again.
+# YAML's text, the split's images (names, sizes, mtimes) and label files (names and CONTENT:
+# re-exporting a version rewrites identical labels), size, batch and classes.
 _EVAL_MEMO: OrderedDict[tuple[Any, ...], tuple[EvalResult, ImageMatches]] = OrderedDict()
 _EVAL_MEMO_SIZE = 4
 
 
-def _memo_key(
-    weights: Path, data_path: Path, split: str, imgsz: int, batch: int, names: list[str]
-) -> tuple[Any, ...]:
-    st = weights.stat()
-    return (
-        str(weights),
-        st.st_size,
-        st.st_mtime_ns,
-        data_path.read_text(),
-        split,
-        imgsz,
-        batch,
-        tuple(names),
-    )
+def _split_fingerprint(data_path: Path, data: dict[str, Any], split: str) -> str:
+    """sha256 over what an evaluation of ``split`` reads, without decoding images."""
+    import hashlib
+
+    h = hashlib.sha256(data_path.read_bytes())
+    entry = data.get(split)
+    root = Path(str(data.get("path") or data_path.parent))
+    images_sep, labels_sep = f"{os.sep}images{os.sep}", f"{os.sep}labels{os.sep}"
+    for item in entry if isinstance(entry, list) else [entry]:
+        p = Path(str(item))
+        p = p if p.is_absolute() else root / p
+        if p.is_file():  # a list of image paths
+            h.update(p.read_bytes())
+            continue
+        if not p.is_dir():
+            continue
+        for f in sorted(p.iterdir()):
+            st = f.stat()
+            h.update(f"{f.name}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+        # Ultralytics' img2label_paths: the last /images/ of an image path becomes /labels/.
+        labels = Path(labels_sep.join(str(p / "_").rsplit(images_sep, 1))).parent
+        if labels.is_dir():
+            for f in sorted(labels.glob("*.txt")):
+                h.update(f"{f.name}\n".encode() + f.read_bytes())
+    return h.hexdigest()
 
 
 def evaluate_matches(
@@ -520,7 +531,17 @@ def evaluate_matches(
             "choose one of " + ", ".join(k for k in ("train", "val", "test") if data.get(k))
         )
     wpath = _require_weights(weights)
-    key = _memo_key(wpath, data_path, split, imgsz, batch, list(class_names))
+    st = wpath.stat()
+    key = (
+        str(wpath),
+        st.st_size,
+        st.st_mtime_ns,
+        _split_fingerprint(data_path, data, split),
+        split,
+        imgsz,
+        batch,
+        tuple(class_names),
+    )
     if key in _EVAL_MEMO:
         _EVAL_MEMO.move_to_end(key)
         return _EVAL_MEMO[key]

@@ -421,3 +421,29 @@ def test_swapped_comparison_equals_the_reverse_bootstrap() -> None:
         sw.candidate is fwd.champion and sw.swapped().difference_map50_95 == fwd.difference_map50_95
     )
     assert paired_gate(sw, 0, 0.05).verdict == paired_gate(rev, 0, 0.05).verdict
+
+
+def test_evaluation_memo_key_follows_label_content_not_rewrites(tmp_path: Path) -> None:
+    import time
+
+    import yaml
+
+    from loop.model import _split_fingerprint
+
+    images, labels = tmp_path / "test" / "images", tmp_path / "test" / "labels"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    (images / "a.png").write_bytes(b"png-a")
+    (labels / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")
+    data = {"path": str(tmp_path), "test": "test/images", "names": {0: "x"}}
+    data_yaml = tmp_path / "data.yaml"
+    data_yaml.write_text(yaml.safe_dump(data))
+    key = _split_fingerprint(data_yaml, data, "test")
+    time.sleep(0.01)
+    (labels / "a.txt").write_text("0 0.5 0.5 0.1 0.1\n")  # an identical re-export
+    assert _split_fingerprint(data_yaml, data, "test") == key
+    (labels / "a.txt").write_text("0 0.5 0.5 0.2 0.1\n")  # a corrected label
+    changed = _split_fingerprint(data_yaml, data, "test")
+    assert changed != key
+    (images / "b.png").write_bytes(b"png-b")  # one more test image
+    assert _split_fingerprint(data_yaml, data, "test") not in (key, changed)

@@ -204,7 +204,11 @@ def gate_and_record(
     gate: GateDecision | None = None
     if champ is None:
         iv = bootstrap(cand, classes, settings)
-        decision = Promotion(True, "first model: no champion yet")
+        decision = Promotion(
+            True,
+            f"first model: no champion yet (test mAP50 {iv.map50.text()}, "
+            f"{100 * settings.confidence:g}% bootstrap over {cand.n_images} test images)",
+        )
         after = iv
     elif (names := model.model_class_names(champ.weights, ycd, threads)) != classes:
         iv = bootstrap(cand, classes, settings)

@@ -240,6 +240,9 @@ def test_gate_and_record(tmp_path: Path, fake_models, champion, promoted, verdic
     _, applied, compared, tags = tracker.applied[0]
     assert applied is decision and compared == ("" if champion is None else "2")
     assert tags.get("gate_verdict") == verdict
+    if champion is None:
+        assert decision.reason.startswith("first model: no champion yet (test mAP50 0.")
+        assert "95% bootstrap over 60 test images" in decision.reason
     assert tags["bootstrap"] == "300 resamples, 95%, seed 0, 60 test images"
     m = tracker.metrics
     assert m["test_map50_lo"] <= m["test_map50_hi"] and "test_map50" not in m

@@ -249,7 +249,7 @@ class ImageMatches:
 class _ClassStats:
     """One class's predictions, sorted by descending confidence (``k`` of them).
 
-    ``tp0`` ``(k,)``: true positive at IoU 0.50; ``conf``, ``image`` ``(k,)``. For the AP of each
+    ``tp0`` ``(k,)``: true positive at IoU 0.50; ``conf``, ``neg_conf``, ``image`` ``(k,)``. For the AP of each
     IoU threshold ``j`` the sorted predictions fall into alternating segments: a run of false
     positives, one true positive, a run of false positives, ... Within a segment the recall or
     the precision envelope is constant, so the precision-recall curve of ANY multiset of the
@@ -262,6 +262,7 @@ class _ClassStats:
 
     tp0: npt.NDArray[np.uint8]
     conf: np.ndarray
+    neg_conf: FloatArray  # -conf as float64 (what np.interp compares against)
     image: IntArray
     seg_start: IntArray
     seg_end: IntArray
@@ -292,6 +293,7 @@ class _ClassStats:
         return cls(
             np.ascontiguousarray(tp[:, 0], dtype=np.uint8),
             m.conf[sel],
+            -m.conf[sel].astype(np.float64),
             m.pred_image[sel],
             seg_start,
             seg_end,
@@ -383,6 +385,44 @@ def _segment_curves(
     return tpc / (n_targets + _EPS), tpc / rank
 
 
+def _pr_at_grid(
+    st: _ClassStats, rep: IntArray, copies: IntArray, n_targets: float
+) -> tuple[FloatArray, FloatArray]:
+    """Precision and recall (IoU 0.50) against confidence at the 1000 grid points, for a
+    replicate in which prediction ``i`` appears ``rep[i]`` times: what
+    ``np.interp(-x, -conf, curve)`` of Ultralytics gives on the expanded predictions, without
+    expanding them. Each grid point reads only the two points around it: the last copy of the
+    last drawn prediction at or above its confidence, and the first copy of the next one."""
+    neg = st.neg_conf
+    tp_copies = np.zeros(len(rep) + 1, dtype=np.int64)
+    np.cumsum(rep * st.tp0, out=tp_copies[1:])
+    q = -_CONF_X
+    j = np.searchsorted(neg, q, side="right")  # predictions at or above each confidence
+    n = copies[j]  # copies up to there (0: no point yet -> the "left" value)
+    total = copies[-1]
+    a = np.searchsorted(copies, n, side="left") - 1  # the last drawn prediction among them
+    b = np.searchsorted(copies, n, side="right") - 1  # the next drawn one
+    has_a, has_b = n > 0, n < total
+    a_ = np.where(has_a, a, 0)
+    b_ = np.where(has_b, b, 0)
+    tp_a = tp_copies[j]
+    tp_b = tp_a + st.tp0[b_]
+    rank_a = np.maximum(n, 1)
+    out = []
+    for left, val_a, val_b in (
+        (1.0, tp_a / rank_a, tp_b / (n + 1)),  # precision
+        (0.0, tp_a / (n_targets + _EPS), tp_b / (n_targets + _EPS)),  # recall
+    ):
+        xa, xb = neg[a_], neg[b_]
+        exact = q == xa
+        with np.errstate(divide="ignore", invalid="ignore"):
+            slope = (val_b - val_a) / (xb - xa)
+            lin = slope * (q - xa) + val_a
+        res = np.where(has_b & ~exact, lin, val_a)
+        out.append(np.where(has_a, res, left))
+    return out[0], out[1]
+
+
 def box_metrics(m: ImageMatches, counts: np.ndarray | None = None) -> BoxMetrics:
     """Ultralytics' metrics of ``m``; with ``counts`` ``(N,)`` (non-negative ints), of the image
     multiset in which image ``i`` appears ``counts[i]`` times (one bootstrap replicate)."""
@@ -409,19 +449,17 @@ def box_metrics(m: ImageMatches, counts: np.ndarray | None = None) -> BoxMetrics
         np.cumsum(rep, out=copies[1:])
         if copies[-1] == 0:
             continue  # no prediction of this class in the image set: AP 0, P 0, R 0
-        # P/R against confidence (IoU 0.50): each prediction's copies share its confidence.
         if w is None:
-            tp0, conf_c = st.tp0, st.conf
+            # Ultralytics: tpc = tp.cumsum(0), fpc = (1 - tp).cumsum(0), precision = tpc /
+            # (tpc + fpc); tpc + fpc is exactly the 1-based rank, so the floats are identical.
+            tpc0 = np.cumsum(st.tp0, dtype=np.int64)
+            neg_conf = -st.conf
+            r_curve[ci] = np.interp(-_CONF_X, neg_conf, tpc0 / (n_l[c] + _EPS), left=0)
+            p_curve[ci] = np.interp(
+                -_CONF_X, neg_conf, tpc0 / np.arange(1, len(tpc0) + 1, dtype=np.int64), left=1
+            )
         else:
-            tp0, conf_c = np.repeat(st.tp0, rep), np.repeat(st.conf, rep)
-        # Ultralytics: tpc = tp.cumsum(0), fpc = (1 - tp).cumsum(0), precision = tpc / (tpc +
-        # fpc); tpc + fpc is exactly the 1-based rank, so the floats are identical.
-        tpc0 = np.cumsum(tp0, dtype=np.int64)
-        neg_conf = -conf_c
-        r_curve[ci] = np.interp(-_CONF_X, neg_conf, tpc0 / (n_l[c] + _EPS), left=0)
-        p_curve[ci] = np.interp(
-            -_CONF_X, neg_conf, tpc0 / np.arange(1, len(tpc0) + 1, dtype=np.int64), left=1
-        )
+            p_curve[ci], r_curve[ci] = _pr_at_grid(st, rep, copies, n_l[c])
         ap[ci] = _ap_rows(*_segment_curves(st, copies, n_l[c]))
     f1 = 2 * p_curve * r_curve / (p_curve + r_curve + _EPS)
     i = int(_smooth(f1.mean(0), 0.1).argmax()) if len(present) else 0

@@ -240,7 +240,8 @@ def _fmt(v: float | None) -> str:
 
 @app.command()
 def status(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
-    """Pool, labels, round, pending tasks and skipped files."""
+    """Pool, labels, round, pending tasks, the test split (size, interval width, warnings) and
+    skipped files."""
     from loop.project import Project
 
     def go() -> None:

@@ -1,7 +1,9 @@
-"""`defect-loop datasets ...`: list, show, diff and export the project's dataset versions.
+"""`defect-loop datasets ...`: list, show, diff and export the project's dataset versions;
+``add-test`` grows the test split with labeled images.
 
 Registered on the main app by ``app.add_typer(datasets_app, name="datasets")`` in `loop.cli`.
-Reads only the workspace's dataset store (no MLflow, no Label Studio).
+Reads only the workspace's dataset store (no MLflow, no Label Studio); ``add-test`` also adds
+images to the pool and writes a new version.
 """
 
 from __future__ import annotations
@@ -164,5 +166,55 @@ def export(
             + ", ".join(f"{s} {splits[s]}" for s in SPLITS)
             + f" images -> {data_yaml}"
         )
+
+    _run(go)
+
+
+@datasets_app.command("add-test")
+def add_test(
+    source: Annotated[Path, typer.Argument(help="folder (or file) of labeled images")],
+    labels: Annotated[
+        Path, typer.Option(help="folder of YOLO .txt labels named like the images (required)")
+    ],
+    limit: Annotated[
+        int | None, typer.Option(help="import only this many of the eligible images (seeded)")
+    ] = None,
+    seed: Annotated[int, typer.Option(help="seed for --limit")] = 0,
+    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
+) -> None:
+    """Grow the TEST split with labeled images the loop never touched.
+
+    The images join the pool and their labels go into the test split of a new dataset version,
+    whatever their hash says. Refused (and listed): images already labeled for training or
+    validation, images waiting in Label Studio (chosen by the loop's selection), images without
+    a label file (an empty file is a defect-free image). Pascal VOC: convert first with
+    `defect-loop import voc DIR --out YOLO_DIR`. The next training measures every model,
+    champion included, on the grown split.
+    """
+    from loop.scheduling import CycleLock
+    from loop.testsplit import add_test_images
+
+    def go() -> None:
+        project, _ = _store(config)
+        lock = CycleLock(project.cfg.workspace)
+        if not lock.acquire("skip", 0.0, "datasets add-test"):
+            raise DatasetError(
+                f"a cycle is running ({lock.holder_text()}); run add-test when it has finished"
+            )
+        try:
+            report = add_test_images(project, source, labels, limit, seed)
+        finally:
+            lock.release()
+        typer.echo(f"add-test: {report.summary}")
+        for src, reason in report.skipped[:20]:
+            typer.echo(f"  skipped {src}: {reason}")
+        if len(report.skipped) > 20:
+            typer.echo(f"  ... {len(report.skipped) - 20} more")
+        if report.version is not None:
+            splits = report.version.split_counts()
+            typer.echo(
+                f"dataset version {report.version.short}: test split now {splits['test']} "
+                "images; the next `defect-loop train` measures the models on it"
+            )
 
     _run(go)

@@ -305,13 +305,47 @@ class IngestConfig(_Section):
 class PromotionConfig(_Section):
     """The gate that moves the ``champion`` alias, on the frozen test split.
 
-    A candidate is promoted when there is no champion yet, or when its test mAP50-95 is at least
-    the champion's minus ``tolerance`` AND no class's test AP50-95 falls by more than
-    ``max_class_drop`` (both absolute, in AP units 0..1).
+    A candidate is promoted when there is no champion yet, or when, with both models evaluated
+    on the same test images, the lower bound of the paired-bootstrap interval of its test
+    mAP50-95 difference (candidate minus champion) is at least ``-tolerance`` and no class's
+    AP50-95 drop is significant (its whole interval lies above 0) and larger than
+    ``max_class_drop`` (both absolute, in AP units 0..1; the bootstrap settings are in
+    `EvaluationConfig`). With ``tolerance`` 0 a candidate must be measurably better: a
+    difference within noise keeps the champion.
     """
 
     tolerance: float = Field(0.0, ge=0, le=1)
     max_class_drop: float = Field(0.05, ge=0, le=1)
+
+
+class EvaluationConfig(_Section):
+    """How sure the test metrics are (`loop.evaluation`): a percentile bootstrap over the test
+    images, ``resamples`` replicates drawn with ``seed``, two-sided intervals at ``confidence``.
+
+    Test split health: `defect-loop status` and the report warn when the test mAP50 interval's
+    half-width exceeds ``max_halfwidth`` (smaller differences cannot be told apart) and when a
+    class has fewer than ``min_test_boxes`` boxes in the test split.
+    """
+
+    resamples: int = Field(1000, ge=100, description="bootstrap replicates")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided interval level")
+    seed: int = 0
+    max_halfwidth: float = Field(0.05, gt=0, le=1, description="warn above this mAP50 half-width")
+    min_test_boxes: int = Field(10, ge=0, description="warn for a class with fewer test boxes")
+
+
+class AdviceConfig(_Section):
+    """Thresholds of the report's "what to do next" rules about the model itself.
+
+    ``min_recall``: below this test recall the model "finds almost nothing". ``min_train_boxes``:
+    a class with fewer training boxes has too few labels to learn. ``preannotation_min_ap50``:
+    the usefulness bar of pre-annotations: a class whose champion test AP50 is below it gets no
+    suggested boxes in Label Studio (0 shows every class); the report lists those classes.
+    """
+
+    min_recall: float = Field(0.05, ge=0, le=1)
+    min_train_boxes: int = Field(20, ge=0)
+    preannotation_min_ap50: float = Field(0.1, ge=0, le=1)
 
 
 class ScheduleConfig(_Section):
@@ -447,6 +481,8 @@ class ProjectConfig(BaseSettings):
     select: SelectConfig = SelectConfig()
     ingest: IngestConfig = IngestConfig()
     promotion: PromotionConfig = PromotionConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    advice: AdviceConfig = AdviceConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     scoring: ScoringConfig = ScoringConfig()
     prefect: PrefectConfig = PrefectConfig()

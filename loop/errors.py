@@ -66,3 +66,7 @@ class DeployError(DefectLoopError):
 
 class DriftError(DefectLoopError, ValueError):
     """A drift statistic got unusable input (empty samples, NaN, mismatched shapes)."""
+
+
+class EvaluationError(DefectLoopError, ValueError):
+    """Match statistics, a bootstrap or a paired comparison got inconsistent input."""

@@ -24,6 +24,7 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
+from loop.quality import gate_and_record, preannotation_filter, split_status
 from loop.review_queue import ReviewQueue
 
 Progress = Callable[[int, int], None]
@@ -267,7 +268,8 @@ class Project:
         )
 
     def record(self, tracker: Any, fit: FitResult) -> TrainOutcome:
-        """Log a fit to MLflow, register its weights as ``candidate`` and run the promotion gate."""
+        """Log a fit to MLflow, register its weights as ``candidate`` and run the promotion gate
+        (`loop.quality.gate_and_record`: paired bootstrap against the champion)."""
         start = self.cfg.train.start_checkpoint()
         params = {
             **{f"train.{k}": v for k, v in self.cfg.train.model_dump().items()},
@@ -299,7 +301,8 @@ class Project:
 
             tracker.log_metrics(run_id, correction_metrics(read_report(corrections)))
         mv = tracker.register(run_id)
-        decision = tracker.promote_if_better(mv, run_id)
+        # Paired against the champion on the same test images, with bootstrap intervals.
+        decision = gate_and_record(self, tracker, fit, run_id, mv)
         self.state.round = fit.round_index
         self.save_state()
         test = fit.test
@@ -450,7 +453,9 @@ class Project:
         best first; images of ``ranked`` already waiting in Label Studio get a prediction of
         ``model_version`` (and their new priority) when it is a new model version. Images the
         production monitor queued (`loop.review_queue`) lead the batch, with priorities above
-        the rest. Returns the gateway's `PushSummary` (created, refreshed, skipped, failed)."""
+        the rest. Boxes of classes below ``advice.preannotation_min_ap50`` are left out of the
+        suggestions (`loop.quality.preannotation_filter`). Returns the gateway's `PushSummary`
+        (created, refreshed, skipped, failed)."""
         from loop.labelstudio import PushItem
 
         pid = self.ensure_ls_project(gw)
@@ -460,11 +465,13 @@ class Project:
         queue = ReviewQueue(self.cfg.monitor_dir)
         fresh = queue.first(fresh)
         chosen = fresh[: self.cfg.select.batch_size] + waiting
+        # Suggestions of classes the champion does not detect usefully cost labelers time.
+        _, shown = preannotation_filter(self.cfg, model_version)
         items = [
             PushItem(
                 sha256=s.sha256,
                 image_url=self.image_url(s.sha256),
-                detections=s.detections,
+                detections=shown(s.detections),
                 priority=s.score,
             )
             for s in chosen
@@ -640,6 +647,7 @@ class Project:
             "pending_in_label_studio": len(self.state.pending),
             "label_studio_project": self.state.ls_project_id,
             "model_version": self.state.last_model_version,
+            "test_split": split_status(self.cfg, version),
         }
 
 

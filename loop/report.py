@@ -90,6 +90,11 @@ class RoundPoint:
     test_map50: float | None
     test_map50_95: float | None
     promoted: bool | None = None
+    # Bootstrap interval bounds (None for runs logged before intervals existed).
+    map50_lo: float | None = None
+    map50_hi: float | None = None
+    map50_95_lo: float | None = None
+    map50_95_hi: float | None = None
 
 
 @dataclass(frozen=True)
@@ -103,6 +108,13 @@ class ClassRow:
     previous_ap50: float | None = None
     instances: int | None = None  # labeled boxes in this round's dataset version
     instances_added: int | None = None  # change since the previous round's dataset version
+    ap50_lo: float | None = None  # bootstrap interval of ap50
+    ap50_hi: float | None = None
+    # Paired-bootstrap interval of ``delta`` (same test images for both models).
+    delta_lo: float | None = None
+    delta_hi: float | None = None
+    test_boxes: int | None = None  # boxes of this class in the test split
+    train_boxes: int | None = None  # boxes of this class in the train split
 
     @property
     def delta(self) -> float | None:
@@ -119,8 +131,12 @@ class ClassRow:
 
     @property
     def worse(self) -> bool:
+        """AP50-95 fell by more than `WORSE_THRESHOLD`, and, when the paired interval of the
+        change is known, significantly (the whole interval below 0)."""
         d = self.delta
-        return d is not None and d < -WORSE_THRESHOLD
+        if d is None or d >= -WORSE_THRESHOLD:
+            return False
+        return self.delta_hi is None or self.delta_hi < 0
 
 
 @dataclass(frozen=True)
@@ -254,6 +270,33 @@ class ReportData:
     next_batch: NextBatch | None = None
     notes: Sequence[str] = ()  # why optional inputs were skipped (malformed files, ...)
     production: ProductionData | None = None  # the monitor's records (loop.report_production)
+    # How sure the figures are: bootstrap intervals ``(lo, hi)`` at ``confidence`` (None when
+    # not logged), the paired gate's verdict and mAP50-95 difference ``(value, lo, hi)``.
+    confidence: float = 0.95
+    candidate_map50_ci: tuple[float, float] | None = None
+    candidate_map50_95_ci: tuple[float, float] | None = None
+    candidate_recall: float | None = None
+    candidate_recall_ci: tuple[float, float] | None = None
+    champion_map50_ci: tuple[float, float] | None = None
+    champion_map50_95_ci: tuple[float, float] | None = None
+    gate_verdict: str | None = None  # improvement | noise | worse
+    gate_difference: tuple[float, float, float] | None = None
+    test_images: int | None = None
+    preannotation_hidden: Sequence[str] = ()
+    train_epochs: int | None = None
+    # The thresholds of the advice rules (from the project config's evaluation/advice).
+    max_halfwidth: float = 0.05
+    min_test_boxes: int = 10
+    min_recall: float = 0.05
+    min_train_boxes: int = 20
+    preannotation_min_ap50: float = 0.1
+
+    @property
+    def map50_halfwidth(self) -> float | None:
+        """Half the width of this round's test mAP50 interval: the smallest mAP50 difference
+        the test split can resolve."""
+        ci = self.candidate_map50_ci
+        return None if ci is None else (ci[1] - ci[0]) / 2
 
 
 @dataclass(frozen=True)
@@ -299,6 +342,9 @@ def what_to_do_next(data: ReportData) -> list[Advice]:
         ]
     act: list[Advice] = []
     watch: list[Advice] = []
+    useless = _finds_almost_nothing(data)
+    if useless is not None:
+        act.append(Advice("act", useless))
     per_class = data.effort.per_class if data.effort is not None else {}
     for row in data.class_rows:
         corr = per_class.get(row.name)
@@ -371,11 +417,38 @@ def what_to_do_next(data: ReportData) -> list[Advice]:
                         f"'{row.name}' examples.",
                     )
                 )
+    too_few = [
+        r
+        for r in data.class_rows
+        if r.train_boxes is not None and r.train_boxes < data.min_train_boxes
+    ]
+    for row in too_few:
+        act.append(
+            Advice(
+                "act",
+                f"'{row.name}' has only {row.train_boxes} training boxes: too few to learn it "
+                f"(advice.min_train_boxes is {data.min_train_boxes}). Label more '{row.name}' "
+                "images: find them in the pool, or let the selection favour rare classes "
+                "(select.strategy: class_balance).",
+            )
+        )
+    act.extend(_split_width_advice(data))
+    for row in data.class_rows:
+        if row.test_boxes is not None and row.test_boxes < data.min_test_boxes:
+            watch.append(
+                Advice(
+                    "watch",
+                    f"'{row.name}' has only {row.test_boxes} test boxes (evaluation."
+                    f"min_test_boxes is {data.min_test_boxes}): its test AP cannot be trusted. "
+                    f"Add labeled '{row.name}' images to the test split (defect-loop datasets "
+                    "add-test).",
+                )
+            )
     counts = [r.instances for r in data.class_rows if r.instances is not None]
     if counts:
         median = statistics.median(counts)
         for row in data.class_rows:
-            if row.instances is None:
+            if row.instances is None or row in too_few:
                 continue
             if row.instances < RARE_BOXES or row.instances < RARE_FRACTION * median:
                 planned = data.next_batch.class_mix.get(row.name) if data.next_batch else None
@@ -391,12 +464,26 @@ def what_to_do_next(data: ReportData) -> list[Advice]:
                         f"{median:g}): find and label more '{row.name}' images.{tail}",
                     )
                 )
-    if data.promoted is False:
+    noise = _noise_advice(data)
+    if noise is not None:
+        watch.append(noise)
+    elif data.promoted is False:
         watch.append(
             Advice(
                 "watch",
                 f"This round's model was not promoted ({data.promotion_reason or 'no reason'}). "
                 "The champion keeps serving pre-annotations; keep labeling and retrain.",
+            )
+        )
+    if data.preannotation_hidden:
+        names = ", ".join(f"'{c}'" for c in data.preannotation_hidden)
+        watch.append(
+            Advice(
+                "watch",
+                f"Pre-annotations of {names} are not shown to labelers: the champion's test "
+                "AP50 for them is below advice.preannotation_min_ap50 "
+                f"({data.preannotation_min_ap50:g}). Labelers draw those boxes from scratch "
+                "until a model detects them.",
             )
         )
     watch.extend(_curve_advice(data))
@@ -406,6 +493,72 @@ def what_to_do_next(data: ReportData) -> list[Advice]:
         nxt = f"the next batch ({nb.size} images, {nb.strategy})" if nb else "the next batch"
         out.append(Advice("ok", f"No class got worse: label {nxt} and run the next cycle."))
     return out
+
+
+def _ci_text(ci: tuple[float, float] | None, digits: int = 3) -> str:
+    return "" if ci is None else f" [{ci[0]:.{digits}f}, {ci[1]:.{digits}f}]"
+
+
+def _finds_almost_nothing(data: ReportData) -> str | None:
+    """The "useless model" rule: test recall below ``min_recall``, or a confusion matrix in
+    which nothing was predicted as any class."""
+    from loop.evaluation import all_background
+
+    symptoms = []
+    r = data.candidate_recall
+    if r is not None and r < data.min_recall:
+        symptoms.append(
+            f"test recall {r:.3f}{_ci_text(data.candidate_recall_ci)}, below "
+            f"advice.min_recall {data.min_recall:g}"
+        )
+    if data.confusion is not None and all_background(data.confusion.matrix):
+        symptoms.append(
+            "the confusion matrix is all background: no test box was predicted as any class"
+        )
+    if not symptoms:
+        return None
+    epochs = f" (train.epochs is {data.train_epochs})" if data.train_epochs else ""
+    return (
+        f"This round's model finds almost nothing ({'; '.join(symptoms)}). Do not trust its "
+        "suggestions or its ranking yet: start from a pretrained checkpoint instead of from "
+        f"scratch, train longer{epochs}, and check that the labels match the images."
+    )
+
+
+def _split_width_advice(data: ReportData) -> list[Advice]:
+    hw = data.map50_halfwidth
+    if hw is None or hw <= data.max_halfwidth:
+        return []
+    n = f"{data.test_images} images" if data.test_images is not None else "its images"
+    return [
+        Advice(
+            "act",
+            f"The test split ({n}) cannot tell mAP50 differences smaller than ±{hw:.3f} from "
+            f"noise ({100 * data.confidence:g}% interval; evaluation.max_halfwidth is "
+            f"{data.max_halfwidth:g}), so rounds and the promotion gate cannot see small "
+            "progress. Grow it with labeled images the loop never selected: defect-loop "
+            "datasets add-test DIR --labels LABELS.",
+        )
+    ]
+
+
+def _noise_advice(data: ReportData) -> Advice | None:
+    if data.gate_verdict != "noise":
+        return None
+    prev = _model_name(data.previous_version, data.previous_round)
+    diff = ""
+    if data.gate_difference is not None:
+        v, lo, hi = data.gate_difference
+        diff = f": test mAP50-95 {v:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    n = f" on the same {data.test_images} test images" if data.test_images else ""
+    kept = "" if data.promoted else " The champion keeps serving pre-annotations."
+    return Advice(
+        "watch",
+        f"This round's model is no better than the champion ({prev}) within noise{diff} "
+        f"({100 * data.confidence:g}% paired interval{n}).{kept} More labels or longer "
+        "training may help; a larger test split resolves smaller differences (defect-loop "
+        "datasets add-test).",
+    )
 
 
 def _interp(points: Sequence[tuple[int, float]], x: float) -> float | None:
@@ -544,13 +697,41 @@ def learning_curve_png(data: ReportData) -> bytes | None:
     fig = _figure(9.0, 3.6)
     ax = fig.add_subplot(1, 1, 1)
     xs = [p.labeled for p in pts]
-    for key, label, color, marker in (
-        ("test_map50", "test mAP50", "#0072B2", "o"),
-        ("test_map50_95", "test mAP50-95", "#009E73", "s"),
+    banded = False
+    for key, band, label, color, marker in (
+        ("test_map50", "map50", "test mAP50", "#0072B2", "o"),
+        ("test_map50_95", "map50_95", "test mAP50-95", "#009E73", "s"),
     ):
         ys = [getattr(p, key) for p in pts]
         if all(y is None for y in ys):
             continue
+        lo = [getattr(p, f"{band}_lo") for p in pts]
+        hi = [getattr(p, f"{band}_hi") for p in pts]
+        known = [a is not None and b is not None for a, b in zip(lo, hi, strict=True)]
+        if any(known):
+            banded = True
+            # The band joins the rounds whose interval is known; each such round also gets
+            # an error bar, so a lone round still shows its interval.
+            ax.fill_between(
+                xs,
+                [a if k else float("nan") for a, k in zip(lo, known, strict=True)],
+                [b if k else float("nan") for b, k in zip(hi, known, strict=True)],
+                color=color,
+                alpha=0.15,
+                lw=0,
+                zorder=1,
+            )
+            for p, y, a, b, k in zip(pts, ys, lo, hi, known, strict=True):
+                if k and y is not None:
+                    ax.errorbar(
+                        [p.labeled],
+                        [y],
+                        yerr=[[max(0.0, y - a)], [max(0.0, b - y)]],
+                        color=color,
+                        lw=1,
+                        capsize=3,
+                        zorder=2,
+                    )
         ax.plot(xs, ys, color=color, lw=2, label=label, zorder=2)
         for p, y in zip(pts, ys, strict=True):
             if y is None:
@@ -568,7 +749,8 @@ def learning_curve_png(data: ReportData) -> bytes | None:
     for p in pts:
         ax.annotate(
             f"r{p.round}",
-            (p.labeled, p.test_map50),
+            # Above the error bar when there is one.
+            (p.labeled, p.map50_hi if p.map50_hi is not None else p.test_map50),
             textcoords="offset points",
             xytext=(0, 8),
             ha="center",
@@ -587,7 +769,17 @@ def learning_curve_png(data: ReportData) -> bytes | None:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("labeled images")
     ax.set_ylabel("test mAP")
-    top = max([1e-6, *(y for p in pts for y in (p.test_map50, p.test_map50_95) if y is not None)])
+    top = max(
+        [
+            1e-6,
+            *(
+                y
+                for p in pts
+                for y in (p.test_map50, p.test_map50_95, p.map50_hi, p.map50_95_hi)
+                if y is not None
+            ),
+        ]
+    )
     if data.baseline:
         top = max(top, *(y for _, y in data.baseline))
     ax.set_ylim(0, min(1.0, top * 1.15 + 0.02))
@@ -595,7 +787,12 @@ def learning_curve_png(data: ReportData) -> bytes | None:
     ax.spines[["top", "right"]].set_visible(False)
     ax.legend(loc="lower right", fontsize=8, frameon=False)
     ax.set_title(
-        "filled: promoted to champion, hollow: not promoted",
+        "filled: promoted to champion, hollow: not promoted"
+        + (
+            f"; bands: {100 * data.confidence:g}% bootstrap interval over test images"
+            if banded
+            else ""
+        ),
         fontsize=8,
         color="#59636e",
         loc="left",
@@ -737,6 +934,7 @@ padding:1px 4px;border-radius:4px}
 .card .value.yes{color:var(--good)}.card .value.no{color:var(--bad)}
 .card .foot{font-size:13px;color:var(--muted);font-variant-numeric:tabular-nums}
 .up{color:var(--good)}.down{color:var(--bad)}.flat{color:var(--muted)}
+.ci{color:var(--muted);font-size:12px;white-space:nowrap}
 .decision{margin:10px 0 0;padding:10px 14px;border-radius:8px;background:var(--soft);
 border-left:4px solid var(--muted);font-size:14px}
 .decision.yes{border-left-color:var(--good)}.decision.no{border-left-color:var(--bad)}
@@ -807,12 +1005,24 @@ def _card(label: str, value_id: str, value: str, foot: str, extra: str = "") -> 
     )
 
 
-def _delta_foot(now: float | None, prev: float | None, prev_id: str, who: str) -> str:
+def _delta_foot(
+    now: float | None,
+    prev: float | None,
+    prev_id: str,
+    who: str,
+    ci: tuple[float, float] | None = None,
+    ci_id: str = "",
+) -> str:
     d = _delta(now, prev)
+    interval = (
+        f'<span class="ci" id="{ci_id}">[{_h(_num(ci[0]))}, {_h(_num(ci[1]))}]</span><br>'
+        if ci is not None and ci_id
+        else ""
+    )
     if prev is None:
-        return f'<span id="{prev_id}">—</span> no previous champion'
+        return f'{interval}<span id="{prev_id}">—</span> no previous champion'
     return (
-        f'<span class="{_trend(d)}" id="{prev_id}-delta">{_h(_signed(d))}</span> vs '
+        f'{interval}<span class="{_trend(d)}" id="{prev_id}-delta">{_h(_signed(d))}</span> vs '
         f'<span id="{prev_id}">{_h(_num(prev))}</span> {_h(who)}'
     )
 
@@ -841,14 +1051,26 @@ def _headline(data: ReportData) -> str:
                 "Champion test mAP50",
                 "champion-map50",
                 _num(data.champion_map50),
-                _delta_foot(data.champion_map50, data.previous_map50, "previous-map50", prev_who),
+                _delta_foot(
+                    data.champion_map50,
+                    data.previous_map50,
+                    "previous-map50",
+                    prev_who,
+                    data.champion_map50_ci,
+                    "champion-map50-ci",
+                ),
             ),
             _card(
                 "Champion test mAP50-95",
                 "champion-map50-95",
                 _num(data.champion_map50_95),
                 _delta_foot(
-                    data.champion_map50_95, data.previous_map50_95, "previous-map50-95", prev_who
+                    data.champion_map50_95,
+                    data.previous_map50_95,
+                    "previous-map50-95",
+                    prev_who,
+                    data.champion_map50_95_ci,
+                    "champion-map50-95-ci",
                 ),
             ),
             _card(
@@ -873,13 +1095,33 @@ def _headline(data: ReportData) -> str:
         verdict = "promoted" if data.promoted else "not promoted" if data.promoted is False else "?"
         decision = (
             f'<p class="decision {cls}">This round\'s model ({_h(cand)}): test mAP50 '
-            f'<b id="candidate-map50">{_h(_num(data.candidate_map50))}</b>, mAP50-95 '
-            f'<b id="candidate-map50-95">{_h(_num(data.candidate_map50_95))}</b>; '
+            f'<b id="candidate-map50">{_h(_num(data.candidate_map50))}</b>'
+            f'<span class="ci" id="candidate-map50-ci">{_h(_ci_text(data.candidate_map50_ci))}'
+            "</span>, mAP50-95 "
+            f'<b id="candidate-map50-95">{_h(_num(data.candidate_map50_95))}</b>'
+            f'<span class="ci">{_h(_ci_text(data.candidate_map50_95_ci))}</span>; '
             f"<b>{_h(verdict)}</b>"
             f"{': ' if data.promotion_reason else ''}"
             f'<span id="promotion-reason">{_h(data.promotion_reason)}</span>.</p>'
+            f"{_sureness_html(data)}"
         )
     return f'<div class="cards">{cards}</div>{decision}'
+
+
+def _sureness_html(data: ReportData) -> str:
+    """One line on how sure the figures are: interval level and the split's resolution."""
+    hw = data.map50_halfwidth
+    if hw is None:
+        return ""
+    n = f"{data.test_images} test images" if data.test_images is not None else "the test split"
+    wide = hw > data.max_halfwidth
+    return (
+        f'<p class="muted" id="test-resolution">Intervals: {100 * data.confidence:g}% bootstrap '
+        f"over {_h(n)}. This test split resolves mAP50 differences larger than "
+        f'<b class="{"down" if wide else ""}">±{hw:.3f}</b>'
+        + (f" (wider than evaluation.max_halfwidth {data.max_halfwidth:g})" if wide else "")
+        + ".</p>"
+    )
 
 
 def _advice_html(data: ReportData) -> str:
@@ -909,26 +1151,39 @@ def _class_table(data: ReportData) -> str:
             if (r.delta or 0) > WORSE_THRESHOLD
             else ""
         )
+        ap_ci = (r.ap50_lo, r.ap50_hi) if r.ap50_lo is not None and r.ap50_hi is not None else None
+        d_ci = (
+            f" [{r.delta_lo:+.3f}, {r.delta_hi:+.3f}]"
+            if r.delta_lo is not None and r.delta_hi is not None
+            else ""
+        )
+        few = r.test_boxes is not None and r.test_boxes < data.min_test_boxes
         rows.append(
             f'<tr class="{"worse" if r.worse else ""}" data-class="{_h(r.name)}">'
             f'<td class="name">{_h(r.name)}</td>'
-            f"<td>{_h(_num(r.ap50))}</td>"
+            f'<td>{_h(_num(r.ap50))}<span class="ci">{_h(_ci_text(ap_ci, 2))}</span></td>'
             f'<td class="{_trend(r.delta50)}">{_h(_signed(r.delta50))}</td>'
             f"<td><b>{_h(_num(r.ap50_95))}</b></td>"
-            f'<td class="{_trend(r.delta)}">{_h(_signed(r.delta))}</td>'
+            f'<td class="{_trend(r.delta)}">{_h(_signed(r.delta))}'
+            f'<span class="ci">{_h(d_ci)}</span></td>'
             f"<td>{_h(_int(r.instances))}</td>"
             f"<td>{_h(_int(r.instances_added, signed=True))}</td>"
+            f"<td>{_h(_int(r.train_boxes))}</td>"
+            f'<td class="{"down" if few else ""}">{_h(_int(r.test_boxes))}</td>'
             f"<td>{flag}</td></tr>"
         )
     head = (
         "<tr><th>Class</th><th>AP50</th><th>Δ AP50</th><th>AP50-95</th><th>Δ AP50-95</th>"
-        "<th>Labeled boxes</th><th>New this round</th><th></th></tr>"
+        "<th>Labeled boxes</th><th>New this round</th><th>Train boxes</th><th>Test boxes</th>"
+        "<th></th></tr>"
     )
     return (
         f'<table id="class-table"><thead>{head}</thead><tbody>{"".join(rows)}</tbody></table>'
         f'<p class="muted">AP on the frozen test split of this round\'s model; Δ against the '
         f"previous champion ({_h(prev)}). A class is flagged when its AP50-95 fell by more than "
-        f"{WORSE_THRESHOLD:g}.</p>"
+        f"{WORSE_THRESHOLD:g} (and, where the paired interval is known, significantly). "
+        f"Brackets: {100 * data.confidence:g}% bootstrap intervals over the test images; the "
+        "Δ interval is paired (both models on the same images).</p>"
     )
 
 
@@ -1152,17 +1407,29 @@ def render_markdown(data: ReportData, html_name: str | None = None) -> str:
             if data.promoted is False
             else "no promotion decision"
         )
+
+        def ci_md(ci: tuple[float, float] | None) -> str:
+            return f" {_md(_ci_text(ci).strip())}" if ci is not None else ""
+
+        c50, c95 = ci_md(data.champion_map50_ci), ci_md(data.champion_map50_95_ci)
         lines = [
             f"# defect-loop report: {_md(data.project)}, round {data.round}",
             "",
-            f"- **Champion test mAP50 {_num(data.champion_map50)}** {_md(cmp50)}, "
-            f"mAP50-95 {_num(data.champion_map50_95)} {_md(cmp95)}".rstrip(),
+            f"- **Champion test mAP50 {_num(data.champion_map50)}**{c50} {_md(cmp50)}, "
+            f"mAP50-95 {_num(data.champion_map50_95)}{c95} {_md(cmp95)}".rstrip(),
             f"- Labeled images: {_int(data.labels_added, signed=True)} this round, "
             f"{_int(data.labels_total)} in total",
             f"- This round's model ({_md(_model_name(data.candidate_version, data.round))}): "
-            f"test mAP50 {_num(data.candidate_map50)}, **{verdict}**"
-            + (f": {_md(data.promotion_reason)}" if data.promotion_reason else ""),
+            f"test mAP50 {_num(data.candidate_map50)}{ci_md(data.candidate_map50_ci)}, "
+            f"**{verdict}**" + (f": {_md(data.promotion_reason)}" if data.promotion_reason else ""),
         ]
+        hw = data.map50_halfwidth
+        if hw is not None:
+            n = f"{data.test_images} test images" if data.test_images is not None else "test"
+            lines.append(
+                f"- Intervals: {100 * data.confidence:g}% bootstrap over {n}; the test split "
+                f"resolves mAP50 differences larger than ±{hw:.3f}"
+            )
         if data.effort is not None:
             lines.append(
                 f"- Labeling: {_int(data.effort.tasks)} tasks, median lead time "
@@ -1487,6 +1754,16 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
             else None
         )
 
+    # The paired gate evaluated the previous champion on this round's test images
+    # (``compared_test_*``): compare against those figures when they exist.
+    paired = _metric(target, "compared_test_map50_95") is not None
+
+    def prev_metric(key: str) -> float | None:
+        if paired:
+            return _metric(target, f"compared_{key}")
+        return _metric(prev_champ, key)
+
+    split_boxes = _split_boxes(v_now, classes)
     class_rows = []
     for c in classes:
         ap95 = _metric(target, class_metric("test", "ap50_95", c))
@@ -1494,13 +1771,21 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
             continue
         n_now = counts_now.get(c) if counts_now is not None else None
         n_prev = counts_prev.get(c, 0) if counts_prev is not None else None
+        ap50_key = class_metric("test", "ap50", c)
+        diff_key = class_metric("gate_diff", "ap50_95", c)
         class_rows.append(
             ClassRow(
                 name=c,
                 ap50_95=ap95,
-                previous_ap50_95=_metric(prev_champ, class_metric("test", "ap50_95", c)),
-                ap50=_metric(target, class_metric("test", "ap50", c)),
-                previous_ap50=_metric(prev_champ, class_metric("test", "ap50", c)),
+                previous_ap50_95=prev_metric(class_metric("test", "ap50_95", c)),
+                ap50=_metric(target, ap50_key),
+                previous_ap50=prev_metric(ap50_key),
+                ap50_lo=_metric(target, f"{ap50_key}_lo"),
+                ap50_hi=_metric(target, f"{ap50_key}_hi"),
+                delta_lo=_metric(target, f"{diff_key}_lo"),
+                delta_hi=_metric(target, f"{diff_key}_hi"),
+                test_boxes=split_boxes["test"].get(c) if split_boxes else None,
+                train_boxes=split_boxes["train"].get(c) if split_boxes else None,
                 instances=n_now,
                 instances_added=(
                     n_now - n_prev
@@ -1525,12 +1810,29 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
             )
         curve.append(
             RoundPoint(
-                r.round, labeled, _metric(r, "test_map50"), _metric(r, "test_map50_95"), r.promoted
+                r.round,
+                labeled,
+                _metric(r, "test_map50"),
+                _metric(r, "test_map50_95"),
+                r.promoted,
+                _metric(r, "test_map50_lo"),
+                _metric(r, "test_map50_hi"),
+                _metric(r, "test_map50_95_lo"),
+                _metric(r, "test_map50_95_hi"),
             )
         )
 
     confusion = _confusion(tracker, target, classes, notes)
     effort, disagreements = _effort(project, target, prev_run, v_now, v_prev, classes, notes)
+    # The champion after this round's gate: this round's model, or the kept one measured on
+    # this round's test images by the paired gate (else its own round's figures).
+    kept = paired and not target.promoted
+    champ_src, champ_prefix = (target, "compared_test") if kept else (champ, "test")
+    gate_diff = _triple(target, "gate_diff_map50_95")
+    try:
+        epochs: int | None = int(float(target.params.get("train.epochs", "")))
+    except ValueError:
+        epochs = None
     return ReportData(
         project=cfg.name,
         round=target.round,
@@ -1545,12 +1847,12 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
         promotion_reason=target.tags.get(TAG + "promotion_reason", ""),
         champion_version=versions.get(champ.run_id) if champ else None,
         champion_round=champ.round if champ else None,
-        champion_map50=_metric(champ, "test_map50"),
-        champion_map50_95=_metric(champ, "test_map50_95"),
+        champion_map50=_metric(champ_src, f"{champ_prefix}_map50"),
+        champion_map50_95=_metric(champ_src, f"{champ_prefix}_map50_95"),
         previous_version=versions.get(prev_champ.run_id) if prev_champ else None,
         previous_round=prev_champ.round if prev_champ else None,
-        previous_map50=_metric(prev_champ, "test_map50"),
-        previous_map50_95=_metric(prev_champ, "test_map50_95"),
+        previous_map50=prev_metric("test_map50"),
+        previous_map50_95=prev_metric("test_map50_95"),
         labels_added=labels_added,
         labels_total=len(v_now) if v_now is not None else None,
         curve=curve,
@@ -1562,7 +1864,60 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
         next_batch=next_batch,
         notes=notes,
         production=production,
+        confidence=cfg.evaluation.confidence,
+        candidate_map50_ci=_ci(target, "test_map50"),
+        candidate_map50_95_ci=_ci(target, "test_map50_95"),
+        candidate_recall=_metric(target, "test_recall"),
+        candidate_recall_ci=_ci(target, "test_recall"),
+        champion_map50_ci=_ci(champ_src, f"{champ_prefix}_map50"),
+        champion_map50_95_ci=_ci(champ_src, f"{champ_prefix}_map50_95"),
+        gate_verdict=target.tags.get(TAG + "gate_verdict"),
+        gate_difference=gate_diff,
+        test_images=v_now.split_counts()["test"] if v_now is not None else None,
+        preannotation_hidden=_json_list(target.tags.get(TAG + "preannotation_hidden")),
+        train_epochs=epochs,
+        max_halfwidth=cfg.evaluation.max_halfwidth,
+        min_test_boxes=cfg.evaluation.min_test_boxes,
+        min_recall=cfg.advice.min_recall,
+        min_train_boxes=cfg.advice.min_train_boxes,
+        preannotation_min_ap50=cfg.advice.preannotation_min_ap50,
     )
+
+
+def _ci(run: _Run | None, key: str) -> tuple[float, float] | None:
+    lo, hi = _metric(run, f"{key}_lo"), _metric(run, f"{key}_hi")
+    return None if lo is None or hi is None else (lo, hi)
+
+
+def _triple(run: _Run | None, key: str) -> tuple[float, float, float] | None:
+    v, ci = _metric(run, key), _ci(run, key)
+    return None if v is None or ci is None else (v, ci[0], ci[1])
+
+
+def _json_list(text: str | None) -> list[str]:
+    if not text:
+        return []
+    try:
+        v = json.loads(text)
+    except ValueError:
+        return []
+    return [str(x) for x in v] if isinstance(v, list) else []
+
+
+def _split_boxes(
+    version: DatasetVersion | None, classes: Sequence[str]
+) -> dict[str, dict[str, int]] | None:
+    """Boxes per class in the train and test splits of ``version`` (None without it)."""
+    if version is None:
+        return None
+    out = {s: dict.fromkeys(classes, 0) for s in ("train", "test")}
+    for r in version.rows:
+        if r.split in out:
+            for c in r.boxes.class_id.tolist():
+                name = version.classes[int(c)]
+                if name in out[r.split]:
+                    out[r.split][name] += 1
+    return out
 
 
 def _confusion(
@@ -1676,14 +2031,23 @@ def write_next_batch(
 ) -> Path:
     """Record the batch just pushed (the top ``size`` of ``ranked``, default
     ``select.batch_size``: what `Project.push` sends) as ``<workspace>/next_batch.json`` for the
-    report: strategy, size, predicted class mix (boxes shown to labelers), round."""
+    report: strategy, size, predicted class mix (boxes shown to labelers: without the classes
+    below the pre-annotation usefulness bar, listed as ``hidden_classes``), round."""
+    from loop.quality import preannotation_filter, read_quality
+
     sel = project.cfg.select
     top = list(ranked[: sel.batch_size if size is None else size])
     names = list(project.cfg.classes)
+    # What labelers see: `Project.push` leaves out the champion's useless classes.
+    rec = read_quality(project.cfg)
+    hidden, shown = (
+        ([], None) if rec is None else preannotation_filter(project.cfg, rec.model_version)
+    )
     mix: Counter[str] = Counter()
     empty = 0
     for s in top:
-        ids = [int(c) for c in s.detections.class_id]
+        det = s.detections if shown is None else shown(s.detections)
+        ids = [int(c) for c in det.class_id]
         if not ids:
             empty += 1
         mix.update(names[c] if 0 <= c < len(names) else str(c) for c in ids)
@@ -1694,6 +2058,7 @@ def write_next_batch(
         "class_mix": {c: mix[c] for c in names if mix[c]}
         | {c: n for c, n in mix.items() if c not in names},
         "images_without_boxes": empty,
+        "hidden_classes": hidden,
         "round": project.state.round,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

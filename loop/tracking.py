@@ -11,7 +11,9 @@ weights, which are registered as a model version with alias ``candidate``; the g
 
 Run tags written here (all prefixed ``defect_loop.``): ``kind``, ``round``, ``dataset_digest``
 (64 hex), ``dataset_parent``, ``test_split_digest``, ``dataset_uri``, ``weights_file``, ``status``
-and, after the gate, ``promoted``, ``promotion_reason``, ``compared_to``, ``class_drops`` (JSON).
+and, after the gate, ``promoted``, ``promotion_reason``, ``compared_to``, ``class_drops`` (JSON)
+plus, from the paired gate (`loop.quality`), ``gate_verdict``, ``gate_difference``,
+``bootstrap``, ``preannotation_hidden`` (JSON list) and ``test_split_warnings`` (JSON list).
 """
 
 from __future__ import annotations
@@ -565,15 +567,13 @@ class Tracker:
         tolerance: float | None = None,
         max_class_drop: float | None = None,
     ) -> Promotion:
-        """Move ``champion`` to ``model_version`` when `gate` allows it (defaults: the config's
-        ``promotion`` section). The decision, reason, compared champion and failing classes are
-        tagged on the run; ``promoted``/``promotion_reason`` also on the model version."""
-        from mlflow.entities import RunTag
-
+        """Move ``champion`` to ``model_version`` when the point-estimate `gate` allows it on the
+        runs' logged metrics (defaults: the config's ``promotion`` section), via
+        `apply_promotion`. The loop itself uses the paired gate (`loop.quality`); this one
+        serves runs without per-image statistics (no test split)."""
         tol = self.cfg.promotion.tolerance if tolerance is None else tolerance
         mcd = self.cfg.promotion.max_class_drop if max_class_drop is None else max_class_drop
         client = self.client
-        name = self.cfg.mlflow.registered_model
         new_run = client.get_run(run_id)
         current = self._champion_run()
         decision = gate(
@@ -591,15 +591,37 @@ class Tracker:
             if old_test and new_test and old_test != new_test:
                 reason += " (note: the champion was tested on a different test split)"
         decision = Promotion(decision.promoted, reason, decision.class_drops)
+        return self.apply_promotion(
+            model_version, run_id, decision, "" if current is None else current[0]
+        )
+
+    def apply_promotion(
+        self,
+        model_version: str,
+        run_id: str,
+        decision: Promotion,
+        compared_to: str,
+        tags: Mapping[str, str] | None = None,
+    ) -> Promotion:
+        """Carry out a gate's ``decision``: move ``champion`` to ``model_version`` when promoted;
+        tag the run with the decision, reason, compared champion version, failing classes and
+        ``tags`` (keys get the ``defect_loop.`` prefix); tag the model version too."""
+        from mlflow.entities import RunTag
+
+        client = self.client
+        name = self.cfg.mlflow.registered_model
+        reason = decision.reason
         if decision.promoted:
             client.set_registered_model_alias(name, CHAMPION, model_version)
+        extra = [RunTag(TAG + k, str(v)[:5000]) for k, v in sorted((tags or {}).items())]
         client.log_batch(
             run_id,
             tags=[
                 RunTag(TAG + "promoted", str(decision.promoted).lower()),
                 RunTag(TAG + "promotion_reason", reason[:5000]),
-                RunTag(TAG + "compared_to", "" if current is None else current[0]),
+                RunTag(TAG + "compared_to", compared_to),
                 RunTag(TAG + "class_drops", json.dumps(dict(decision.class_drops))),
+                *extra,
             ],
         )
         client.set_model_version_tag(

@@ -116,3 +116,39 @@ def test_scoring_throughput_smoke_measures_every_path(tmp_path: Path) -> None:
     assert line["rss_images"] == [32, 96]
     saved = json.loads((tmp_path / "results" / "scoring_throughput_smoke.json").read_text())
     assert saved["images"] == 64
+
+
+PRETRAINED = Path(
+    os.environ.get("DEFECT_LOOP_YOLOV8N") or REPO.parent / "shared" / "models" / "yolov8n.pt"
+)
+
+
+@pytest.mark.skipif(
+    not NEU_DET.is_dir() or not PRETRAINED.is_file(),
+    reason=f"NEU-DET ({NEU_DET}) or the pretrained yolov8n ({PRETRAINED}) not found",
+)
+def test_evaluation_noise_smoke_writes_the_result_file(tmp_path: Path) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ("--smoke", "--work", str(work), "--results", str(results))
+    line = run_bench("evaluation_noise.py", *args)
+    assert line["complete"] is True and line["models"] == 4
+    assert set(line["halfwidth_map50"]) == {"10", "20", "30"}
+    assert all(0 < w < 1 for w in line["halfwidth_map50"].values()), line["halfwidth_map50"]
+    timing = line["bootstrap_timing"]
+    assert timing["resamples"] == 1000 and timing["images"] == 30
+    assert timing["bootstrap_s"] > 0 and timing["bootstrap_cpu_s"] > 0
+    doc = json.loads((results / "evaluation_noise_smoke.json").read_text())
+    # Every model's statistics reproduce Ultralytics' own figures.
+    assert all(m["max_abs_diff_vs_ultralytics"] < 1e-9 for m in doc["models"].values())
+    assert doc["pairs"] == [[0, 1], [2, 3]]
+    for n, fp in doc["false_promotion"].items():
+        assert fp["comparisons"] == 4, n
+        assert sum(fp["new_gate_verdicts"].values()) == 4
+        # The old gate promotes at most one order of a pair (the higher point estimate).
+        assert fp["old_gate_promoted"] <= 2 and fp["old_gate_rate"] == fp["old_gate_promoted"] / 4
+        assert fp["new_gate_rate"] == fp["new_gate_promoted"] / 4
+    # A second run resumes: nothing is trained again and the figures are the same.
+    again = run_bench("evaluation_noise.py", *args)
+    assert again["elapsed_s_this_run"] < 60
+    assert again["halfwidth_map50"] == line["halfwidth_map50"]
+    assert again["false_promotion"] == line["false_promotion"]

@@ -40,6 +40,7 @@ runner = CliRunner()
         ["datasets", "show"],
         ["datasets", "diff"],
         ["datasets", "export"],
+        ["datasets", "add-test"],
     ],
 )
 def test_every_command_has_help(args):

@@ -599,3 +599,241 @@ def test_cli_command_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     res = runner.invoke(app, ["report", "--config", str(tmp_path / "missing.yaml")])
     assert res.exit_code == 2
     assert "missing.yaml not found" in res.output and "Traceback" not in res.output
+
+
+# ------------------------------------------------------------------ how sure the numbers are
+
+USELESS = "This round's model finds almost nothing"
+NOISE = "is no better than the champion (v2, round 2) within noise"
+TOO_FEW = "'pit' has only 5 training boxes: too few to learn it"
+WIDE = "The test split (27 images) cannot tell mAP50 differences smaller than ±0.100"
+FEW_TEST = "'pit' has only 3 test boxes"
+HIDDEN = "Pre-annotations of 'pit' are not shown to labelers"
+BACKGROUND = [[0, 0, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0], [6, 4, 2, 0]]
+
+
+def _rows(**pit: object) -> list[ClassRow]:
+    return [replace(r, **pit) if r.name == "pit" else r for r in sample().class_rows]
+
+
+@pytest.mark.parametrize(
+    ("changes", "fires", "level"),
+    [
+        ({"candidate_recall": 0.01, "candidate_recall_ci": (0.0, 0.03)}, USELESS, "act"),
+        ({"confusion": Confusion(["scratch", "pit", EVIL_CLASS], BACKGROUND)}, USELESS, "act"),
+        ({"gate_verdict": "noise", "gate_difference": (0.01, -0.03, 0.05)}, NOISE, "watch"),
+        ({"class_rows": _rows(train_boxes=5)}, TOO_FEW, "act"),
+        ({"candidate_map50_ci": (0.45, 0.65), "test_images": 27}, WIDE, "act"),
+        ({"class_rows": _rows(test_boxes=3)}, FEW_TEST, "watch"),
+        ({"preannotation_hidden": ["pit"]}, HIDDEN, "watch"),
+    ],
+)
+def test_each_new_rule_fires_on_its_case(changes, fires, level) -> None:
+    adv = advice_texts(sample(**changes))
+    hits = [(lv, t) for lv, t in adv if fires in t]
+    assert len(hits) == 1 and hits[0][0] == level, adv
+
+
+@pytest.mark.parametrize(
+    "changes",
+    [
+        {"candidate_recall": 0.4, "candidate_recall_ci": (0.3, 0.5)},  # finds things
+        {"gate_verdict": "improvement", "gate_difference": (0.08, 0.02, 0.14)},
+        {"gate_verdict": "worse", "gate_difference": (-0.08, -0.14, -0.02)},
+        {"class_rows": _rows(train_boxes=50, test_boxes=30)},  # enough of both
+        {"candidate_map50_ci": (0.58, 0.64), "test_images": 300},  # ±0.03 < 0.05
+        {"preannotation_hidden": []},
+        {},  # nothing known: none of the new rules may guess
+    ],
+)
+def test_the_new_rules_stay_silent_otherwise(changes) -> None:
+    texts = " ".join(t for _, t in advice_texts(sample(**changes)))
+    for rule in (USELESS, NOISE, "too few to learn", "cannot tell mAP50", "test boxes", HIDDEN):
+        assert rule not in texts
+
+
+def test_a_useless_model_is_never_ok() -> None:
+    # The reported case: mAP50 0.044, nothing found, promoted, no class "got worse".
+    rows = [replace(r, previous_ap50_95=None, previous_ap50=None) for r in sample().class_rows]
+    data = sample(
+        candidate_map50=0.044,
+        candidate_recall=0.0,
+        candidate_recall_ci=(0.0, 0.0),
+        confusion=Confusion(["scratch", "pit", EVIL_CLASS], BACKGROUND),
+        class_rows=rows,
+        effort=None,
+        previous_version=None,
+        train_epochs=30,
+    )
+    adv = advice_texts(data)
+    assert adv[0][0] == "act" and adv[0][1].startswith(USELESS)
+    assert "test recall 0.000 [0.000, 0.000]" in adv[0][1]
+    assert "confusion matrix is all background" in adv[0][1]
+    assert "start from a pretrained checkpoint" in adv[0][1]
+    assert "train longer (train.epochs is 30)" in adv[0][1]
+    assert not any(level == "ok" for level, _ in adv)
+
+
+def test_noise_replaces_the_plain_not_promoted_advice() -> None:
+    data = sample(
+        promoted=False,
+        gate_verdict="noise",
+        gate_difference=(0.012, -0.031, 0.054),
+        test_images=60,
+    )
+    texts = [t for _, t in advice_texts(data)]
+    noise = [t for t in texts if NOISE in t]
+    assert len(noise) == 1
+    assert "+0.012 [-0.031, +0.054]" in noise[0] and "same 60 test images" in noise[0]
+    assert "The champion keeps serving pre-annotations." in noise[0]
+    assert not any(t.startswith("This round's model was not promoted") for t in texts)
+
+
+def test_a_drop_inside_its_paired_interval_is_not_flagged() -> None:
+    noisy = ClassRow("x", 0.30, 0.40, delta_lo=-0.2, delta_hi=0.05)
+    sure = ClassRow("x", 0.30, 0.40, delta_lo=-0.15, delta_hi=-0.05)
+    assert not noisy.worse and sure.worse
+    assert not ClassRow("x", 0.395, 0.40, delta_lo=-0.01, delta_hi=-0.001).worse  # too small
+
+
+def test_intervals_are_rendered() -> None:
+    rows = _rows(ap50_lo=0.41, ap50_hi=0.68, delta_lo=-0.12, delta_hi=0.02, test_boxes=14)
+    data = sample(
+        class_rows=rows,
+        champion_map50_ci=(0.571, 0.650),
+        champion_map50_95_ci=(0.35, 0.45),
+        candidate_map50_ci=(0.571, 0.650),
+        test_images=120,
+    )
+    page = render_html(data)
+    dom = parse(page).text
+    assert dom["champion-map50-ci"] == "[0.571, 0.650]"
+    assert dom["champion-map50-95-ci"] == "[0.350, 0.450]"
+    assert dom["candidate-map50-ci"] == " [0.571, 0.650]"
+    assert "resolves mAP50 differences larger than ±0.040" in dom["test-resolution"]
+    table = page[page.index('id="class-table"') : page.index("</table>", page.index("class-table"))]
+    assert "[0.41, 0.68]" in table and "[-0.120, +0.020]" in table
+    # 'pit' fell by 0.05, but its paired interval includes 0: not flagged any more.
+    assert "got worse" not in table
+    md = render_markdown(data)
+    assert "**Champion test mAP50 0.613** \\[0.571, 0.650\\]" in md
+    assert "resolves mAP50 differences larger than ±0.040" in md
+    assert "test mAP50 0.613 \\[0.571, 0.650\\]" in md
+
+
+def test_learning_curve_shows_the_bands() -> None:
+    banded = [
+        replace(p, map50_lo=p.test_map50 - 0.1, map50_hi=p.test_map50 + 0.1) for p in sample().curve
+    ]
+    plain = learning_curve_png(sample())
+    with_bands = learning_curve_png(sample(curve=banded))
+    assert plain is not None and with_bands is not None and plain != with_bands
+
+    def blue_tint(png: bytes) -> int:
+        # The mAP50 band: #0072B2 at 15% over white, about (217, 234, 243).
+        with Image.open(io.BytesIO(png)) as im:
+            rgb = np.asarray(im.convert("RGB")).astype(int)
+        near = np.abs(rgb - np.array([217, 234, 243])).sum(axis=2) < 12
+        return int(near.sum())
+
+    assert blue_tint(with_bands) > 5000 and blue_tint(plain) < 500
+
+
+def test_collect_reads_intervals_gate_and_split_boxes(tmp_path: Path) -> None:
+    from loop.config import ProjectConfig
+    from loop.datasets import DatasetVersion, LabeledImage
+    from loop.detections import Detections
+    from loop.project import Project
+    from loop.tracking import Promotion, Tracker
+
+    cfg = ProjectConfig(
+        classes=CLASSES,
+        workspace=tmp_path / "ws",
+        mlflow={"tracking_uri": f"sqlite:///{tmp_path / 'm.db'}"},
+        train={"epochs": 7},
+    )
+    project, tracker = Project(cfg), Tracker(cfg)
+    project.ingest(_images(tmp_path / "src", 6))
+    pool = sorted(project.pool, key=lambda p: p.source)
+
+    def row(p, split, cls):
+        det = Detections(np.array([[5, 5, 25, 20]], dtype=float), [cls], (64, 48))
+        return LabeledImage(p.sha256, p.path, 64, 48, split, det, {"source": "import"})
+
+    v1 = DatasetVersion.create(
+        CLASSES,
+        [
+            row(p, s, c)
+            for p, s, c in zip(
+                pool,
+                ["train", "train", "val", "test", "test", "train"],
+                [0, 1, 0, 1, 0, 0],
+                strict=True,
+            )
+        ],
+    )
+    project.store.save(v1)
+    r1 = tracker.log_training(
+        version=v1,
+        store=project.store,
+        result=_train(tmp_path, _eval(0.4, 0.4, 0.4)),
+        test=_eval(0.4, 0.4, 0.4),
+        params={"train.epochs": 7},
+        round_index=1,
+    )
+    tracker.log_metrics(r1, {"test_map50_lo": 0.5, "test_map50_hi": 0.7})
+    tracker.apply_promotion(tracker.register(r1), r1, Promotion(True, "first model"), "")
+    r2 = tracker.log_training(
+        version=v1,
+        store=project.store,
+        result=_train(tmp_path, _eval(0.42, 0.45, 0.39)),
+        test=_eval(0.42, 0.45, 0.39),
+        params={"train.epochs": 7},
+        round_index=2,
+    )
+    tracker.log_metrics(
+        r2,
+        {
+            "test_map50_lo": 0.48,
+            "test_map50_hi": 0.76,
+            "test_recall_lo": 0.5,
+            "test_recall_hi": 0.7,
+            "test_ap50_pit_lo": 0.3,
+            "test_ap50_pit_hi": 0.8,
+            "gate_diff_map50_95": 0.02,
+            "gate_diff_map50_95_lo": -0.05,
+            "gate_diff_map50_95_hi": 0.09,
+            "gate_diff_ap50_95_pit_lo": -0.2,
+            "gate_diff_ap50_95_pit_hi": 0.1,
+            "compared_test_map50": 0.61,
+            "compared_test_map50_lo": 0.51,
+            "compared_test_map50_hi": 0.71,
+            "compared_test_map50_95": 0.41,
+            "compared_test_ap50_95_pit": 0.45,
+        },
+    )
+    tracker.apply_promotion(
+        tracker.register(r2),
+        r2,
+        Promotion(False, "within noise"),
+        "1",
+        {"gate_verdict": "noise", "preannotation_hidden": json.dumps(["pit"])},
+    )
+    data = collect_report_data(project, tracker)
+    assert data.candidate_map50_ci == (0.48, 0.76) and data.candidate_recall_ci == (0.5, 0.7)
+    assert data.gate_verdict == "noise" and data.gate_difference == (0.02, -0.05, 0.09)
+    # The kept champion, measured by the gate on this round's test images.
+    assert data.champion_map50 == 0.61 and data.champion_map50_ci == (0.51, 0.71)
+    assert data.previous_map50 == 0.61 and data.previous_map50_95 == 0.41
+    assert data.preannotation_hidden == ["pit"] and data.train_epochs == 7
+    assert data.test_images == 2 and data.map50_halfwidth == pytest.approx(0.14)
+    rows = {r.name: r for r in data.class_rows}
+    assert (rows["pit"].ap50_lo, rows["pit"].ap50_hi) == (0.3, 0.8)
+    assert (rows["pit"].delta_lo, rows["pit"].delta_hi) == (-0.2, 0.1)
+    assert rows["pit"].previous_ap50_95 == 0.45 and not rows["pit"].worse
+    assert (rows["scratch"].train_boxes, rows["scratch"].test_boxes) == (2, 1)
+    assert (rows["pit"].train_boxes, rows["pit"].test_boxes) == (1, 1)
+    assert [(p.map50_lo, p.map50_hi) for p in data.curve] == [(0.5, 0.7), (0.48, 0.76)]
+    texts = " ".join(a.text for a in what_to_do_next(data))
+    assert NOISE.replace("(v2, round 2)", "(v1, round 1)") in texts
+    assert "too few to learn" in texts and "cannot tell mAP50 differences" in texts

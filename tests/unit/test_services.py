@@ -286,7 +286,7 @@ def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
         {
             "id": 3,
             "data": {**data, "sha256": "s3"},
-            "annotations": [_ann(30, [], "t", cancelled=True)],
+            "annotations": [_ann(30, [], "2026-01-01T00:00:00Z", cancelled=True)],
         },
         {"id": 4, "data": {"image": "/x"}, "annotations": [_ann(40, [], "2026-01-01T00:00:00Z")]},
         {  # drawn on another image size

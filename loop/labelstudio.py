@@ -1413,35 +1413,59 @@ class LabelStudioGateway:
         return None if when is None else format_cursor(when)
 
     def changed_since(self, project_id: int, since: str) -> list[tuple[int, datetime]]:
-        """``(task id, updated_at)`` of the tasks updated strictly after the cursor ``since``
-        (an annotation created, updated or deleted, a prediction added, data edited)."""
+        """``(task id, time)`` of the tasks changed strictly after the cursor ``since``: updated
+        (an annotation created, updated or deleted, a prediction added, data edited) or given
+        an annotation newer than it (``completed_at``: Label Studio 1.23 stores some malformed
+        annotations with an error answer and without bumping the task's ``updated_at``).
+        ``time`` is the later of the two."""
         when = _parse_time(since)
         if when is None:
             raise ConfigError(f"pull cursor {since!r} is not an ISO time; drop it to pull all")
         query = {
             "filters": {
-                "conjunction": "and",
+                "conjunction": "or",
                 "items": [
                     {
-                        "filter": "filter:tasks:updated_at",
+                        "filter": f"filter:tasks:{name}",
                         "operator": "greater",
                         "type": "Datetime",
                         "value": format_cursor(when),
                     }
+                    for name in ("updated_at", "completed_at")
                 ],
             },
             "ordering": ["tasks:id"],
         }
         out = []
-        for t in self._list_tasks_raw(project_id, "id,updated_at", query=query):
-            updated = _parse_time(t.get("updated_at"))
-            if t.get("id") is not None and updated is not None:
-                out.append((int(t["id"]), updated))
+        for t in self._list_tasks_raw(project_id, "id,updated_at,completed_at", query=query):
+            times = [_parse_time(t.get(k)) for k in ("updated_at", "completed_at")]
+            known = [x for x in times if x is not None]
+            if t.get("id") is not None and known:
+                out.append((int(t["id"]), max(known)))
         return out
 
     def unannotated_task_ids(self, project_id: int) -> list[int]:
         """Ids of the tasks with no submitted (non-cancelled) annotation."""
         return [int(t["id"]) for t in self._list_tasks_raw(project_id, "id", query=_UNANNOTATED)]
+
+    def uncounted_annotation_task_ids(self, project_id: int) -> list[int]:
+        """Ids of the tasks that Label Studio counts as unannotated although they hold a
+        non-cancelled annotation: one stored by a request that failed half-way (Label Studio
+        1.23 answers 500 for some malformed results, keeps the annotation, and updates neither
+        the task's counters nor its ``updated_at``). No cursor would ever select them."""
+        out = []
+        for t in self._list_tasks_raw(
+            project_id,
+            "id,annotations_ids,cancelled_annotations",
+            fields="all",
+            query=_UNANNOTATED,
+        ):
+            raw = t.get("annotations_ids")
+            ids = raw.split(",") if isinstance(raw, str) else list(raw or [])
+            n = sum(1 for i in ids if str(i).strip())
+            if t.get("id") is not None and n > int(t.get("cancelled_annotations") or 0):
+                out.append(int(t["id"]))
+        return out
 
     def pull(
         self,
@@ -1475,15 +1499,21 @@ class LabelStudioGateway:
         """
         _check_class_names(class_names)
         out = PullResult()
+        # Annotations Label Studio stored but does not count (see the method): judged each time.
+        uncounted = self.uncounted_annotation_task_ids(project_id)
         if since is None:
             out.cursor = self.latest_update(project_id)  # before the export: nothing is missed
             tasks = self.export_tasks(project_id)
+            exported = {_task_key(t) for t in tasks}
+            missing = [i for i in uncounted if i not in exported]
+            if missing:
+                tasks += self.export_tasks(project_id, ids=missing, all_tasks=True)
         else:
             changed = self.changed_since(project_id, since)
             out.full = False
             newest = max((u for _, u in changed), default=_parse_time(since))
             out.cursor = since if newest is None else format_cursor(newest)
-            ids = [i for i, _ in changed]
+            ids = sorted({i for i, _ in changed} | set(uncounted))
             if not ids:
                 tasks = []
             elif len(ids) > full_export_above:
@@ -1498,8 +1528,10 @@ class LabelStudioGateway:
             out.examined_task_ids.append(_task_key(task))
             self._pull_task(task, class_names, users, document_root, out, max_regions)
         if known_labeled:
+            # A task judged now holds a submitted annotation, counted by Label Studio or not.
+            judged = {r.task_id for r in out.rejected} | {lb.task_id for lb in out.labels}
             for tid in self.unannotated_task_ids(project_id):
-                if tid in known_labeled:
+                if tid in known_labeled and tid not in judged:
                     out.unlabeled_task_ids.append(tid)
                     out.unlabeled_sha256.append(str(known_labeled[tid]))
         return out

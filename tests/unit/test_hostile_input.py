@@ -102,6 +102,7 @@ def _gateway(monkeypatch: pytest.MonkeyPatch, export: list[dict]) -> LabelStudio
     monkeypatch.setattr(gw, "latest_update", lambda pid: None)
     monkeypatch.setattr(gw, "export_tasks", lambda pid, ids=None, all_tasks=False: export)
     monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@x"})
+    monkeypatch.setattr(gw, "uncounted_annotation_task_ids", lambda pid: [])
     return gw
 
 
@@ -194,3 +195,70 @@ def test_split_fractions_must_leave_room_for_train(tmp_path: Path, val, test):
     with pytest.raises(ConfigError, match=r"split\.val \+ split\.test must be below 1"):
         load_config(cfg)
     assert SplitConfig(val=0.49, test=0.5).val == 0.49
+
+
+def test_the_lead_report_lists_open_rejections_escaped():
+    from loop.report import ReportData, render_html, render_markdown
+
+    lines = ["Label Studio task 7: label '<script>alert(1)</script>' is not one of the classes"]
+    data = ReportData(project="p", round=None, classes=CLASSES, rejections=lines)
+    page = render_html(data)
+    assert 'id="rejections"' in page and "Label Studio task 7" in page
+    assert "<script>alert" not in page and "&lt;script&gt;" in page
+    md = render_markdown(data)
+    assert "## Rejected Label Studio tasks (1)" in md and "Label Studio task 7" in md
+    assert 'id="rejections"' not in render_html(
+        ReportData(project="p", round=None, classes=CLASSES)
+    )
+
+
+def test_annotations_label_studio_stores_without_counting_them_are_judged(monkeypatch):
+    """Label Studio 1.23 answers 500 to some malformed results, keeps the annotation and leaves
+    the task's counters and updated_at alone: no cursor selects such a task."""
+    bad = task(5, [ann(50, [with_region(value=[1, 2])])])
+    gw = _gateway(monkeypatch, [bad])
+    exported: list[Any] = []
+
+    def export(pid, ids=None, all_tasks=False):
+        exported.append((ids, all_tasks))
+        return [bad] if ids else []
+
+    monkeypatch.setattr(gw, "export_tasks", export)
+    monkeypatch.setattr(gw, "changed_since", lambda pid, since: [])
+    monkeypatch.setattr(gw, "uncounted_annotation_task_ids", lambda pid: [5])
+    res = gw.pull(1, CLASSES, since="2026-01-01T00:00:00.000000Z")
+    assert exported == [([5], True)] and [r.task_id for r in res.rejected] == [5]
+    assert res.cursor == "2026-01-01T00:00:00.000000Z"
+    full = gw.pull(1, CLASSES)  # a full export leaves out tasks Label Studio calls unannotated
+    assert [r.task_id for r in full.rejected] == [5]
+
+
+def test_uncounted_annotations_and_the_changed_query(monkeypatch):
+    gw = LabelStudioGateway("http://127.0.0.1:9", "0123456789abcdef")
+    calls: list[dict[str, Any]] = []
+
+    def listing(pid, include, *, fields="task_only", query=None, page_size=0, limit=None):
+        calls.append({"include": include, "fields": fields, "query": query})
+        if "annotations_ids" in include:
+            return [
+                {"id": 1, "annotations_ids": "", "cancelled_annotations": 0},
+                {"id": 2, "annotations_ids": "7", "cancelled_annotations": 1},  # a skip
+                {"id": 3, "annotations_ids": "8,9", "cancelled_annotations": 1},
+                {"id": 4, "annotations_ids": [10], "cancelled_annotations": 0},  # Postgres
+            ]
+        return [
+            {"id": 5, "updated_at": "2026-01-02T00:00:00Z", "completed_at": None},
+            {"id": 6, "updated_at": "2026-01-01T00:00:00Z", "completed_at": "2026-01-03T00:00:00Z"},
+        ]
+
+    monkeypatch.setattr(gw, "_list_tasks_raw", listing)
+    assert gw.uncounted_annotation_task_ids(1) == [3, 4]
+    assert calls[-1]["fields"] == "all"
+    changed = gw.changed_since(1, "2026-01-01T00:00:00.000000Z")
+    assert [(t, w.day) for t, w in changed] == [(5, 2), (6, 3)]
+    q = calls[-1]["query"]["filters"]
+    assert q["conjunction"] == "or"
+    assert [i["filter"] for i in q["items"]] == [
+        "filter:tasks:updated_at",
+        "filter:tasks:completed_at",
+    ]

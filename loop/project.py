@@ -845,7 +845,9 @@ class Project:
                 f"data.sha256 now names {lab.sha256[:12]}, so its annotation is not used; restore "
                 "data.sha256 or delete the task"
             )
-        if lab.image_url != pushed.image:
+        # (None: a stand-in gateway that does not report task data, e.g. the oracle replay's;
+        # Label Studio's gateway always does, or rejects the task for a missing image URL.)
+        if lab.image_url is not None and lab.image_url != pushed.image:
             return (
                 f"tampered task data: the task was pushed showing {pushed.image!r} but its "
                 f"data.image is now {lab.image_url!r}, so its annotation is not used; restore "
@@ -874,8 +876,9 @@ class Project:
         log = RejectionLog(self.cfg.workspace / REJECTIONS_NAME)
         log.update(pid, found, None if result.full else result.examined_task_ids)
         stale = [r.task_id for r in log.open(pid) if r.task_id not in found]
-        if stale:
-            alive = gw.task_ids(pid)
+        list_tasks = getattr(gw, "task_ids", None)  # stand-in gateways may not list tasks
+        if stale and list_tasks is not None:
+            alive = list_tasks(pid)
             log.forget(pid, [t for t in stale if t not in alive])
         log.save()
         return len(log.open(pid))

@@ -114,3 +114,33 @@ def test_a_failed_atomic_write_leaves_the_old_file_and_no_temporary(tmp_path: Pa
     with pytest.raises(OSError, match="disk full"):
         atomic_write_text(target, "new")
     assert target.read_text() == "old" and [p.name for p in tmp_path.iterdir()] == ["pool.json"]
+
+
+def test_push_and_pull_through_the_oracle_gateway_keep_working(tmp_path: Path):
+    """The oracle replay drives `Project.push`/`pull` with a stand-in gateway that reports no task
+    data and lists no tasks: the ledger and the rejection log must not get in its way."""
+    import numpy as np
+
+    from loop.datasets import assign_split
+    from loop.detections import Detections
+    from loop.project import ScoredImage
+    from loop.simulate import OracleGateway, truth_from_yolo_dir
+
+    write_dataset(tmp_path / "d", 24, seed=3, size=48)
+    cfg = tmp_path / "defect-loop.yaml"
+    cfg.write_text(yaml.safe_dump({"classes": ["scratch", "pit", "crack", "patch"]}))
+    project = Project(load_config(cfg))
+    project.ingest(tmp_path / "d" / "images")
+    truth = truth_from_yolo_dir(project.pool, tmp_path / "d" / "labels", 4)
+    shas = [s for s in sorted(truth) if assign_split(s, project.cfg.split) != "test"]
+    gw = OracleGateway(truth)
+    for chunk in (shas[:4], shas[4:8]):
+        ranked = [ScoredImage(s, 1.0, Detections.empty((48, 48))) for s in chunk]
+        assert project.push(gw, ranked, "m").created == len(chunk)
+        out = project.pull(gw)
+        assert out.labeled == len(chunk) and out.rejected == [] and out.open_rejections == 0
+    version = project.current_version()
+    assert version is not None and sorted(version.by_sha()) == sorted(shas[:8])
+    for s in shas[:8]:
+        row = version.by_sha()[s]
+        assert np.allclose(row.boxes.xyxy, truth[s].xyxy)

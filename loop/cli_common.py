@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from loop.config import ProjectConfig, load_config
-from loop.errors import ConfigError, DefectLoopError, ServiceError
+from loop.errors import ConfigError, DefectLoopError, ServiceError, printable
 from loop.services import PrefectService, TemporaryPrefectServer
 
 T = TypeVar("T")
@@ -49,8 +49,7 @@ def safe(text: object) -> str:
     """``text`` from outside (a file name, a label, a reason) as it may be printed on the
     console: control characters (newlines, terminal escapes) shown as ``\\n``, ``\\x1b``, ...,
     and Rich markup (``[red]``) escaped, so it can neither break lines nor restyle the output."""
-    out = "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))
-    return escape(out)
+    return escape(printable(text))
 
 
 def fallback_log_path() -> Path:

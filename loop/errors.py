@@ -58,3 +58,9 @@ class StrategyError(DefectLoopError, ValueError):
 
 class OfflineViolationError(DefectLoopError):
     """Code tried to reach a non-loopback network address while offline mode is enforced."""
+
+
+def printable(text: object) -> str:
+    """``text`` from outside (a file name, a label) with control characters (newlines, terminal
+    escapes) written as ``\\n``, ``\\x1b``, ...: safe to put on one line of a log or console."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))

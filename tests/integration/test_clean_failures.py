@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from rich.console import Console
 
-from loop.cli_common import safe
 from loop.services import free_port
 from loop.synth import write_dataset
 
@@ -178,24 +176,3 @@ def test_a_killed_command_leaves_no_prefect_server_behind(tmp_path: Path):
     if still:
         os.kill(server, signal.SIGKILL)
     assert not still, "the Prefect server outlived the killed command"
-
-
-@pytest.mark.parametrize(
-    ("raw", "printed"),
-    [
-        ("line\nbreak.png", "line\\nbreak.png"),
-        ("[bold red]alarm[/].png", "\\[bold red]alarm\\[/].png"),
-        ("esc\x1b[31mred.png", "esc\\x1b[31mred.png"),
-        ("tab\there\r.png", "tab\\there\\r.png"),
-        ("défaut_ß.png", "défaut_ß.png"),
-    ],
-)
-def test_safe_console_text_known_answers(raw, printed):
-    assert safe(raw) == printed
-
-
-def test_file_names_print_on_one_line_without_markup():
-    con = Console(width=200, record=True, color_system=None)
-    name = "evil[/]\n[red]x"
-    con.print(f"skipped {safe(name)}: bad")
-    assert con.export_text().strip() == "skipped evil[/]\\n[red]x: bad"

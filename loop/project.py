@@ -104,7 +104,9 @@ class ScoredImage:
 
 @dataclass(frozen=True)
 class PullOutcome:
-    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines;
+    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines of the
+    tasks this pull rejected that were not already open for that reason (``open_rejections``
+    counts them all; `Project.rejections` lists them);
     ``unlabeled``: sha256 of images whose Label Studio annotations were deleted (their labels
     were dropped from the new version; they wait in Label Studio again); ``skipped``: tasks only
     skipped by labelers; ``corrections``: correction metrics (`loop.corrections.correction_metrics`)
@@ -796,8 +798,13 @@ class Project:
                 self.state.pending[sha] = tid  # back in the labeling queue
         self.state.pull_cursor = result.cursor
         self.state.pull_cursor_scope = scope
-        open_now = self._record_rejections(gw, pid, found, result)
-        rejected = [f"Label Studio task {tid}: {reason}" for tid, reason in sorted(found.items())]
+        earlier, open_now = self._record_rejections(gw, pid, found, result)
+        # This pull's news: a task judged again for the same reason is not listed twice.
+        rejected = [
+            f"Label Studio task {tid}: {reason}"
+            for tid, reason in sorted(found.items())
+            if earlier.get(tid) != reason
+        ]
 
         def outcome(new_version: str | None, parent: str | None, metrics: Any) -> PullOutcome:
             return PullOutcome(
@@ -870,10 +877,14 @@ class Project:
             )
         return None
 
-    def _record_rejections(self, gw: Any, pid: int, found: dict[int, str], result: Any) -> int:
+    def _record_rejections(
+        self, gw: Any, pid: int, found: dict[int, str], result: Any
+    ) -> tuple[dict[int, str], int]:
         """Keep the rejections of this pull with the earlier ones whose tasks did not change
-        (nor disappear); returns how many are open now."""
+        (nor disappear). Returns the open rejections before this pull (task id -> reason) and
+        how many are open now."""
         log = RejectionLog(self.cfg.workspace / REJECTIONS_NAME)
+        earlier = {r.task_id: r.reason for r in log.open(pid)}
         log.update(pid, found, None if result.full else result.examined_task_ids)
         stale = [r.task_id for r in log.open(pid) if r.task_id not in found]
         list_tasks = getattr(gw, "task_ids", None)  # stand-in gateways may not list tasks
@@ -881,7 +892,7 @@ class Project:
             alive = list_tasks(pid)
             log.forget(pid, [t for t in stale if t not in alive])
         log.save()
-        return len(log.open(pid))
+        return earlier, len(log.open(pid))
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:

@@ -208,7 +208,7 @@ MALFORMED = {
 def test_malformed_annotations_reject_their_task_and_stay_listed_until_it_changes(
     ls_server, monkeypatch
 ):
-    cfg_path = _setup(ls_server, "malformed", monkeypatch, labelstudio={"max_regions": 40})
+    cfg_path = _setup(ls_server, "malformed", monkeypatch)  # labelstudio.max_regions: 1000
     project, shas = _ingested(cfg_path, 30, seed=13, labels=False)
     train = [s for s in shas if assign_split(s, project.cfg.split) != "test"][:8]
     tasks = _push(project, train)
@@ -220,7 +220,8 @@ def test_malformed_annotations_reject_their_task_and_stay_listed_until_it_change
     with project.gateway() as gw:
         gw.annotate_results(unknown, [{**_box(4, 4, 20, 20)[0], "value": {
             **_box(4, 4, 20, 20)[0]["value"], "rectanglelabels": ["dent"]}}])  # fmt: skip
-        gw.annotate_results(crowded, [r for i in range(41) for r in _box(i % 60, 1, i % 60 + 2, 3)])
+        many = [r for i in range(1001) for r in _box(i % 60, i % 50, i % 60 + 2, i % 50 + 3)]
+        gw.annotate_results(crowded, many)
         _annotate_raw(ls_server, zero, [{**_box(4, 4, 20, 20)[0], "value": {
             **_box(4, 4, 20, 20)[0]["value"], "width": 0}}])  # fmt: skip
         for tid in ids[6:]:
@@ -232,7 +233,7 @@ def test_malformed_annotations_reject_their_task_and_stay_listed_until_it_change
     assert got == expected and first.open_rejections == len(expected)
     reasons = " ".join(first.rejected)
     assert "rotation must be a number" in reasons and "value must be an object" in reasons
-    assert "original_width" in reasons and "41 regions" in reasons and "zero area" in reasons
+    assert "original_width" in reasons and "1001 regions" in reasons and "zero area" in reasons
 
     # Nothing changed: the next pull reports nothing new, but nothing is forgotten.
     with project.gateway() as gw:

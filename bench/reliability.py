@@ -64,6 +64,8 @@ CLASSES = list(SYNTH_CLASSES)
 SIZE = 64
 MAX_REGIONS = 1000
 REPO = Path(__file__).resolve().parents[1]
+# Generous: the first start migrates a database, and a busy 2-core machine can take minutes.
+START_TIMEOUT_S = 900
 
 Box = tuple[int, float, float, float, float]  # class id, x1, y1, x2, y2 (pixels)
 
@@ -476,7 +478,7 @@ class Bench:
     def restart(self) -> None:
         t0 = time.perf_counter()
         self.svc.stop()
-        self.svc.start(timeout_s=300)
+        self.svc.start(timeout_s=START_TIMEOUT_S)
         self.stats["restarts"] += 1
         self.stats.setdefault("restart_s", []).append(round(time.perf_counter() - t0, 1))
         log(f"restart {self.stats['restarts']} took {time.perf_counter() - t0:.1f} s")
@@ -539,7 +541,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ["DEFECT_LOOP_LABELSTUDIO__API_TOKEN"] = token
     svc.ensure_installed(progress=True)
     t_start = time.perf_counter()
-    svc.start(timeout_s=300)
+    svc.start(timeout_s=START_TIMEOUT_S)
     server_start_s = time.perf_counter() - t_start
     try:
         bench = Bench(args, svc, token, Path(svc.document_root))

@@ -29,7 +29,7 @@ to be reported as rejected, summed over pulls), ``rejected_reported`` (those of 
 ``lost == wrong == crashes == 0`` and ``rejected_reported == rejected``. The same dict is
 written to ``<results>/reliability.json`` (``reliability_smoke.json`` with ``--smoke``).
 
-Run: ``nice .venv/bin/python bench/reliability.py`` (1,200 operations, 2 restarts; meant to take
+Run: ``nice .venv/bin/python bench/reliability.py`` (1,000 operations, 2 restarts; meant to take
 about 10 minutes on 2 cores) or with ``--smoke`` (100 operations, 1 restart, 40 images: about
 2.5 minutes with the server start).
 """
@@ -506,7 +506,7 @@ class Bench:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true", help="100 operations, 1 restart, 40 images")
-    ap.add_argument("--operations", type=int, default=None, help="default 1200 (smoke 100)")
+    ap.add_argument("--operations", type=int, default=None, help="default 1000 (smoke 100)")
     ap.add_argument("--restarts", type=int, default=None, help="default 2 (smoke 1)")
     ap.add_argument("--pull-every", type=int, default=None, help="default 25 (smoke 10)")
     ap.add_argument("--images", type=int, default=None, help="default 160 (smoke 40)")
@@ -518,7 +518,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = ap.parse_args(argv)
     smoke = args.smoke
     for name, full, small in (
-        ("operations", 1200, 100),
+        ("operations", 1000, 100),
         ("restarts", 2, 1),
         ("pull_every", 25, 10),
         ("images", 160, 40),

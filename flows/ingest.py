@@ -9,6 +9,7 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NONE
 
 from flows.common import Context, locked_context
+from loop.errors import printable
 
 
 @dataclass(frozen=True)
@@ -61,5 +62,5 @@ def ingest_flow(
         out.dataset_version or "unchanged",
     )
     for r in out.rejected[:20]:
-        log.warning("skipped %s", r)
+        log.warning("skipped %s", printable(r))
     return out

@@ -7,6 +7,7 @@ from prefect.cache_policies import NONE
 
 from flows.common import NETWORK_TASK, Context, locked_context
 from flows.score import run_score
+from loop.errors import printable
 from loop.labelstudio import PushSummary
 from loop.project import PullOutcome, ScoredImage
 from loop.report import write_next_batch
@@ -52,7 +53,7 @@ def run_pull(ctx: Context) -> PullOutcome:
         "pulled %d labeled images; new version %s", outcome.labeled, outcome.new_version or "none"
     )
     for r in outcome.rejected:
-        log.warning("left for review: %s", r)
+        log.warning("left for review: %s", printable(r))
     return outcome
 
 

@@ -11,7 +11,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loop.cli_common import ConfigOpt, console, jsonable, load, prefect_env, run
+from loop.cli_common import ConfigOpt, console, jsonable, load, prefect_env, prepare, run, safe
 from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, write_default_config
 from loop.errors import DefectLoopError
 
@@ -78,8 +78,14 @@ def ingest(
     from loop.project import Project
 
     def go() -> None:
+        from loop.cli_common import require_writable
+
         cfg = _load(config)
+        require_writable(cfg)
         project = Project(cfg)
+        project.on_wait = lambda holder: console.print(
+            f"[yellow]waiting[/] for the workspace: {safe(holder)} is writing it"
+        )
         total = sum(1 for _ in iter_image_files(source)) if source.exists() else 0
         with _progress() as prog:
             bar = prog.add_task("ingest", total=total)
@@ -87,10 +93,11 @@ def ingest(
                 source, labels, label_limit, seed, on_progress=lambda _p: prog.advance(bar)
             )
         console.print(f"ingest: {report.summary}; pool now {len(project.pool)} images")
-        for r in report.rejected[:20]:
-            console.print(f"  [yellow]skipped[/] {r.source}: {r.reason}")
-        if len(report.rejected) > 20:
-            console.print(f"  ... {len(report.rejected) - 20} more (see `defect-loop status`)")
+        for what, problems in (("skipped", report.rejected), ("label", report.label_problems)):
+            for r in problems[:20]:
+                console.print(f"  [yellow]{what}[/] {safe(r.source)}: {safe(r.reason)}")
+            if len(problems) > 20:
+                console.print(f"  ... {len(problems) - 20} more (see `defect-loop status`)")
         if version is not None:
             console.print(f"labels: dataset version {version.short} ({len(version)} images)")
 
@@ -111,10 +118,9 @@ def _progress() -> Progress:
 @app.command()
 def train(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     """Train on the current dataset version, evaluate on the test split, log to MLflow."""
-    cfg = _load(config)
-    _prefect_env(cfg)
 
     def go() -> None:
+        prepare(_load(config), mlflow=True)
         from flows.train import train_flow
 
         out = train_flow(str(config))
@@ -135,10 +141,9 @@ def score(
     strategy's score for a scorer (entropy, margin, ...); for a set selector (diversity, hybrid,
     class_quota, class_diversity) it is rank-based: 1 for its first pick.
     """
-    cfg = _load(config)
-    _prefect_env(cfg)
 
     def go() -> None:
+        prepare(_load(config), mlflow=True)
         from flows.score import score_flow
 
         ranked = score_flow(str(config))
@@ -153,10 +158,9 @@ def score(
 @app.command()
 def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     """Score the pool and push the top batch to Label Studio with pre-annotations."""
-    cfg = _load(config)
-    _prefect_env(cfg)
 
     def go() -> None:
+        prepare(_load(config), labelstudio=True, mlflow=True)
         from flows.sync import push_flow
 
         summary = push_flow(str(config))
@@ -169,20 +173,24 @@ def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
 
 @app.command()
 def pull(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
-    """Pull submitted annotations from Label Studio into a new dataset version."""
-    cfg = _load(config)
-    _prefect_env(cfg)
+    """Pull submitted annotations from Label Studio into a new dataset version.
+
+    Tasks that cannot be used (malformed, tampered, unknown label, ...) are listed with the
+    reason, and stay listed (`defect-loop rejections`, `status`) until they change."""
 
     def go() -> None:
+        prepare(_load(config), labelstudio=True)
         from flows.sync import pull_flow
 
         out = pull_flow(str(config))
+        earlier = out.open_rejections - len(out.rejected)
         console.print(
             f"pull: {out.labeled} labeled images, new version {out.new_version or 'none'}, "
             f"{len(out.rejected)} left for review"
+            + (f" ({earlier} more from earlier pulls: `defect-loop rejections`)" if earlier else "")
         )
         for r in out.rejected:
-            console.print(f"  [yellow]review[/] {r}")
+            console.print(f"  [yellow]review[/] {safe(r)}")
 
     _run(go)
 
@@ -198,10 +206,9 @@ def cycle(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
 ) -> None:
     """One cycle: pull -> train -> promote -> score -> push."""
-    cfg = _load(config)
-    _prefect_env(cfg)
 
     def go() -> None:
+        prepare(_load(config), labelstudio=True, mlflow=True)
         from flows.cycle import cycle_flow
 
         out = cycle_flow(str(config), pull=not no_pull, force_train=force_train)
@@ -216,7 +223,8 @@ def _print_cycle(out: Any) -> None:
         return
     if out.pull is not None:
         console.print(
-            f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}"
+            f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}, "
+            f"{out.pull.open_rejections} tasks rejected (`defect-loop rejections`)"
         )
     if out.train is not None:
         t = out.train
@@ -240,12 +248,36 @@ def _fmt(v: float | None) -> str:
 
 @app.command()
 def status(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
-    """Pool, labels, round, pending tasks, the test split (size, interval width, warnings) and
-    skipped files."""
+    """Pool, labels, round, pending tasks, the test split (size, interval width, warnings),
+    skipped files and rejected Label Studio tasks."""
     from loop.project import Project
 
     def go() -> None:
         console.print_json(json.dumps(Project(_load(config)).status()))
+
+    _run(go)
+
+
+@app.command()
+def rejections(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
+    """List the Label Studio tasks that pulls rejected and that have not changed since, with
+    the reason and a link: fix or delete them in Label Studio, and the next pull judges them
+    again."""
+    from loop.project import Project
+
+    def go() -> None:
+        cfg = _load(config)
+        rows = Project(cfg).rejections()
+        if not rows:
+            console.print("no rejected Label Studio tasks")
+            return
+        base = cfg.labelstudio.url.rstrip("/")
+        table = Table("task", "since", "reason", "open in Label Studio")
+        for r in rows:
+            link = f"{base}/projects/{r.project_id}/data?task={r.task_id}"
+            table.add_row(str(r.task_id), r.first_seen, safe(r.reason), safe(link))
+        console.print(table)
+        console.print(f"{len(rows)} rejected tasks")
 
     _run(go)
 

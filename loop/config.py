@@ -52,6 +52,8 @@ class LabelStudioConfig(_Section):
     polygons: bool = False
     # Progress bars for push (shown only when stderr is a terminal).
     progress: bool = True
+    # A pulled annotation with more regions than this is rejected (per task), not imported.
+    max_regions: int = Field(1000, ge=1, description="regions per annotation before rejection")
     # Webhook receiver (`defect-loop labelstudio webhook-serve`): a callback runs once this many
     # new or changed annotations arrived. Label Studio must run with SSRF_PROTECTION_ENABLED=false
     # to call a loopback URL; polling stays the default trigger.
@@ -211,6 +213,15 @@ class SplitConfig(_Section):
 
     val: float = Field(0.15, ge=0, lt=1)
     test: float = Field(0.15, ge=0, lt=1)
+
+    @model_validator(mode="after")
+    def _leave_room_for_train(self) -> SplitConfig:
+        if self.val + self.test >= 1:
+            raise ValueError(
+                f"split.val + split.test must be below 1 so that some images are left to train "
+                f"on, got {self.val} + {self.test} = {self.val + self.test:g}"
+            )
+        return self
 
 
 class SelectConfig(_Section):

@@ -70,3 +70,9 @@ class DriftError(DefectLoopError, ValueError):
 
 class EvaluationError(DefectLoopError, ValueError):
     """Match statistics, a bootstrap or a paired comparison got inconsistent input."""
+
+
+def printable(text: object) -> str:
+    """``text`` from outside (a file name, a label) with control characters (newlines, terminal
+    escapes) written as ``\\n``, ``\\x1b``, ...: safe to put on one line of a log or console."""
+    return "".join(c if c.isprintable() else ascii(c)[1:-1] for c in str(text))

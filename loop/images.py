@@ -7,13 +7,15 @@ are recorded with a reason and never stop an ingest.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
+import secrets
 import shutil
 import warnings
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -45,19 +47,25 @@ class Rejected:
 
 @dataclass
 class IngestReport:
-    """``accepted`` maps every readable input path (new or duplicate) to its pool entry."""
+    """``accepted`` maps every readable input path (new or duplicate) to its pool entry.
+    ``label_problems``: label files that were not imported (unreadable, a bad line, ambiguous,
+    conflicting with another name of the same image, or without an image), with the reason."""
 
     added: list[PoolImage]
     duplicates: list[str]
     rejected: list[Rejected]
     accepted: dict[str, PoolImage]
+    label_problems: list[Rejected] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
-        return (
+        text = (
             f"{len(self.added)} added, {len(self.duplicates)} duplicates, "
             f"{len(self.rejected)} rejected"
         )
+        if self.label_problems:
+            text += f", {len(self.label_problems)} label files not imported"
+        return text
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
@@ -173,15 +181,29 @@ class ImagePool:
             rel = f"{sha[:2]}/{sha}{suffix}"
             dest = self.images_dir / rel
             dest.parent.mkdir(parents=True, exist_ok=True)
-            tmp = dest.with_suffix(dest.suffix + ".part")
-            shutil.copyfile(path, tmp)
-            os.replace(tmp, dest)
+            tmp_name = _unique_tmp(dest, ".part")
+            try:
+                shutil.copyfile(path, tmp_name)
+                os.replace(tmp_name, dest)
+            except BaseException:
+                with contextlib.suppress(OSError):
+                    os.unlink(tmp_name)
+                raise
             entry = PoolImage(sha, rel, w, h, str(path))
             self._images[sha] = entry
             report.added.append(entry)
             report.accepted[str(path)] = entry
         self.save()
         return report
+
+    def record_rejected(self, rejected: Iterable[Rejected]) -> None:
+        """Remember more skipped inputs (e.g. label files) for `status`; saved with `save`.
+        An identical ``(source, reason)`` already recorded is not repeated."""
+        seen = {(r.source, r.reason) for r in self._rejected}
+        for r in rejected:
+            if (r.source, r.reason) not in seen:
+                self._rejected.append(r)
+                seen.add((r.source, r.reason))
 
     def save(self) -> None:
         doc = {
@@ -193,8 +215,32 @@ class ImagePool:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` so that readers see the old or the new file, never half of one."""
+    """Write ``text`` so that readers see the old or the new file, never half of one.
+
+    The text goes to a temporary file of a unique name in the same folder (so two writers never
+    share one), is flushed to disk, and renamed over ``path``; a failure leaves no temporary file.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    tmp = _unique_tmp(path, ".tmp")
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
+def _unique_tmp(path: Path, suffix: str) -> Path:
+    """Create an empty, hidden temporary file beside ``path`` whose name no other writer (process
+    or thread) can pick; created with the usual permissions (umask), unlike `tempfile.mkstemp`."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(6)}{suffix}")
+        try:
+            os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666))
+        except FileExistsError:
+            continue
+        return tmp

@@ -267,7 +267,8 @@ class PulledLabel:
     time), or None; ``prediction_model_version`` names its model.
     ``per_annotator``: every annotator's latest submitted boxes (pixels) when several labeled the
     task; ``annotators`` their names; ``agreement``: mean pairwise F1 (same class, IoU >= 0.5)
-    between them, None with a single annotator.
+    between them, None with a single annotator. ``image_url``: the task's ``data.image`` as
+    Label Studio holds it now (compare it with what was pushed: task data can be edited).
     """
 
     task_id: int
@@ -283,6 +284,7 @@ class PulledLabel:
     annotators: tuple[str, ...] = ()
     agreement: float | None = None
     per_annotator: dict[str, Detections] = field(default_factory=dict)
+    image_url: str | None = None
 
 
 @dataclass
@@ -295,6 +297,8 @@ class PullResult:
     ``unlabeled_task_ids`` / ``unlabeled_sha256``: tasks of ``known_labeled`` that now have no
     submitted annotation (deleted): their labels must be dropped. ``cursor``: pass it as ``since``
     to the next pull. ``full``: whether every annotated task was exported.
+    ``examined_task_ids``: every task this pull exported and judged (labeled, rejected, skipped
+    or without a submitted annotation): an earlier verdict on any of them is out of date.
     """
 
     labels: list[PulledLabel] = field(default_factory=list)
@@ -304,6 +308,7 @@ class PullResult:
     unlabeled_sha256: list[str] = field(default_factory=list)
     cursor: str | None = None
     full: bool = True
+    examined_task_ids: list[int] = field(default_factory=list)
 
     @property
     def predictions(self) -> dict[int, Detections]:
@@ -368,15 +373,21 @@ def _without_scores(det: Detections) -> Detections:
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
+def _task_key(task: Any) -> int:
+    """A task's id, or -1 when it has none usable (never raises)."""
+    tid = _whole(task.get("id")) if isinstance(task, dict) else None
+    return -1 if tid is None else tid
+
+
 def _sort_key(annotation: dict[str, Any]) -> tuple[bool, datetime, int]:
     # Ground truth first, then the most recently updated, then the highest id.
     when = _parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
-    return (bool(annotation.get("ground_truth")), when, int(annotation.get("id") or 0))
+    return (bool(annotation.get("ground_truth")), when, _whole(annotation.get("id")) or 0)
 
 
 def _recency(annotation: dict[str, Any]) -> tuple[datetime, int]:
     when = _parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
-    return (when, int(annotation.get("id") or 0))
+    return (when, _whole(annotation.get("id")) or 0)
 
 
 def image_path_from_url(url: str) -> PurePosixPath | None:
@@ -418,10 +429,14 @@ def check_image_url(url: Any, document_root: Path | None = None) -> None:
 def _polygon_to_rect(r: dict[str, Any]) -> dict[str, Any]:
     """A ``polygonlabels`` result (points in percent) -> the ``rectanglelabels`` result of its
     bounding box, for `ls_results_to_detections`. Raises `ConversionError` for bad points."""
-    value = r.get("value") or {}
+    value = r.get("value")
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"polygon {r.get('id')!r}: value must be an object, got {type(value).__name__}"
+        )
     try:
         pts = np.asarray(value.get("points"), dtype=np.float64)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConversionError(f"polygon {r.get('id')!r} has non-numeric points") from None
     if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.all(np.isfinite(pts)):
         raise ConversionError(f"polygon {r.get('id')!r} needs at least 3 [x, y] points")
@@ -439,7 +454,7 @@ def _polygon_to_rect(r: dict[str, Any]) -> dict[str, Any]:
         "width": float(x2 - x1),
         "height": float(y2 - y1),
         "rotation": 0,
-        RECTANGLE: list(value.get(POLYGON) or []),
+        RECTANGLE: value.get(POLYGON),
     }
     return out
 
@@ -456,12 +471,82 @@ def _region_results(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _marked_defect_free(results: Iterable[dict[str, Any]]) -> bool:
-    return any(
-        r.get("type") == "choices"
-        and r.get("from_name") == VERDICT_NAME
-        and DEFECT_FREE in ((r.get("value") or {}).get("choices") or [])
-        for r in results
-    )
+    for r in results:
+        if r.get("type") != "choices" or r.get("from_name") != VERDICT_NAME:
+            continue
+        value = r.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else value
+        if not isinstance(value, dict) or not isinstance(choices, list | None):
+            raise ConversionError(
+                f"choice {r.get('id')!r}: value must be an object with a list of choices, "
+                f"got {value!r}"[:300]
+            )
+        if DEFECT_FREE in (choices or []):
+            return True
+    return False
+
+
+# Errors a malformed task can raise on its way through the converters. The named ones carry a
+# message of their own; the others are a last line of defence (a field of an unexpected type
+# that no check foresaw) and still become a rejection of that one task.
+_TASK_ERRORS = (UnknownLabelError, ConversionError, InvalidDetectionsError)
+_MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+def _whole(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number (int or numeric string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def _check_annotation(ann: Any) -> None:
+    """Validate the fields of one exported annotation that pull reads to choose and attribute
+    it (not its regions: see `ls_results_to_detections`). Raises `ConversionError`."""
+    if not isinstance(ann, dict):
+        raise ConversionError(f"an annotation is not an object: {type(ann).__name__}")
+    aid = ann.get("id")
+    if _whole(aid) is None:
+        raise ConversionError(f"an annotation has no integer id (id={aid!r})")
+    where = f"annotation {aid}"
+    for key in ("was_cancelled", "ground_truth"):
+        if not isinstance(ann.get(key), bool | None):
+            raise ConversionError(f"{where}: {key} must be true or false, got {ann.get(key)!r}")
+    if not isinstance(ann.get("result"), list | None):
+        raise ConversionError(
+            f"{where}: result must be a list of regions, got {type(ann.get('result')).__name__}"
+        )
+    for key in ("updated_at", "created_at"):
+        when = ann.get(key)
+        if when not in (None, "") and (not isinstance(when, str) or _parse_time(when) is None):
+            raise ConversionError(f"{where}: {key} is not an ISO time: {when!r}")
+    who = ann.get("completed_by")
+    if who is not None and not isinstance(who, dict) and _whole(who) is None:
+        raise ConversionError(f"{where}: completed_by must be a user id, got {who!r}")
+    lead = ann.get("lead_time")
+    if lead is not None:
+        ok = isinstance(lead, int | float) and not isinstance(lead, bool)
+        if not ok or not math.isfinite(float(lead)) or float(lead) < 0:
+            raise ConversionError(f"{where}: lead_time must be seconds >= 0, got {lead!r}")
+
+
+def _task_size(data: dict[str, Any]) -> tuple[int, int] | None:
+    """The task's ``width``/``height`` (pixels), None when absent; `ConversionError` if bad."""
+    w, h = data.get("width"), data.get("height")
+    if w in (None, "", 0) and h in (None, "", 0):
+        return None
+    ww, hh = _whole(w), _whole(h)
+    if ww is None or hh is None or ww < 1 or hh < 1:
+        raise ConversionError(
+            f"task data width/height must be whole numbers of pixels >= 1, got {w!r} x {h!r}"
+        )
+    return (ww, hh)
 
 
 def _bulk_options() -> dict[str, Any]:
@@ -867,6 +952,10 @@ class LabelStudioGateway:
             page += 1
         return out if limit is None else out[:limit]
 
+    def task_ids(self, project_id: int) -> set[int]:
+        """Ids of every task of the project."""
+        return {int(t["id"]) for t in self._list_tasks_raw(project_id, "id") if "id" in t}
+
     def existing_sha256(self, project_id: int) -> dict[str, int]:
         """sha256 -> task id of every task in the project that carries ``data.sha256``."""
         out: dict[str, int] = {}
@@ -973,6 +1062,15 @@ class LabelStudioGateway:
                 continue
             seen.add(item.sha256)
             old = existing.get(item.sha256)
+            if old is not None and old.data.get("image") != item.image_url:
+                # Same sha256, another image: the task was edited (or made) outside defect-loop.
+                summary.failed += 1
+                summary.failures[item.sha256] = (
+                    f"task {old.task_id} claims this image's sha256 but shows "
+                    f"{old.data.get('image')!r}, not {item.image_url!r}: it was changed outside "
+                    "defect-loop; delete it in Label Studio and push again"
+                )
+                continue
             if old is not None and (old.labeled or model_version in old.model_versions):
                 summary.skipped += 1
                 summary.task_ids[item.sha256] = old.task_id
@@ -993,12 +1091,14 @@ class LabelStudioGateway:
                 self._import_new(project_id, new, batch_size, summary, advance)
                 self._refresh(project_id, refresh, model_version, batch_size, summary, advance)
         except (ServiceError, LabelStudioError) as exc:
-            raise type(exc)(
+            err: Any = type(exc)(
                 f"push interrupted after {summary.created} of {len(new)} new tasks and "
                 f"{summary.refreshed} of {len(refresh)} refreshed predictions: {exc}. "
                 "What was imported stays in Label Studio: run the push again when the server is "
                 "back; images already there are skipped, so nothing is duplicated"
-            ) from exc
+            )
+            err.partial = summary  # what arrived before the failure, for the caller to record
+            raise err from exc
         if summary.created or summary.refreshed or items:
             self._call(
                 "set the project's model_version",
@@ -1313,35 +1413,59 @@ class LabelStudioGateway:
         return None if when is None else format_cursor(when)
 
     def changed_since(self, project_id: int, since: str) -> list[tuple[int, datetime]]:
-        """``(task id, updated_at)`` of the tasks updated strictly after the cursor ``since``
-        (an annotation created, updated or deleted, a prediction added, data edited)."""
+        """``(task id, time)`` of the tasks changed strictly after the cursor ``since``: updated
+        (an annotation created, updated or deleted, a prediction added, data edited) or given
+        an annotation newer than it (``completed_at``: Label Studio 1.23 stores some malformed
+        annotations with an error answer and without bumping the task's ``updated_at``).
+        ``time`` is the later of the two."""
         when = _parse_time(since)
         if when is None:
             raise ConfigError(f"pull cursor {since!r} is not an ISO time; drop it to pull all")
         query = {
             "filters": {
-                "conjunction": "and",
+                "conjunction": "or",
                 "items": [
                     {
-                        "filter": "filter:tasks:updated_at",
+                        "filter": f"filter:tasks:{name}",
                         "operator": "greater",
                         "type": "Datetime",
                         "value": format_cursor(when),
                     }
+                    for name in ("updated_at", "completed_at")
                 ],
             },
             "ordering": ["tasks:id"],
         }
         out = []
-        for t in self._list_tasks_raw(project_id, "id,updated_at", query=query):
-            updated = _parse_time(t.get("updated_at"))
-            if t.get("id") is not None and updated is not None:
-                out.append((int(t["id"]), updated))
+        for t in self._list_tasks_raw(project_id, "id,updated_at,completed_at", query=query):
+            times = [_parse_time(t.get(k)) for k in ("updated_at", "completed_at")]
+            known = [x for x in times if x is not None]
+            if t.get("id") is not None and known:
+                out.append((int(t["id"]), max(known)))
         return out
 
     def unannotated_task_ids(self, project_id: int) -> list[int]:
         """Ids of the tasks with no submitted (non-cancelled) annotation."""
         return [int(t["id"]) for t in self._list_tasks_raw(project_id, "id", query=_UNANNOTATED)]
+
+    def uncounted_annotation_task_ids(self, project_id: int) -> list[int]:
+        """Ids of the tasks that Label Studio counts as unannotated although they hold a
+        non-cancelled annotation: one stored by a request that failed half-way (Label Studio
+        1.23 answers 500 for some malformed results, keeps the annotation, and updates neither
+        the task's counters nor its ``updated_at``). No cursor would ever select them."""
+        out = []
+        for t in self._list_tasks_raw(
+            project_id,
+            "id,annotations_ids,cancelled_annotations",
+            fields="all",
+            query=_UNANNOTATED,
+        ):
+            raw = t.get("annotations_ids")
+            ids = raw.split(",") if isinstance(raw, str) else list(raw or [])
+            n = sum(1 for i in ids if str(i).strip())
+            if t.get("id") is not None and n > int(t.get("cancelled_annotations") or 0):
+                out.append(int(t["id"]))
+        return out
 
     def pull(
         self,
@@ -1352,6 +1476,7 @@ class LabelStudioGateway:
         known_labeled: Mapping[int, str] | None = None,
         document_root: Path | None = None,
         full_export_above: int = 2000,
+        max_regions: int | None = None,
     ) -> PullResult:
         """Ground truth from the tasks annotated, changed or un-annotated since the cursor.
 
@@ -1367,34 +1492,46 @@ class LabelStudioGateway:
         `Detections`; an annotation with no regions is a defect-free image sized by the task's
         ``width/height``. Every annotator's latest annotation is kept in ``per_annotator`` with
         their agreement. A task that cannot be used (unknown label, rotated box, coordinates
-        outside 0-100 %, image path escaping the document root, defect-free with regions,
-        missing size or sha256) goes to ``rejected`` with its task id, never blocking the others;
-        a task whose annotations were all cancelled goes to ``skipped_task_ids``.
+        outside 0-100 %, zero-area box, more than ``max_regions`` regions, image path escaping the
+        document root, defect-free with regions, missing size or sha256, or any field of any
+        annotation malformed) goes to ``rejected`` with its task id and the reason, never blocking
+        the others; a task whose annotations were all cancelled goes to ``skipped_task_ids``.
         """
         _check_class_names(class_names)
         out = PullResult()
+        # Annotations Label Studio stored but does not count (see the method): judged each time.
+        uncounted = self.uncounted_annotation_task_ids(project_id)
         if since is None:
             out.cursor = self.latest_update(project_id)  # before the export: nothing is missed
             tasks = self.export_tasks(project_id)
+            exported = {_task_key(t) for t in tasks}
+            missing = [i for i in uncounted if i not in exported]
+            if missing:
+                tasks += self.export_tasks(project_id, ids=missing, all_tasks=True)
         else:
             changed = self.changed_since(project_id, since)
             out.full = False
             newest = max((u for _, u in changed), default=_parse_time(since))
             out.cursor = since if newest is None else format_cursor(newest)
-            ids = [i for i, _ in changed]
+            ids = sorted({i for i, _ in changed} | set(uncounted))
             if not ids:
                 tasks = []
             elif len(ids) > full_export_above:
                 wanted = set(ids)
-                tasks = [t for t in self.export_tasks(project_id) if int(t["id"]) in wanted]
+                tasks = [t for t in self.export_tasks(project_id) if _task_key(t) in wanted]
             else:
                 tasks = self.export_tasks(project_id, ids=ids, all_tasks=True)
         users = self._user_emails() if tasks else {}
-        for task in sorted(tasks, key=lambda t: int(t.get("id") or 0)):
-            self._pull_task(task, class_names, users, document_root, out)
+        for task in sorted((t for t in tasks if isinstance(t, dict)), key=_task_key):
+            if _task_key(task) < 0:
+                continue  # not a task (an export always gives ids): nothing to name or report
+            out.examined_task_ids.append(_task_key(task))
+            self._pull_task(task, class_names, users, document_root, out, max_regions)
         if known_labeled:
+            # A task judged now holds a submitted annotation, counted by Label Studio or not.
+            judged = {r.task_id for r in out.rejected} | {lb.task_id for lb in out.labels}
             for tid in self.unannotated_task_ids(project_id):
-                if tid in known_labeled:
+                if tid in known_labeled and tid not in judged:
                     out.unlabeled_task_ids.append(tid)
                     out.unlabeled_sha256.append(str(known_labeled[tid]))
         return out
@@ -1406,19 +1543,34 @@ class LabelStudioGateway:
         users: dict[int, str],
         document_root: Path | None,
         out: PullResult,
+        max_regions: int | None = None,
     ) -> None:
-        task_id = int(task["id"])
-        anns = [a for a in task.get("annotations") or [] if isinstance(a, dict)]
-        live = [a for a in anns if not a.get("was_cancelled")]
-        if not live:
-            if anns:
-                out.skipped_task_ids.append(task_id)
-            return
+        task_id = _task_key(task)
         try:
+            anns = task.get("annotations") or []
+            if not isinstance(anns, list):
+                raise ConversionError("task annotations are not a list")
+            for a in anns:
+                _check_annotation(a)
+            if not isinstance(task.get("data") or {}, dict):
+                raise ConversionError("task data is not an object")
+            live = [a for a in anns if not a.get("was_cancelled")]
+            if not live:
+                if anns:
+                    out.skipped_task_ids.append(task_id)
+                return
             check_image_url((task.get("data") or {}).get("image"), document_root)
-            out.labels.append(self._to_label(task, live, class_names, users))
-        except (UnknownLabelError, ConversionError, InvalidDetectionsError) as exc:
+            out.labels.append(self._to_label(task, live, class_names, users, max_regions))
+        except _TASK_ERRORS as exc:
             rejected = TaskRejectedError(task_id, f"{type(exc).__name__}: {exc}")
+            rejected.__cause__ = exc
+            out.rejected.append(rejected)
+        except _MALFORMED as exc:
+            rejected = TaskRejectedError(
+                task_id,
+                f"malformed annotation data ({type(exc).__name__}: {exc}); fix or delete the "
+                "annotation in Label Studio",
+            )
             rejected.__cause__ = exc
             out.rejected.append(rejected)
 
@@ -1427,37 +1579,48 @@ class LabelStudioGateway:
         completed_by = ann.get("completed_by")
         if isinstance(completed_by, dict):
             return str(completed_by.get("email") or completed_by.get("id"))
-        if completed_by is not None:
-            return users.get(int(completed_by), str(completed_by))
-        return "unknown"
+        uid = _whole(completed_by)
+        if uid is not None:
+            return users.get(uid, str(uid))
+        return "unknown" if completed_by is None else str(completed_by)
 
     @staticmethod
     def _annotation_detections(
-        ann: dict[str, Any], class_names: list[str], data_wh: tuple[int, int] | None
+        ann: dict[str, Any],
+        class_names: list[str],
+        data_wh: tuple[int, int] | None,
+        max_regions: int | None = None,
     ) -> Detections:
-        raw = [r for r in ann.get("result") or [] if isinstance(r, dict)]
+        raw = ann.get("result") or []
+        if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+            raise ConversionError(f"annotation {ann.get('id')}: result must be a list of objects")
+        n_regions = sum(1 for r in raw if r.get("type") in (RECTANGLE, POLYGON))
+        if max_regions is not None and n_regions > max_regions:
+            raise ConversionError(
+                f"annotation {ann.get('id')} has {n_regions} regions, more than "
+                f"labelstudio.max_regions ({max_regions}); split the image or raise the limit"
+            )
         results = _region_results(raw)
-        if results and _marked_defect_free(raw):
+        defect_free = _marked_defect_free(raw)  # also validates the verdict choice
+        if results and defect_free:
             raise ConversionError(
                 f"annotation {ann.get('id')} is marked {DEFECT_FREE!r} but has {len(results)} "
                 "regions; remove the regions or untick the choice in Label Studio"
             )
-        wh = data_wh
-        if results:
-            r0 = results[0]
-            if "original_width" in r0 and "original_height" in r0:
-                wh = (int(r0["original_width"]), int(r0["original_height"]))
-                if data_wh is not None and wh != data_wh:
-                    raise ConversionError(
-                        f"annotation was drawn on a {wh[0]}x{wh[1]} image but the task's image is "
-                        f"{data_wh[0]}x{data_wh[1]} px; re-annotate the task"
-                    )
-        if wh is None:
+        if data_wh is None and not results:
             raise ConversionError(
                 "image size unknown: the annotation has no regions and the task data no "
                 "width/height; push the image again through defect-loop"
             )
-        return ls_results_to_detections(results, class_names, image_wh=wh)
+        sized = any("original_width" in r or "original_height" in r for r in results)
+        det = ls_results_to_detections(results, class_names, image_wh=None if sized else data_wh)
+        if data_wh is not None and det.image_wh != data_wh:
+            w, h = det.image_wh
+            raise ConversionError(
+                f"annotation was drawn on a {w}x{h} image but the task's image is "
+                f"{data_wh[0]}x{data_wh[1]} px; re-annotate the task"
+            )
+        return det
 
     @classmethod
     def _to_label(
@@ -1466,8 +1629,9 @@ class LabelStudioGateway:
         live: list[dict[str, Any]],
         class_names: list[str],
         users: dict[int, str],
+        max_regions: int | None = None,
     ) -> PulledLabel:
-        task_id = int(task["id"])
+        task_id = _task_key(task)
         data = task.get("data") or {}
         sha = data.get("sha256")
         if not sha:
@@ -1475,11 +1639,11 @@ class LabelStudioGateway:
                 "task data has no sha256: it was not created by defect-loop push; delete it or "
                 "import images through defect-loop"
             )
-        data_wh: tuple[int, int] | None = None
-        if data.get("width") and data.get("height"):
-            data_wh = (int(data["width"]), int(data["height"]))
+        if not isinstance(sha, str) or len(sha) > 128:
+            raise ConversionError(f"task data sha256 is not a digest: {str(sha)[:80]!r}")
+        data_wh = _task_size(data)
         ann = max(live, key=_sort_key)
-        det = cls._annotation_detections(ann, class_names, data_wh)
+        det = cls._annotation_detections(ann, class_names, data_wh, max_regions)
 
         # Several annotators: keep each one's latest annotation and measure their agreement.
         latest: dict[str, dict[str, Any]] = {}
@@ -1492,11 +1656,11 @@ class LabelStudioGateway:
                 if a is ann:
                     per_annotator[name] = det
                     continue
-                with contextlib.suppress(
-                    UnknownLabelError, ConversionError, InvalidDetectionsError
-                ):
+                # Only the chosen annotation makes the label: another annotator's unusable
+                # annotation just leaves the agreement without it.
+                with contextlib.suppress(*_TASK_ERRORS, *_MALFORMED):
                     per_annotator[name] = cls._annotation_detections(
-                        a, class_names, data_wh or det.image_wh
+                        a, class_names, data_wh or det.image_wh, max_regions
                     )
             agreement = mean_pairwise_f1(list(per_annotator.values()))
 
@@ -1504,7 +1668,8 @@ class LabelStudioGateway:
         pred_mv: str | None = None
         pred = ann.get("prediction")
         if isinstance(pred, dict) and isinstance(pred.get("result"), list):
-            pred_mv = pred.get("model_version")
+            mv = pred.get("model_version")
+            pred_mv = mv if isinstance(mv, str) else None
             pred_det = _prediction_detections(pred["result"], class_names, data_wh or det.image_wh)
 
         lead = ann.get("lead_time")
@@ -1512,7 +1677,7 @@ class LabelStudioGateway:
             task_id=task_id,
             sha256=str(sha),
             detections=det,
-            annotation_id=int(ann["id"]),
+            annotation_id=int(_whole(ann["id"]) or 0),
             annotator=cls._annotator(ann, users),
             lead_time=float(lead) if lead is not None else None,
             updated_at=_parse_time(ann.get("updated_at") or ann.get("created_at")),
@@ -1522,6 +1687,7 @@ class LabelStudioGateway:
             annotators=tuple(latest),
             agreement=agreement,
             per_annotator=per_annotator,
+            image_url=data.get("image") if isinstance(data.get("image"), str) else None,
         )
 
 
@@ -1529,13 +1695,14 @@ def _prediction_detections(
     results: Iterable[dict[str, Any]], class_names: list[str], wh: tuple[int, int]
 ) -> Detections | None:
     """Prediction regions -> `Detections` with confidences from region scores (None if unusable)."""
-    rects = [r for r in results if r.get("type") == RECTANGLE]
+    rects = [r for r in results if isinstance(r, dict) and r.get("type") == RECTANGLE]
     try:
         det = ls_results_to_detections(rects, class_names, image_wh=wh)
-    except (UnknownLabelError, ConversionError, InvalidDetectionsError):
+    except (*_TASK_ERRORS, *_MALFORMED):
         return None
     scores = [r.get("score") for r in rects]
-    if rects and all(isinstance(s, int | float) for s in scores):
+    ok = all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+    if rects and ok and np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
         conf = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
         return Detections(det.xyxy, det.class_id, det.image_wh, confidence=conf)
     return det

@@ -381,6 +381,13 @@ def train(
     reused (its results.csv is replaced). Raises `ModelError` for missing inputs or a failed run.
     """
     data_path, data = _read_data_yaml(data_yaml)
+    if init_weights is None and not cfg.model.endswith((".yaml", ".yml")):
+        # TrainConfig refuses this, but a model_copy skips validation: never let a bare name
+        # reach Ultralytics, which would try to download it.
+        raise ModelError(
+            f"train.model={cfg.model!r} must name an architecture YAML such as "
+            "'yolov8n.yaml'; to start from a checkpoint, set train.weights to its local path"
+        )
     source = cfg.model if init_weights is None else str(_require_weights(init_weights))
     project = Path(out_dir).expanduser().resolve()  # relative projects break under pytest
     project.mkdir(parents=True, exist_ok=True)

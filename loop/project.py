@@ -10,7 +10,8 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field, replace
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -19,13 +20,39 @@ import numpy as np
 import yaml
 
 from loop.config import ProjectConfig
-from loop.datasets import DatasetStore, DatasetVersion, LabeledImage, assign_split, export_yolo
+from loop.datasets import (
+    DatasetStore,
+    DatasetVersion,
+    LabeledImage,
+    Split,
+    assign_split,
+    export_yolo,
+)
 from loop.detections import Detections
-from loop.errors import ConfigError, DatasetError, ImageError, ModelError
+from loop.errors import (
+    ConfigError,
+    ConversionError,
+    DatasetError,
+    ImageError,
+    LabelStudioError,
+    ModelError,
+    ServiceError,
+    UnknownLabelError,
+)
 from loop.formats.yolo import yolo_lines_to_detections
-from loop.images import ImagePool, IngestReport, atomic_write_text, iter_image_files, sha256_file
+from loop.images import (
+    ImagePool,
+    IngestReport,
+    Rejected,
+    atomic_write_text,
+    iter_image_files,
+    sha256_file,
+)
+from loop.labelfiles import match_label_files
+from loop.ledger import LEDGER_NAME, REJECTIONS_NAME, RejectionLog, TaskLedger, TaskRejection
 from loop.quality import gate_and_record, preannotation_filter, split_status
 from loop.review_queue import ReviewQueue
+from loop.scheduling import workspace_lock
 
 Progress = Callable[[int, int], None]
 
@@ -84,7 +111,9 @@ class ScoredImage:
 
 @dataclass(frozen=True)
 class PullOutcome:
-    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines;
+    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines of the
+    tasks this pull rejected that were not already open for that reason (``open_rejections``
+    counts them all; `Project.rejections` lists them);
     ``unlabeled``: sha256 of images whose Label Studio annotations were deleted (their labels
     were dropped from the new version; they wait in Label Studio again); ``skipped``: tasks only
     skipped by labelers; ``corrections``: correction metrics (`loop.corrections.correction_metrics`)
@@ -98,6 +127,7 @@ class PullOutcome:
     skipped: int = 0
     corrections: dict[str, float] = field(default_factory=dict)
     cursor: str | None = None
+    open_rejections: int = 0  # tasks still rejected after this pull (this one's and earlier)
 
 
 class Project:
@@ -109,8 +139,33 @@ class Project:
         self.pool = ImagePool(cfg.images_dir, cfg.workspace / "pool.json")
         self.store = DatasetStore(cfg.datasets_dir)
         self.state = self._load_state()
+        # Called with the holder's description when a write has to wait for the workspace lock.
+        self.on_wait: Callable[[str], None] | None = None
 
     # ---------------------------------------------------------------- state
+    def reload(self) -> None:
+        """Re-read the pool and ``state.json`` (another command may have changed them). The
+        state object is updated in place, so references to it stay valid."""
+        self.pool = ImagePool(self.cfg.images_dir, self.cfg.workspace / "pool.json")
+        fresh = self._load_state()
+        for f in fields(ProjectState):
+            setattr(self.state, f.name, getattr(fresh, f.name))
+
+    @contextmanager
+    def writing(self, what: str) -> Iterator[None]:
+        """One writer at a time: hold the workspace's cycle lock (`loop.scheduling.CycleLock`,
+        the one every flow takes) while the block runs, waiting up to
+        ``schedule.wait_timeout_s`` for another holder. When this call took the lock, the pool
+        and state are re-read first, so nothing another command wrote meanwhile is overwritten.
+        Re-entrant: inside a flow or method that already holds the lock it only runs the block.
+        """
+        with workspace_lock(
+            self.cfg.workspace, what, self.cfg.schedule.wait_timeout_s, on_wait=self.on_wait
+        ) as took:
+            if took:
+                self.reload()
+            yield
+
     def _load_state(self) -> ProjectState:
         if self.cfg.state_path.exists():
             return ProjectState(**json.loads(self.cfg.state_path.read_text()))
@@ -138,50 +193,98 @@ class Project:
         seed: int = 0,
         on_progress: Callable[[Path], None] | None = None,
     ) -> tuple[IngestReport, DatasetVersion | None]:
-        """Add images below ``source`` to the pool. With ``labels_dir`` (YOLO txt named like the
-        image stems), import those labels as a new dataset version: all of them, or a seeded random
-        ``label_limit`` of them (the seed set of an active-learning run)."""
+        """Add images below ``source`` to the pool. With ``labels_dir`` (YOLO txt), import those
+        labels as a new dataset version: all of them, or a seeded random ``label_limit`` of them
+        (the seed set of an active-learning run).
+
+        A label file belongs to the image at the same relative path (`loop.labelfiles`). Label
+        files that cannot be used (a bad line, unreadable, ambiguous, two differing labels for one
+        image under two names, no image) are listed in ``report.label_problems`` and in
+        `status`; they never stop the others. Holds the workspace lock (one writer at a time).
+        """
         if not source.exists():
             raise ImageError(f"{source} does not exist; pass a folder of images")
-        files = list(iter_image_files(source))
-        report = self.pool.ingest(files, self.cfg.ingest, on_progress)
-        if labels_dir is None:
-            return report, None
-        entries = report.accepted
-        labeled: list[LabeledImage] = []
-        for src, entry in sorted(entries.items()):
-            txt = labels_dir / f"{Path(src).stem}.txt"
-            if not txt.exists():
-                continue
-            det = yolo_lines_to_detections(
-                txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+        if labels_dir is not None and not labels_dir.is_dir():
+            raise ImageError(
+                f"labels folder {labels_dir} does not exist; pass a folder of YOLO .txt"
             )
-            labeled.append(
-                LabeledImage(
-                    entry.sha256,
-                    entry.path,
-                    entry.width,
-                    entry.height,
-                    assign_split(entry.sha256, self.cfg.split),
-                    det,
-                    {"source": "import", "file": str(txt)},
+        files = list(iter_image_files(source))
+        with self.writing("ingest"):
+            report = self.pool.ingest(files, self.cfg.ingest, on_progress)
+            if labels_dir is None:
+                return report, None
+            labeled, problems = self._read_labels(source, files, labels_dir, report)
+            if problems:
+                report.label_problems.extend(problems)
+                self.pool.record_rejected(problems)
+                self.pool.save()
+            if label_limit is not None and label_limit < len(labeled):
+                rng = np.random.default_rng(seed)
+                keep = sorted(rng.choice(len(labeled), size=label_limit, replace=False).tolist())
+                labeled = [labeled[i] for i in keep]
+            if not labeled:
+                return report, None
+            current = self.current_version()
+            if current is None:
+                version = DatasetVersion.create(self.cfg.classes, labeled)
+            else:
+                version = current.with_labels(labeled)
+            if current is not None and version.digest == current.digest:
+                return report, current
+            self._set_version(version)
+            return report, version
+
+    def _read_labels(
+        self, source: Path, files: list[Path], labels_dir: Path, report: IngestReport
+    ) -> tuple[list[LabeledImage], list[Rejected]]:
+        """The labeled rows of the ingested images (one per sha256, by sha256) and the label
+        files that could not be used, with the reason."""
+        match = match_label_files(source, files, labels_dir, report.accepted)
+        problems = list(match.problems)
+        found: dict[str, list[tuple[Path, Path, LabeledImage]]] = {}
+        for image, txt in sorted(match.labels.items()):
+            entry = report.accepted[str(image)]
+            try:
+                det = yolo_lines_to_detections(
+                    txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+                )
+            except (OSError, UnicodeDecodeError) as exc:
+                problems.append(Rejected(str(txt), f"unreadable label file: {exc}"))
+                continue
+            except (ConversionError, UnknownLabelError) as exc:
+                problems.append(
+                    Rejected(str(txt), f"{exc}; its image {image} was ingested without labels")
+                )
+                continue
+            row = LabeledImage(
+                entry.sha256,
+                entry.path,
+                entry.width,
+                entry.height,
+                assign_split(entry.sha256, self.cfg.split),
+                det,
+                {"source": "import", "file": str(txt)},
+            )
+            found.setdefault(entry.sha256, []).append((image, txt, row))
+        labeled: list[LabeledImage] = []
+        classes = list(self.cfg.classes)
+        for sha, rows in sorted(found.items()):
+            first = rows[0]
+            other = next(
+                (r for r in rows if r[2].box_keys(classes) != first[2].box_keys(classes)), None
+            )
+            if other is None:
+                labeled.append(first[2])
+                continue
+            problems.append(
+                Rejected(
+                    str(first[1]),
+                    f"conflicting labels for one image ({sha[:12]}, under two names): "
+                    f"{first[1]} (for {first[0]}) and {other[1]} (for {other[0]}) differ; "
+                    "neither was imported. Make them agree or remove one",
                 )
             )
-        if label_limit is not None and label_limit < len(labeled):
-            rng = np.random.default_rng(seed)
-            keep = sorted(rng.choice(len(labeled), size=label_limit, replace=False).tolist())
-            labeled = [labeled[i] for i in keep]
-        if not labeled:
-            return report, None
-        current = self.current_version()
-        if current is None:
-            version = DatasetVersion.create(self.cfg.classes, labeled)
-        else:
-            version = current.with_labels(labeled)
-        if current is not None and version.digest == current.digest:
-            return report, current
-        self._set_version(version)
-        return report, version
+        return labeled, problems
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:
@@ -424,18 +527,19 @@ class Project:
         """Get or create the Label Studio project from the config (idempotent): classes, colours,
         instructions, polygons, the "most valuable first" view and the images' local storage.
         The remembered project id is its identity, so a project renamed in the UI is kept."""
-        pid = gw.ensure_project(
-            self.cfg.ls_project_title,
-            list(self.cfg.classes),
-            self.cfg.guidelines,
-            polygons=self.cfg.labelstudio.polygons,
-            project_id=self.state.ls_project_id,
-        )
-        gw.ensure_local_storage(pid, self.cfg.images_dir)
-        if self.state.ls_project_id != pid:
-            self.state.ls_project_id = pid
-            self.save_state()
-        return int(pid)
+        with self.writing("Label Studio set-up"):
+            pid = gw.ensure_project(
+                self.cfg.ls_project_title,
+                list(self.cfg.classes),
+                self.cfg.guidelines,
+                polygons=self.cfg.labelstudio.polygons,
+                project_id=self.state.ls_project_id,
+            )
+            gw.ensure_local_storage(pid, self.cfg.images_dir)
+            if self.state.ls_project_id != pid:
+                self.state.ls_project_id = pid
+                self.save_state()
+            return int(pid)
 
     def image_url(self, sha: str) -> str:
         path = (self.cfg.images_dir / self.pool.get(sha).path).resolve()
@@ -455,40 +559,100 @@ class Project:
         production monitor queued (`loop.review_queue`) lead the batch, with priorities above
         the rest. Boxes of classes below ``advice.preannotation_min_ap50`` are left out of the
         suggestions (`loop.quality.preannotation_filter`). Returns the gateway's `PushSummary`
-        (created, refreshed, skipped, failed)."""
+        (created, refreshed, skipped, failed).
+
+        Every task pushed (or found waiting) is recorded with its image sha256 and URL in the
+        task ledger (`loop.ledger.TaskLedger`), which `pull` checks annotations against; that
+        holds for the tasks of a push interrupted half-way, too. Images of the frozen test split
+        are never sent (``failed``). Holds the workspace lock."""
         from loop.labelstudio import PushItem
 
-        pid = self.ensure_ls_project(gw)
-        fresh = [s for s in ranked if s.sha256 not in self.state.pending]
-        waiting = [s for s in ranked if s.sha256 in self.state.pending]
-        # Images the production monitor queued lead the push (loop.review_queue).
-        queue = ReviewQueue(self.cfg.monitor_dir)
-        fresh = queue.first(fresh)
-        chosen = fresh[: self.cfg.select.batch_size] + waiting
-        # Suggestions of classes the champion does not detect usefully cost labelers time.
-        _, shown = preannotation_filter(self.cfg, model_version)
-        items = [
-            PushItem(
-                sha256=s.sha256,
-                image_url=self.image_url(s.sha256),
-                detections=shown(s.detections),
-                priority=s.score,
-            )
-            for s in chosen
-        ]
-        summary = gw.push(
-            pid,
-            items,
-            model_version=model_version,
-            class_names=list(self.cfg.classes),
-            batch_size=self.cfg.labelstudio.batch_size,
-            progress=None if self.cfg.labelstudio.progress else False,
-        )
-        queue.mark_pushed(summary.task_ids)
-        self.state.pending.update(summary.task_ids)
-        self.state.last_model_version = model_version
-        self.save_state()
-        return summary
+        with self.writing("push"):
+            pid = self.ensure_ls_project(gw)
+            ledger = self._ledger(pid)
+            rows = self._current_rows()
+            frozen = [s.sha256 for s in ranked if self._split_of(s.sha256, rows) == "test"]
+            usable = [s for s in ranked if s.sha256 not in set(frozen)]
+            fresh = [s for s in usable if s.sha256 not in self.state.pending]
+            waiting = [s for s in usable if s.sha256 in self.state.pending]
+            # Images the production monitor queued lead the push (loop.review_queue).
+            queue = ReviewQueue(self.cfg.monitor_dir)
+            fresh = queue.first(fresh)
+            chosen = fresh[: self.cfg.select.batch_size] + waiting
+            # Suggestions of classes the champion does not detect usefully cost labelers time.
+            _, shown = preannotation_filter(self.cfg, model_version)
+            items = [
+                PushItem(
+                    sha256=s.sha256,
+                    image_url=self.image_url(s.sha256),
+                    detections=shown(s.detections),
+                    priority=s.score,
+                )
+                for s in chosen
+            ]
+            urls = {it.sha256: it.image_url for it in items}
+
+            def remember(task_ids: dict[str, int]) -> None:
+                for sha, tid in task_ids.items():
+                    ledger.record(pid, tid, sha, urls[sha])
+                ledger.save()
+                queue.mark_pushed(task_ids)
+                self.state.pending.update(task_ids)
+                self.save_state()
+
+            try:
+                summary = gw.push(
+                    pid,
+                    items,
+                    model_version=model_version,
+                    class_names=list(self.cfg.classes),
+                    batch_size=self.cfg.labelstudio.batch_size,
+                    progress=None if self.cfg.labelstudio.progress else False,
+                )
+            except (ServiceError, LabelStudioError) as exc:
+                partial = getattr(exc, "partial", None)
+                if partial is not None and partial.task_ids:
+                    remember(partial.task_ids)  # what arrived before the failure
+                raise
+            remember(summary.task_ids)
+            for sha in frozen:
+                summary.failed += 1
+                summary.failures[sha] = (
+                    "in the frozen test split: test images are never sent for labeling"
+                )
+            self.state.last_model_version = model_version
+            self.save_state()
+            return summary
+
+    def _ledger(self, pid: int) -> TaskLedger:
+        """The ledger of pushed tasks. A workspace from before the ledger starts it from what it
+        knows it pushed: the tasks waiting in ``state.pending`` and those its labels came from."""
+        ledger = TaskLedger(self.cfg.workspace / LEDGER_NAME)
+        if ledger.exists:
+            return ledger
+        known = {tid: sha for sha, tid in self.state.pending.items()}
+        known.update(self._ls_labeled_tasks(self.current_version(), pid))
+        for tid, sha in sorted(known.items()):
+            if sha in self.pool:
+                try:
+                    ledger.record(pid, tid, sha, self.image_url(sha))
+                except ConfigError:
+                    continue
+        ledger.save()
+        return ledger
+
+    def _current_rows(self) -> dict[str, LabeledImage]:
+        version = self.current_version()
+        return {} if version is None else version.by_sha()
+
+    def _split_of(self, sha: str, rows: dict[str, LabeledImage]) -> Split:
+        """The image's split: its row's (frozen when labeled), else the one its hash gives."""
+        row = rows.get(sha)
+        return row.split if row is not None else assign_split(sha, self.cfg.split)
+
+    def rejections(self) -> list[TaskRejection]:
+        """Label Studio tasks that pulls rejected and that have not changed since (see `pull`)."""
+        return RejectionLog(self.cfg.workspace / REJECTIONS_NAME).open()
 
     def _ls_labeled_tasks(self, version: DatasetVersion | None, pid: int) -> dict[int, str]:
         """Task id -> sha256 of the rows of ``version`` that came from Label Studio project
@@ -532,11 +696,21 @@ class Project:
 
         Incremental: only tasks updated since the stored cursor are read. New or changed
         annotations add or replace labels; images whose annotations were all deleted lose their
-        label and wait in Label Studio again; rejected tasks (unknown label, rotated box, bad
-        coordinates, unsafe image path, image not in the pool) are reported and never block the
-        others. The correction analytics of the pulled labels that showed a prediction are
-        written to ``<workspace>/datasets/<digest>/corrections.json`` of the new version.
+        label and wait in Label Studio again. A task that cannot be used is rejected with its id
+        and the reason, and never blocks the others: a malformed annotation (any field), an
+        unknown label, a rotated or zero-area box, more than ``labelstudio.max_regions``
+        regions, bad coordinates, an unsafe image path; a task this workspace never pushed, or
+        whose ``data.sha256`` or ``data.image`` no longer matches what was pushed (tampered,
+        see `loop.ledger`); an image of the frozen test split (only an explicit import changes
+        test labels). Rejections are kept in ``<workspace>/rejected-tasks.json`` until the task
+        changes or is deleted (`rejections`). The correction analytics of the pulled labels that
+        showed a prediction are written to ``<workspace>/datasets/<digest>/corrections.json``
+        of the new version. Holds the workspace lock.
         """
+        with self.writing("pull"):
+            return self._pull(gw)
+
+    def _pull(self, gw: Any) -> PullOutcome:
         from loop.corrections import (
             REPORT_NAME,
             CorrectionInput,
@@ -556,16 +730,17 @@ class Project:
             since=since,
             known_labeled=self._ls_labeled_tasks(current, pid),
             document_root=self.cfg.ls_document_root,
+            max_regions=self.cfg.labelstudio.max_regions,
         )
-        rejected = [str(r) for r in result.rejected]
+        found: dict[int, str] = {r.task_id: r.reason for r in result.rejected}
+        ledger = self._ledger(pid)
+        current_rows = {} if current is None else current.by_sha()
         rows: list[LabeledImage] = []
         inputs: list[CorrectionInput] = []
         for lab in result.labels:
-            if lab.sha256 not in self.pool:
-                rejected.append(
-                    f"Label Studio task {lab.task_id}: image {lab.sha256[:12]} is not in this "
-                    "project's pool (imported by hand?); delete the task or ingest the image"
-                )
+            problem = self._identity_problem(pid, lab, ledger, current_rows)
+            if problem is not None:
+                found[lab.task_id] = problem
                 continue
             entry = self.pool.get(lab.sha256)
             prov = {
@@ -590,7 +765,7 @@ class Project:
                     entry.path,
                     entry.width,
                     entry.height,
-                    assign_split(entry.sha256, self.cfg.split),
+                    self._split_of(entry.sha256, current_rows),
                     lab.detections,
                     prov,
                 )
@@ -602,7 +777,11 @@ class Project:
                     )
                 )
         labeled_now = {r.sha256 for r in rows}
-        drop = {s for s in result.unlabeled_sha256 if s not in labeled_now}
+        drop = {
+            s
+            for s in result.unlabeled_sha256
+            if s not in labeled_now and self._split_of(s, current_rows) != "test"
+        }
         for r in rows:
             self.state.pending.pop(r.sha256, None)
         for tid, sha in zip(result.unlabeled_task_ids, result.unlabeled_sha256, strict=True):
@@ -610,6 +789,13 @@ class Project:
                 self.state.pending[sha] = tid  # back in the labeling queue
         self.state.pull_cursor = result.cursor
         self.state.pull_cursor_scope = scope
+        earlier, open_now = self._record_rejections(gw, pid, found, result)
+        # This pull's news: a task judged again for the same reason is not listed twice.
+        rejected = [
+            f"Label Studio task {tid}: {reason}"
+            for tid, reason in sorted(found.items())
+            if earlier.get(tid) != reason
+        ]
 
         def outcome(new_version: str | None, parent: str | None, metrics: Any) -> PullOutcome:
             return PullOutcome(
@@ -621,6 +807,7 @@ class Project:
                 skipped=len(result.skipped_task_ids),
                 corrections=metrics,
                 cursor=result.cursor,
+                open_rejections=open_now,
             )
 
         version = self._next_version(current, rows, drop) if rows or drop else current
@@ -632,9 +819,76 @@ class Project:
         write_report(self.store.path(version.digest) / REPORT_NAME, report)
         return outcome(version.digest, version.parent, correction_metrics(report))
 
+    def _identity_problem(
+        self, pid: int, lab: Any, ledger: TaskLedger, rows: dict[str, LabeledImage]
+    ) -> str | None:
+        """Why the pulled label ``lab`` (a `PulledLabel`) must not be used, or None: its task
+        must be one this workspace pushed, still naming the same image (sha256 and URL), the
+        image must be in the pool at the annotated size, and not in the frozen test split."""
+        pushed = ledger.get(pid, lab.task_id)
+        if pushed is None:
+            if lab.sha256 not in self.pool:
+                return (
+                    f"image {lab.sha256[:12]} is not in this project's pool (imported by hand?); "
+                    "delete the task or ingest the image"
+                )
+            return (
+                f"tampered or foreign task: defect-loop never pushed this task (its data names "
+                f"image {lab.sha256[:12]}), so its annotation is not used; delete it in Label "
+                "Studio (`defect-loop push` creates the tasks to label)"
+            )
+        if pushed.sha256 != lab.sha256:
+            return (
+                f"tampered task data: the task was pushed for image {pushed.sha256[:12]} but its "
+                f"data.sha256 now names {lab.sha256[:12]}, so its annotation is not used; restore "
+                "data.sha256 or delete the task"
+            )
+        # (None: a stand-in gateway that does not report task data, e.g. the oracle replay's;
+        # Label Studio's gateway always does, or rejects the task for a missing image URL.)
+        if lab.image_url is not None and lab.image_url != pushed.image:
+            return (
+                f"tampered task data: the task was pushed showing {pushed.image!r} but its "
+                f"data.image is now {lab.image_url!r}, so its annotation is not used; restore "
+                "data.image or delete the task"
+            )
+        if lab.sha256 not in self.pool:
+            return f"image {lab.sha256[:12]} is no longer in this project's pool"
+        entry = self.pool.get(lab.sha256)
+        if tuple(lab.detections.image_wh) != (entry.width, entry.height):
+            w, h = lab.detections.image_wh
+            return (
+                f"the annotation was drawn on a {w}x{h} image but image {lab.sha256[:12]} is "
+                f"{entry.width}x{entry.height} px; re-annotate the task"
+            )
+        if self._split_of(lab.sha256, rows) == "test":
+            return (
+                f"image {lab.sha256[:12]} is in the frozen test split: only an explicit import "
+                "(`defect-loop ingest --labels`) changes test labels, so the annotation is not "
+                "used; delete the task"
+            )
+        return None
+
+    def _record_rejections(
+        self, gw: Any, pid: int, found: dict[int, str], result: Any
+    ) -> tuple[dict[int, str], int]:
+        """Keep the rejections of this pull with the earlier ones whose tasks did not change
+        (nor disappear). Returns the open rejections before this pull (task id -> reason) and
+        how many are open now."""
+        log = RejectionLog(self.cfg.workspace / REJECTIONS_NAME)
+        earlier = {r.task_id: r.reason for r in log.open(pid)}
+        log.update(pid, found, None if result.full else result.examined_task_ids)
+        stale = [r.task_id for r in log.open(pid) if r.task_id not in found]
+        list_tasks = getattr(gw, "task_ids", None)  # stand-in gateways may not list tasks
+        if stale and list_tasks is not None:
+            alive = list_tasks(pid)
+            log.forget(pid, [t for t in stale if t not in alive])
+        log.save()
+        return earlier, len(log.open(pid))
+
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
         version = self.current_version()
+        rejections = self.rejections()
         return {
             "workspace": str(self.cfg.workspace),
             "pool_images": len(self.pool),
@@ -648,6 +902,10 @@ class Project:
             "label_studio_project": self.state.ls_project_id,
             "model_version": self.state.last_model_version,
             "test_split": split_status(self.cfg, version),
+            "rejected_tasks": [
+                {"task_id": r.task_id, "reason": r.reason, "since": r.first_seen}
+                for r in rejections
+            ],
         }
 
 

@@ -1,12 +1,12 @@
 """Oracle replay: run the active-learning loop on a fully labeled dataset, ground truth labeling.
 
 For each (strategy, seed) a fresh temporary workspace runs the REAL loop's code: `Project.ingest`
-fills the pool, `Project.fit` exports the dataset version, trains (`loop.model.train`, warm start
-from the previous round or from scratch) and evaluates on the test split (`loop.model.evaluate`),
-`Project.candidates` + `Project.predict` + `loop.selection.select_batch` (the same
-`score_images` / `rank` the loop's scoring uses) choose the batch, `Project.push` /
-`Project.pull` through an `OracleGateway` (ground truth plays Label Studio and the labeler) make
-the next dataset version.
+fills the pool, `Project.fit` exports the dataset version, trains (`loop.model.train`, from the
+configured start: ``train.init``) and evaluates on the test split (`loop.model.evaluate`);
+`loop.scoring` scores and selects exactly as the production ``score`` flow does (same plan,
+batches, labeled set and selector); `Project.push` / `Project.pull` through an `OracleGateway`
+(ground truth plays Label Studio and the labeler) make the next dataset version, with the
+correction analytics of what the labeler would have changed in the pre-annotations.
 
 Protocol of one curve:
 
@@ -17,12 +17,15 @@ Protocol of one curve:
 - rounds 1..R: score the unlabeled non-test images with the newest model, label the best ``step``
   (an image lands in train or val by its hash, as in the real loop), train, evaluate.
 
-"labeled" counts the labeled train + val images. The newest model always scores the next round
-and is the warm start (the replay measures labels vs accuracy; the real loop's promotion gate
-could keep an older champion and would confound the curve). The round-0 model depends only on
+"labeled" counts the labeled train + val images; ``effort`` the pre-annotation outcomes of the
+images a round added, ``actions_total`` a labeler's cumulative correction actions (the seed set
+drawn from scratch). The newest model always scores the next round (and is the warm start with
+``train.init: champion``): the replay measures labels vs accuracy; the real loop's promotion gate
+could keep an older champion and would confound the curve. The round-0 model depends only on
 the seed and the settings, so it is trained once per seed and shared by every strategy (cached in
-the work folder). Results are written after every finished curve; a rerun with the same settings
-skips the curves already done (add strategies or seeds freely).
+the work folder). `replay_ceiling` trains once on every non-test label with the same recipe.
+Results are written after every finished curve; a rerun with the same settings skips the curves
+already done (add strategies or seeds freely). Savings: `loop.savings`.
 
 MLflow (optional): each round is a training run (`Tracker.log_training`: params, metrics, dataset
 version, weights) tagged with the strategy and seed, plus one ``replay`` run per curve with
@@ -77,9 +80,10 @@ def _quiet(_msg: str) -> None:
 @dataclass(frozen=True)
 class ReplaySettings:
     """One replay experiment. ``train``/``select``/``split`` are the project config sections the
-    simulated project uses (``train.warm_start``: fine-tune from the previous round, else from
-    scratch each round; ``train.finetune_epochs`` applies to warm starts; ``train.seed`` and
-    ``select.seed``/``strategy``/``batch_size`` are set per curve). ``max_images``: use a seeded
+    simulated project uses (``train.init``: ``pretrained`` starts every round from
+    ``train.weights`` or the YAML, ``champion`` fine-tunes the previous round's model for
+    ``train.finetune_epochs``; ``train.seed`` and ``select.seed``/``strategy``/``batch_size`` are
+    set per curve). ``max_images``: use a seeded
     random subset of the dataset (smoke runs). ``ceiling``: also train once on every non-test
     label with the same recipe (`replay_ceiling`)."""
 

@@ -41,7 +41,7 @@ import statistics
 import tempfile
 from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -270,6 +270,9 @@ class ReportData:
     next_batch: NextBatch | None = None
     notes: Sequence[str] = ()  # why optional inputs were skipped (malformed files, ...)
     production: ProductionData | None = None  # the monitor's records (loop.report_production)
+    # Label Studio tasks that pulls rejected and that have not changed since ("Label Studio task
+    # <id>: <reason>", see `Project.rejections`).
+    rejections: Sequence[str] = ()
     # How sure the figures are: bootstrap intervals ``(lo, hi)`` at ``confidence`` (None when
     # not logged), the paired gate's verdict and mAP50-95 difference ``(value, lo, hi)``.
     confidence: float = 0.95
@@ -1362,6 +1365,7 @@ def render_html(data: ReportData) -> str:
 {_disagreements_html(data)}</section>
 <section id="next-batch"><h2>Next batch</h2>{_next_batch_html(data)}</section>
 <section id="production"><h2>Production</h2>{production_html(data.production)}</section>
+{_rejections_html(data)}
 {notes}
 <footer>defect-loop model-improvement report. Self-contained: open it from disk, nothing is
 loaded from the network.</footer>
@@ -1446,9 +1450,35 @@ def render_markdown(data: ReportData, html_name: str | None = None) -> str:
     from loop.report_production import production_markdown
 
     lines += production_markdown(data.production)
+    if data.rejections:
+        lines += ["", f"## Rejected Label Studio tasks ({len(data.rejections)})", ""]
+        lines += [f"- {_md(r)}" for r in data.rejections[:_REJECTIONS_LISTED]]
+        if len(data.rejections) > _REJECTIONS_LISTED:
+            lines.append(f"- ... see `defect-loop rejections` for all {len(data.rejections)}")
     if html_name:
         lines += ["", f"Full report with plots: {_md(html_name)} (MLflow artifact `report/`)."]
     return "\n".join(lines) + "\n"
+
+
+_REJECTIONS_LISTED = 50
+
+
+def _rejections_html(data: ReportData) -> str:
+    """The tasks pulls rejected and that still wait for a fix (empty when there are none)."""
+    if not data.rejections:
+        return ""
+    items = "".join(f"<li>{_h(r)}</li>" for r in data.rejections[:_REJECTIONS_LISTED])
+    more = (
+        f'<p class="muted">and {len(data.rejections) - _REJECTIONS_LISTED} more: '
+        "<code>defect-loop rejections</code> lists them all.</p>"
+        if len(data.rejections) > _REJECTIONS_LISTED
+        else ""
+    )
+    return (
+        f'<section id="rejections"><h2>Rejected Label Studio tasks ({len(data.rejections)})</h2>'
+        "<p>Their annotations were not used: fix or delete them in Label Studio; the next pull "
+        f"judges them again.</p><ul>{items}</ul>{more}</section>"
+    )
 
 
 # ====================================================================== collecting from a project
@@ -2006,6 +2036,7 @@ def write_report(
     ``report/``. Returns (html path, markdown path). Raises `ModelError` for an unknown round and
     `ServiceError` when MLflow refuses the artifacts (the files are written by then)."""
     data = collect_report_data(project, tracker, round)
+    data = replace(data, rejections=tuple(r.line() for r in project.rejections()))
     out = Path(out_dir) if out_dir is not None else project.cfg.workspace / "reports"
     out.mkdir(parents=True, exist_ok=True)
     html_path, md_path = report_paths(out, data.round)

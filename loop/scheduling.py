@@ -6,7 +6,9 @@ Nothing here imports Prefect; `flows/` wraps these in tasks, deployments and sch
 - `count_new_annotations` / `count_trigger_decision`: has enough been labeled since the last
   training to start a cycle?
 - `CycleLock`: one cycle per workspace at a time (an ``flock`` on ``<workspace>/cycle.lock``),
-  with the ``wait`` or ``skip`` policy of ``schedule.concurrency``.
+  with the ``wait`` or ``skip`` policy of ``schedule.concurrency``. `workspace_lock`: the same
+  lock for any single command that writes the workspace (ingest, import, pull, push), re-entrant
+  within the thread that already holds it (a flow holding it calls `Project` methods that take it).
 - `is_transient`: which failures of a network task are worth a retry.
 """
 
@@ -17,8 +19,9 @@ import fcntl
 import json
 import os
 import socket
+import threading
 import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -179,6 +182,19 @@ class CycleLock:
         self.poll_s = poll_s
         self._fd: int | None = None
 
+    @property
+    def _key(self) -> str:
+        return str(self.path.resolve())
+
+    def _register(self) -> None:
+        with _HELD_GUARD:
+            _HELD[self._key] = threading.get_ident()
+
+    def _unregister(self) -> None:
+        with _HELD_GUARD:
+            if _HELD.get(self._key) == threading.get_ident():
+                del _HELD[self._key]
+
     def _try(self) -> bool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -222,12 +238,14 @@ class CycleLock:
             }
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
+            self._register()
         return True
 
     def release(self) -> None:
         fd, self._fd = self._fd, None
         if fd is None:
             return
+        self._unregister()
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         fcntl.flock(fd, fcntl.LOCK_UN)
@@ -275,6 +293,47 @@ class CycleLock:
         tb: TracebackType | None,
     ) -> None:
         self.release()
+
+
+# Lock files (resolved paths) held in this process -> the thread that holds each. Lets a command
+# that already holds a workspace's lock call code that takes it again (`workspace_lock`).
+_HELD: dict[str, int] = {}
+_HELD_GUARD = threading.Lock()
+
+
+def held_by_this_thread(workspace: Path) -> bool:
+    """True when this thread holds ``workspace``'s lock (through any `CycleLock`)."""
+    key = str((Path(workspace) / LOCK_FILE_NAME).resolve())
+    with _HELD_GUARD:
+        return _HELD.get(key) == threading.get_ident()
+
+
+@contextlib.contextmanager
+def workspace_lock(
+    workspace: Path,
+    what: str,
+    timeout_s: float,
+    on_wait: Callable[[str], None] | None = None,
+    poll_s: float = 0.2,
+) -> Iterator[bool]:
+    """Hold ``workspace``'s cycle lock (waiting up to ``timeout_s`` for its holder) while the
+    block runs: the one-writer-at-a-time rule of every command that writes the workspace.
+
+    Yields True when this call took the lock, False when this thread already held it (re-entry:
+    nothing is taken or released). ``on_wait(holder)`` is called once when it has to wait.
+    Raises `CycleBusyError` after ``timeout_s`` seconds.
+    """
+    if held_by_this_thread(workspace):
+        yield False
+        return
+    lock = CycleLock(workspace, poll_s=poll_s)
+    if on_wait is not None and lock.is_locked():
+        on_wait(lock.holder_text())
+    lock.acquire("wait", timeout_s, what)
+    try:
+        yield True
+    finally:
+        lock.release()
 
 
 @contextlib.contextmanager

@@ -12,6 +12,7 @@ Nothing here runs at import time and nothing imports prefect.
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import secrets
@@ -683,3 +684,142 @@ class PrefectService(_DetachedServer):
             "log": str(self.log_file),
             "home": str(self.home),
         }
+
+
+# ============================================================================================
+# A command's own temporary Prefect server
+# ============================================================================================
+
+# Runs in the server's child process before it becomes the server: ask the kernel to kill it
+# when the command that started it dies, however it dies (kill -9 included), then exec.
+_PDEATHSIG_LAUNCHER = """
+import ctypes, os, signal, sys
+parent = int(sys.argv[1])
+libc = ctypes.CDLL(None, use_errno=True)
+if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) != 0:  # PR_SET_PDEATHSIG
+    sys.exit("prctl(PR_SET_PDEATHSIG) failed")
+if os.getppid() != parent:  # the parent died before prctl: do not start at all
+    sys.exit(0)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+@dataclass
+class TemporaryPrefectServer:
+    """The Prefect API a single command needs when no Prefect server is configured.
+
+    Prefect starts such a server itself otherwise (``SubprocessASGIServer``), but a command that
+    is killed (``kill -9``, OOM) leaves that process running. This one is the same server
+    (``uvicorn prefect.server.api.server:create_app`` on a free 127.0.0.1 port, UI off, state in
+    the caller's PREFECT_HOME) started so that the kernel kills it when its starter dies
+    (``PR_SET_PDEATHSIG``, Linux). `stop` ends it at once; ``with`` stops it on exit.
+    Start it from the thread that lives as long as the command (the main thread): the kernel
+    ties the signal to the starting thread.
+    """
+
+    log_file: Path
+    host: str = "127.0.0.1"
+    port: int = 0
+    _proc: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    @property
+    def api_url(self) -> str:
+        return f"http://{self.host}:{self.port}/api"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    def command(self) -> list[str]:
+        spec = importlib.util.find_spec("prefect")  # its location, without importing it
+        if spec is None or spec.origin is None:
+            raise ServiceError("Prefect is not installed in this environment")
+        return [
+            sys.executable,
+            "-c",
+            _PDEATHSIG_LAUNCHER,
+            str(os.getpid()),
+            "-m",
+            "uvicorn",
+            "--app-dir",
+            str(Path(spec.origin).parent.parent),
+            "--factory",
+            "prefect.server.api.server:create_app",
+            "--host",
+            self.host,
+            "--port",
+            str(self.port),
+            "--log-level",
+            "error",
+            "--lifespan",
+            "on",
+        ]
+
+    def start(self, timeout_s: float = 120) -> str:
+        """Start the server and wait for ``/api/health``; returns the API URL.
+        Raises `ServiceError` (naming the log file) when it exits or does not answer in time."""
+        if self._proc is not None:
+            return self.api_url
+        self.port = self.port or free_port(self.host)
+        env = {
+            **os.environ,
+            # What Prefect's own temporary server runs with.
+            "PREFECT_UI_ENABLED": "0",
+            "PREFECT__SERVER_EPHEMERAL": "1",
+            "PREFECT__SERVER_FINAL": "1",
+            "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        }
+        env.pop("PREFECT_API_URL", None)
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.log_file.open("a") as log:
+            try:
+                self._proc = subprocess.Popen(
+                    self.command(),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    env=env,
+                    close_fds=True,
+                )
+            except OSError as exc:
+                raise ServiceError(f"could not start a temporary Prefect server: {exc}") from exc
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                if httpx.get(f"{self.api_url}/health", timeout=2).status_code == 200:
+                    return self.api_url
+            except httpx.HTTPError:
+                pass
+            if self._proc.poll() is not None:
+                code = self._proc.returncode
+                self._proc = None
+                raise ServiceError(
+                    f"the temporary Prefect server exited with code {code}; see {self.log_file}:"
+                    f"\n{_tail(self.log_file)}"
+                )
+            if time.monotonic() > deadline:
+                self.stop()
+                raise ServiceError(
+                    f"the temporary Prefect server did not answer within {timeout_s:.0f} s; "
+                    f"see {self.log_file}"
+                )
+            time.sleep(0.2)
+
+    def stop(self, timeout_s: float = 10) -> None:
+        """Terminate the server (SIGKILL after ``timeout_s``); no error when it is not running."""
+        proc, self._proc = self._proc, None
+        if proc is None or proc.poll() is not None:
+            return
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+    def __enter__(self) -> TemporaryPrefectServer:
+        self.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

@@ -8,6 +8,7 @@ with ``value.rotation`` in degrees and ``value.rectanglelabels`` a one-element l
 from __future__ import annotations
 
 import hashlib
+import math
 from typing import Any
 
 import numpy as np
@@ -66,6 +67,33 @@ def detections_to_ls_results(
     return results
 
 
+def _number(value: Any, what: str, region: Any) -> float:
+    """``value`` as a finite float, else `ConversionError` naming the field and the region."""
+    if isinstance(value, bool) or not isinstance(value, int | float | str):
+        raise ConversionError(
+            f"region {region!r}: {what} must be a number, got {type(value).__name__} {value!r}"
+        )
+    try:
+        out = float(value)
+    except ValueError:
+        raise ConversionError(
+            f"region {region!r}: {what} must be a number, got {value!r}"
+        ) from None
+    if not math.isfinite(out):
+        raise ConversionError(f"region {region!r}: {what} must be finite, got {value!r}")
+    return out
+
+
+def _size(value: Any, what: str, region: Any) -> int:
+    """A positive whole pixel count (``original_width`` / ``original_height``)."""
+    v = _number(value, what, region)
+    if v != int(v) or v < 1:
+        raise ConversionError(
+            f"region {region!r}: {what} must be a whole number of pixels >= 1, got {value!r}"
+        )
+    return int(v)
+
+
 def ls_results_to_detections(
     results: list[dict[str, Any]],
     class_names: list[str],
@@ -75,37 +103,47 @@ def ls_results_to_detections(
 
     Only ``rectanglelabels`` results are read; other result types (choices, text) are ignored.
     ``image_wh`` is taken from the results' ``original_width/height`` when not given.
-    Raises `UnknownLabelError` for a label outside ``class_names`` and `ConversionError` for a
-    rotated box, coordinates outside 0-100 %, or a missing image size.
+    Every field that is read is validated: raises `UnknownLabelError` for a label outside
+    ``class_names`` and `ConversionError` for anything malformed (a region or ``value`` that is not
+    an object, non-numeric or non-finite numbers, a rotated box, a box of zero width or height,
+    coordinates outside 0-100 %, image sizes that are not positive whole numbers or that differ
+    between regions, a missing image size). Never raises anything else for bad input.
     """
+    if not isinstance(results, list):
+        raise ConversionError(f"results must be a list of regions, got {type(results).__name__}")
     boxes: list[list[float]] = []
     ids: list[int] = []
     wh = image_wh
-    for r in results:
+    seen_wh: tuple[int, int] | None = None
+    for i, r in enumerate(results):
+        if not isinstance(r, dict):
+            raise ConversionError(f"region #{i} is not an object: {type(r).__name__}")
         if r.get("type") != RECTANGLE:
             continue
-        value = r.get("value") or {}
-        labels = value.get(RECTANGLE) or []
-        if len(labels) != 1:
+        rid = r.get("id", f"#{i}")
+        value = r.get("value")
+        if not isinstance(value, dict):
             raise ConversionError(
-                f"region {r.get('id')!r} must carry exactly one label, got {labels}"
+                f"region {rid!r}: value must be an object, got {type(value).__name__}"
             )
-        if labels[0] not in class_names:
+        labels = value.get(RECTANGLE)
+        if not isinstance(labels, list) or len(labels) != 1:
+            raise ConversionError(f"region {rid!r} must carry exactly one label, got {labels!r}")
+        if not isinstance(labels[0], str) or labels[0] not in class_names:
             raise UnknownLabelError(
                 f"label {labels[0]!r} is not one of the project's classes {class_names}"
             )
-        if abs(float(value.get("rotation", 0) or 0)) > 1e-6:
+        rotation = value.get("rotation")
+        if rotation is not None and abs(_number(rotation, "rotation", rid)) > 1e-6:
             raise ConversionError(
-                f"region {r.get('id')!r} is rotated by {value.get('rotation')} degrees; "
+                f"region {rid!r} is rotated by {rotation} degrees; "
                 "only axis-aligned boxes are supported: remove the rotation in Label Studio"
             )
-        try:
-            x, y = float(value["x"]), float(value["y"])
-            bw, bh = float(value["width"]), float(value["height"])
-        except (KeyError, TypeError, ValueError):
-            raise ConversionError(
-                f"region {r.get('id')!r} lacks numeric x/y/width/height"
-            ) from None
+        for key in ("x", "y", "width", "height"):
+            if key not in value:
+                raise ConversionError(f"region {rid!r} lacks numeric x/y/width/height")
+        x, y = _number(value["x"], "x", rid), _number(value["y"], "y", rid)
+        bw, bh = _number(value["width"], "width", rid), _number(value["height"], "height", rid)
         lo, hi = -_PCT_TOLERANCE, 100.0 + _PCT_TOLERANCE
         if not (
             lo <= x <= hi
@@ -116,10 +154,25 @@ def ls_results_to_detections(
             and y + bh <= hi
         ):
             raise ConversionError(
-                f"region {r.get('id')!r} lies outside the image (x={x}, y={y}, w={bw}, h={bh} %)"
+                f"region {rid!r} lies outside the image (x={x}, y={y}, w={bw}, h={bh} %)"
             )
-        if wh is None and "original_width" in r and "original_height" in r:
-            wh = (int(r["original_width"]), int(r["original_height"]))
+        if bw <= 0 or bh <= 0:
+            raise ConversionError(
+                f"region {rid!r} has zero area (w={bw}, h={bh} %); delete it or redraw the box"
+            )
+        if "original_width" in r or "original_height" in r:
+            r_wh = (
+                _size(r.get("original_width"), "original_width", rid),
+                _size(r.get("original_height"), "original_height", rid),
+            )
+            if seen_wh is not None and r_wh != seen_wh:
+                raise ConversionError(
+                    f"region {rid!r} was drawn on a {r_wh[0]}x{r_wh[1]} image, another region "
+                    f"on {seen_wh[0]}x{seen_wh[1]}; re-annotate the task"
+                )
+            seen_wh = r_wh
+            if wh is None:
+                wh = r_wh
         boxes.append([x, y, x + bw, y + bh])
         ids.append(class_names.index(labels[0]))
     if wh is None:

@@ -6,6 +6,8 @@ image width and height. `Detections` hold pixel ``xyxy``.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from loop.detections import Detections
@@ -17,8 +19,9 @@ def yolo_lines_to_detections(
 ) -> Detections:
     """Parse YOLO label text (one box per line; blank lines ignored) into pixel boxes.
 
-    Raises `ConversionError` for malformed lines or coordinates outside ``[0, 1]`` and
-    `UnknownLabelError` for class ids outside ``[0, num_classes)``.
+    Raises `ConversionError` for malformed lines, coordinates outside ``[0, 1]`` or boxes of zero
+    width or height (after clipping to the image), and `UnknownLabelError` for class ids that are
+    not whole numbers in ``[0, num_classes)`` (``nan`` and ``inf`` included).
     """
     if isinstance(lines, str):
         lines = lines.splitlines()
@@ -36,17 +39,21 @@ def yolo_lines_to_detections(
             cx, cy, bw, bh = (float(p) for p in parts[1:])
         except ValueError:
             raise ConversionError(f"line {lineno}: non-numeric field in {raw!r}") from None
-        if cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
+        if not math.isfinite(cls_f) or cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
             raise UnknownLabelError(
-                f"line {lineno}: class id {parts[0]} is not in [0, {num_classes}); "
+                f"line {lineno}: class id {parts[0]} is not a whole number in [0, {num_classes}); "
                 "the class map is fixed by the project config"
             )
         vals = np.array([cx, cy, bw, bh])
         if not np.all(np.isfinite(vals)) or np.any(vals < 0) or np.any(vals > 1):
             raise ConversionError(f"line {lineno}: coordinates must lie in [0, 1], got {raw!r}")
-        x1, x2 = (cx - bw / 2) * w, (cx + bw / 2) * w
-        y1, y2 = (cy - bh / 2) * h, (cy + bh / 2) * h
-        boxes.append([max(0.0, x1), max(0.0, y1), min(float(w), x2), min(float(h), y2)])
+        x1, x2 = max(0.0, (cx - bw / 2) * w), min(float(w), (cx + bw / 2) * w)
+        y1, y2 = max(0.0, (cy - bh / 2) * h), min(float(h), (cy + bh / 2) * h)
+        if not (x2 > x1 and y2 > y1):
+            raise ConversionError(
+                f"line {lineno}: box has zero area inside the image, got {raw!r}; delete the line"
+            )
+        boxes.append([x1, y1, x2, y2])
         ids.append(int(cls_f))
     return Detections(np.array(boxes).reshape(-1, 4), np.array(ids, dtype=np.int64), (w, h))
 

@@ -152,3 +152,15 @@ def test_evaluation_noise_smoke_writes_the_result_file(tmp_path: Path) -> None:
     assert again["elapsed_s_this_run"] < 60
     assert again["halfwidth_map50"] == line["halfwidth_map50"]
     assert again["false_promotion"] == line["false_promotion"]
+
+
+def test_reliability_smoke_loses_and_forges_nothing(tmp_path: Path) -> None:
+    """~100 random operations against a real Label Studio (a tenth hostile), one restart."""
+    line = run_bench("reliability.py", "--smoke", "--results", str(tmp_path / "results"))
+    assert line["operations"] == 100 and line["restarts"] == 1 and line["pulls"] >= 10
+    assert line["hostile"] > 0 and line["rejected"] > 0  # the hostile share did something
+    assert line["lost"] == 0 and line["wrong"] == 0 and line["crashes"] == 0, line["mismatches"]
+    assert line["rejected_reported"] == line["rejected"], line["mismatches"]
+    assert line["rejected_unexpected"] == 0, line["mismatches"]
+    saved = json.loads((tmp_path / "results" / "reliability_smoke.json").read_text())
+    assert saved["operations"] == 100 and saved["ok"] is True

@@ -45,7 +45,7 @@ def cycle_config(ls_server: Any) -> Iterator[Path]:
                     "document_root": str(ls_server.document_root),
                     "project_title": "defect-loop cycle test",
                 },
-                "train": {"imgsz": 96, "epochs": 2, "batch": 8, "warm_start": True},
+                "train": {"imgsz": 96, "epochs": 2, "batch": 8, "init": "champion"},
                 # A 2-epoch model is sure of nothing: each image keeps its 5 strongest candidates
                 # and labelers see them all, so the test labeler has suggestions to accept,
                 # move, relabel and delete.

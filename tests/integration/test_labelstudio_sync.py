@@ -15,6 +15,7 @@ import yaml
 
 from loop import labelstudio as lsmod
 from loop.config import load_config
+from loop.datasets import assign_split
 from loop.detections import Detections
 from loop.errors import ServiceError
 from loop.formats.labelstudio import detections_to_ls_results
@@ -331,7 +332,10 @@ def test_project_pull_writes_corrections_and_drops_deleted_labels(ls_server, mon
     monkeypatch.setenv("DEFECT_LOOP_LABELSTUDIO__API_TOKEN", ls_server.token)
     project = Project(load_config(cfg_path))
     report, _ = project.ingest(root / "synth" / "images")
-    shas = sorted(p.sha256 for p in report.added)[:4]
+    # Test-split images are never pushed (the test split is frozen).
+    shas = sorted(
+        p.sha256 for p in report.added if assign_split(p.sha256, project.cfg.split) != "test"
+    )[:4]
     ranked = [
         ScoredImage(
             sha,

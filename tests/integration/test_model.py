@@ -207,14 +207,23 @@ def test_evaluate_errors(
 def test_fine_tune(trained: TrainResult, workdir: Path, data_yaml: Path, yolo_dir: Path) -> None:
     cfg = CFG.model_copy(update={"epochs": 1})
     t0 = time.perf_counter()
+    calls: list[tuple[int, int]] = []
     with deny_network() as attempts:
         tuned = train(
-            data_yaml, workdir / "runs", cfg, yolo_dir, init_weights=trained.weights, name="ft"
+            data_yaml,
+            workdir / "runs",
+            cfg,
+            yolo_dir,
+            init_weights=trained.weights,
+            name="ft",
+            on_epoch=lambda e, n, _m: calls.append((e, n)),
         )
     print(f"\nfine-tune 1 epoch: {time.perf_counter() - t0:.1f}s")
     assert attempts == []
     assert tuned.weights.is_file() and tuned.weights != trained.weights
     assert len(tuned.epochs) == 1
+    # Ultralytics' final validation re-fires the epoch callback as epoch n + 1: never "2/1".
+    assert calls == [(1, 1)]
     _assert_finite_eval(tuned.val, n_images=4)
 
 

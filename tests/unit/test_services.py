@@ -286,7 +286,7 @@ def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
         {
             "id": 3,
             "data": {**data, "sha256": "s3"},
-            "annotations": [_ann(30, [], "t", cancelled=True)],
+            "annotations": [_ann(30, [], "2026-01-01T00:00:00Z", cancelled=True)],
         },
         {"id": 4, "data": {"image": "/x"}, "annotations": [_ann(40, [], "2026-01-01T00:00:00Z")]},
         {  # drawn on another image size
@@ -303,6 +303,7 @@ def test_pull_picks_ground_truth_then_latest_and_rejects_bad_tasks(monkeypatch):
     gw = _gateway()
     monkeypatch.setattr(gw, "latest_update", lambda pid: "2026-01-03T00:00:00.000000Z")
     monkeypatch.setattr(gw, "export_tasks", lambda pid, ids=None, all_tasks=False: export)
+    monkeypatch.setattr(gw, "uncounted_annotation_task_ids", lambda pid: [])
     monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@b.c"})
     res = gw.pull(1, CLASSES)
     assert res.cursor == "2026-01-03T00:00:00.000000Z" and res.full
@@ -423,6 +424,7 @@ def test_pull_rules_on_canned_export(monkeypatch):
     gw = _gateway()
     monkeypatch.setattr(gw, "latest_update", lambda pid: None)
     monkeypatch.setattr(gw, "export_tasks", lambda pid, ids=None, all_tasks=False: export)
+    monkeypatch.setattr(gw, "uncounted_annotation_task_ids", lambda pid: [])
     monkeypatch.setattr(gw, "_user_emails", lambda: {1: "a@x", 2: "b@x", 3: "c@x"})
     res = gw.pull(1, CLASSES)
     by = {lb.task_id: lb for lb in res.labels}
@@ -463,6 +465,7 @@ def test_incremental_pull_exports_changed_ids_and_reconciles_deletions(monkeypat
     monkeypatch.setattr(gw, "changed_since", lambda pid, since: changed)
     monkeypatch.setattr(gw, "export_tasks", export)
     monkeypatch.setattr(gw, "unannotated_task_ids", lambda pid: [3, 9, 11])
+    monkeypatch.setattr(gw, "uncounted_annotation_task_ids", lambda pid: [])
     monkeypatch.setattr(gw, "_user_emails", lambda: {})
     res = gw.pull(1, CLASSES, since="2026-01-01T00:00:00.000000Z", known_labeled={3: "s3", 9: "s9"})
     assert calls["export"] == ([3, 4], True)

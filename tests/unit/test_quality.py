@@ -1,7 +1,7 @@
 """`loop.quality` and `loop.testsplit`: the record step's gate with fake models, the champion's
 quality record, pre-annotations below the usefulness bar, the test split in `status`, and
 growing the test split with `datasets add-test`. Real training is in
-tests/integration/test_evaluation.py."""
+tests/integration/test_promotion_gate.py."""
 
 from __future__ import annotations
 

@@ -170,14 +170,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 def serve_command(cfg_path: Path) -> list[str]:
     """`defect-loop serve` (what the Docker worker runs) once it is registered in `loop.cli`,
-    else the same command through `python -m loop.cli_serve`."""
+    else the same command through `python -m loop.cli.serve`."""
     from loop.cli import app
 
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     if "serve" in names:
         exe = Path(sys.executable).with_name("defect-loop")
         return [str(exe), "serve", "--config", str(cfg_path)]
-    return [sys.executable, "-m", "loop.cli_serve", "serve", "--config", str(cfg_path)]
+    return [sys.executable, "-m", "loop.cli.serve", "serve", "--config", str(cfg_path)]
 
 
 def _client_env(api_url: str, **extra: str) -> dict[str, str]:

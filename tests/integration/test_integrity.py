@@ -274,7 +274,7 @@ def test_two_ingests_and_a_pull_at_once_lose_nothing(ls_server, monkeypatch):
             gw.annotate_results(tid, _box(3, 3, 12, 12, cls=2))
     for seed in (21, 22):
         write_dataset(root / f"batch{seed}", 300, seed=seed, size=SIZE)
-    cli = [sys.executable, "-c", "from loop.cli import main; main()", "ingest"]
+    cli = [sys.executable, "-c", "from loop.cli import app; app()", "ingest"]
     procs = [
         subprocess.Popen(
             [*cli, str(root / f"batch{s}" / "images"), "--labels",

@@ -157,7 +157,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def simulated(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`defect-loop simulate` on 40 synthetic images, 3 strategies x 1 seed x 2 rounds."""
-    from loop.cli_sim import simulate
+    from loop.cli.sim import simulate
 
     out = tmp_path_factory.mktemp("replay")
     cfg = out / "project.yaml"

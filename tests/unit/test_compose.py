@@ -242,13 +242,13 @@ def test_images_run_the_commands_the_tests_run(
     assert scripts["defect-loop"] == "loop.cli:app"
     from typer.main import get_command
 
-    from loop import cli, cli_serve
+    from loop import cli
+    from loop.cli import serve as cli_serve
 
     standalone = get_command(cli_serve.standalone_app())
     assert {"serve", "prefect-server"} <= set(standalone.commands)  # type: ignore[attr-defined]
     registered = {c.name: c.callback for c in cli.app.registered_commands}
-    if "serve" in registered:  # once `loop.cli` registers it, it must be this command
-        assert registered["serve"] is cli_serve.serve
+    assert registered["serve"] is cli_serve.serve
     # The Prefect server: the same `prefect server start --host H --port P` that PrefectService
     # (used by the tests and `defect-loop prefect-server start`) runs.
     local = PrefectService(home=Path("/tmp/unused"), port=4200).command()

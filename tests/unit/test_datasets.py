@@ -400,7 +400,7 @@ def _pool_at(images: Path, rows) -> None:
 def _invoke(*args: str):
     from typer.testing import CliRunner
 
-    from loop.cli_datasets import datasets_app
+    from loop.cli.datasets import datasets_app
 
     return CliRunner().invoke(datasets_app, list(args))
 
@@ -463,7 +463,7 @@ def test_cli_mounts_as_a_sub_app():
     import typer
     from typer.testing import CliRunner
 
-    from loop.cli_datasets import datasets_app
+    from loop.cli.datasets import datasets_app
 
     app = typer.Typer()
     app.add_typer(datasets_app, name="datasets")

@@ -137,7 +137,7 @@ def monitor_flow(config_path: str, source: str | None = None, flush: bool = Fals
     (in a state named ``Drift alert`` when a window alerted, ``Skipped`` when another monitor
     of the workspace is running)."""
     ctx = open_context(config_path)
-    with monitor_lock(ctx.cfg.monitor_dir) as got:
+    with monitor_lock(ctx.cfg.paths.monitor) as got:
         if not got:
             reason = "skipped: another monitor of this workspace is running"
             get_run_logger().warning(reason)

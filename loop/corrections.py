@@ -46,7 +46,6 @@ from loop.errors import UnknownLabelError
 MATCH_IOU = 0.5
 ACCEPT_IOU = 0.9
 OUTCOMES = ("accepted", "adjusted", "relabeled", "removed", "added")
-REPORT_NAME = "corrections.json"
 _EPS = 1e-9  # IoUs computed from float pixels: 0.9 must count as 0.9
 
 

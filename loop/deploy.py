@@ -667,13 +667,13 @@ def deploy(
     }
     int8 = dcfg.int8 if dcfg.int8 is not None else cfg.scoring.backend == "onnx-int8"
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    out = Path(out_dir) if out_dir is not None else cfg.bundles_dir / f"v{champ.version}-{stamp}"
+    out = Path(out_dir) if out_dir is not None else cfg.paths.bundles / f"v{champ.version}-{stamp}"
     bundle = build_bundle(
         champ.weights,
         out,
         classes,
         cfg.train.imgsz,
-        cfg.yolo_config_dir,
+        cfg.paths.yolo_config,
         reference,
         neighbours,
         candidate_conf=cfg.select.candidate_conf,

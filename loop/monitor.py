@@ -61,7 +61,7 @@ from loop.drift import (
 )
 from loop.errors import ConfigError, DeployError, ImageError
 from loop.images import IMAGE_SUFFIXES, ImagePool, check_image, iter_image_files, sha256_file
-from loop.review_queue import QueueEntry, ReviewQueue, connect, transaction
+from loop.review_queue import DB_FILE, QueueEntry, ReviewQueue, connect, transaction
 from loop.scheduling import CycleLock
 from loop.tracking import TAG, metric_name
 
@@ -356,7 +356,7 @@ class PendingImage:
 
 def read_windows(monitor_dir: Path) -> list[WindowResult]:
     """Every window record of a workspace, oldest first (none when the monitor never ran)."""
-    if not (Path(monitor_dir) / "monitor.sqlite").is_file():
+    if not (Path(monitor_dir) / DB_FILE).is_file():
         return []
     con = connect(monitor_dir)
     try:
@@ -381,7 +381,7 @@ class Monitor:
         self.mcfg = project.cfg.monitor
         self.bundle = bundle
         self.bundle_version = str(bundle_version)
-        self.dir = project.cfg.monitor_dir
+        self.dir = project.cfg.paths.monitor
         self.queue = ReviewQueue(self.dir)
         if list(bundle.classes) != list(project.cfg.classes):
             raise DeployError(
@@ -523,7 +523,7 @@ class Monitor:
         feats = self.bundle.features(
             [i.path for i in images],
             [i.sha256 for i in images],
-            self.cfg.yolo_config_dir,
+            self.cfg.paths.yolo_config,
             threads=self.cfg.train.threads,
         )
         result = evaluate_window(
@@ -601,7 +601,7 @@ class Monitor:
         out = []
         thr = self.bundle.spec.defect_conf
         for det, _ in self.bundle.score(
-            list(paths), self.cfg.yolo_config_dir, threads=self.cfg.train.threads
+            list(paths), self.cfg.paths.yolo_config, threads=self.cfg.train.threads
         ):
             shown = det.with_min_confidence(thr)
             conf = shown.confidence if shown.confidence is not None else np.ones(len(shown))
@@ -629,7 +629,7 @@ class Monitor:
             return 0
         try:
             # A fresh pool: an ingest may have run since this project was loaded.
-            pool = ImagePool(self.cfg.images_dir, self.cfg.workspace / "pool.json")
+            pool = ImagePool(self.cfg.paths.images, self.cfg.paths.pool)
             changed = []
             for e in todo:
                 held = Path(e.held) if e.held else None
@@ -754,7 +754,7 @@ class Monitor:
 def monitor_status(monitor_dir: Path) -> dict[str, Any]:
     """Counts of a workspace's monitor: images by status (pending, done, missing), rejected
     files, windows, alerts, queue entries (queued, pushed, not in the pool yet), last window."""
-    if not (Path(monitor_dir) / "monitor.sqlite").is_file():
+    if not (Path(monitor_dir) / DB_FILE).is_file():
         return {"images": {}, "rejected_files": 0, "windows": 0, "alerts": 0, "queue": {}}
     con = connect(monitor_dir)
     try:

@@ -49,7 +49,7 @@ from loop.images import (
     sha256_file,
 )
 from loop.labelfiles import match_label_files
-from loop.ledger import LEDGER_NAME, REJECTIONS_NAME, RejectionLog, TaskLedger, TaskRejection
+from loop.ledger import RejectionLog, TaskLedger, TaskRejection
 from loop.quality import gate_and_record, preannotation_filter, split_status
 from loop.review_queue import ReviewQueue
 from loop.scheduling import workspace_lock
@@ -136,8 +136,8 @@ class Project:
     def __init__(self, cfg: ProjectConfig) -> None:
         self.cfg = cfg
         cfg.workspace.mkdir(parents=True, exist_ok=True)
-        self.pool = ImagePool(cfg.images_dir, cfg.workspace / "pool.json")
-        self.store = DatasetStore(cfg.datasets_dir)
+        self.pool = ImagePool(cfg.paths.images, cfg.paths.pool)
+        self.store = DatasetStore(cfg.paths.datasets)
         self.state = self._load_state()
         # Called with the holder's description when a write has to wait for the workspace lock.
         self.on_wait: Callable[[str], None] | None = None
@@ -146,7 +146,7 @@ class Project:
     def reload(self) -> None:
         """Re-read the pool and ``state.json`` (another command may have changed them). The
         state object is updated in place, so references to it stay valid."""
-        self.pool = ImagePool(self.cfg.images_dir, self.cfg.workspace / "pool.json")
+        self.pool = ImagePool(self.cfg.paths.images, self.cfg.paths.pool)
         fresh = self._load_state()
         for f in fields(ProjectState):
             setattr(self.state, f.name, getattr(fresh, f.name))
@@ -167,12 +167,12 @@ class Project:
             yield
 
     def _load_state(self) -> ProjectState:
-        if self.cfg.state_path.exists():
-            return ProjectState(**json.loads(self.cfg.state_path.read_text()))
+        if self.cfg.paths.state.exists():
+            return ProjectState(**json.loads(self.cfg.paths.state.read_text()))
         return ProjectState()
 
     def save_state(self) -> None:
-        atomic_write_text(self.cfg.state_path, json.dumps(asdict(self.state), indent=1))
+        atomic_write_text(self.cfg.paths.state, json.dumps(asdict(self.state), indent=1))
 
     def current_version(self) -> DatasetVersion | None:
         if self.state.current_version is None:
@@ -288,7 +288,7 @@ class Project:
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:
-        return export_yolo(version, self.cfg.images_dir, self.cfg.exports_dir / version.digest)
+        return export_yolo(version, self.cfg.paths.images, self.cfg.paths.exports / version.digest)
 
     def fit(self, tracker: Any, progress: Callable[[str], None] | None = None) -> FitResult:
         """Export the current version, train and evaluate on the frozen test split. Writes only
@@ -343,9 +343,9 @@ class Project:
 
         result = model.train(
             data_yaml,
-            self.cfg.runs_dir,
+            self.cfg.paths.runs,
             train_cfg,
-            self.cfg.yolo_config_dir,
+            self.cfg.paths.yolo_config,
             init_weights=init_path,
             name=f"round{round_index}-{version.short}",
             on_epoch=None if progress is None else on_epoch,
@@ -357,7 +357,7 @@ class Project:
                 data_yaml,
                 "test",
                 self.cfg.train.imgsz,
-                self.cfg.yolo_config_dir,
+                self.cfg.paths.yolo_config,
                 list(self.cfg.classes),
             )
         return FitResult(
@@ -397,7 +397,7 @@ class Project:
             round_index=fit.round_index,
             config_text=config_text,
         )
-        corrections = self.store.path(fit.version.digest) / "corrections.json"
+        corrections = self.cfg.paths.corrections(fit.version.digest)
         if corrections.exists():
             # How labelers changed the suggestions that produced this version's new labels.
             from loop.corrections import correction_metrics, read_report
@@ -450,9 +450,13 @@ class Project:
             return Path(weights)
         if not Path(weights).is_file():
             raise ModelError(f"weights {weights} not found; train a model first")
-        imgsz, ycd, threads = self.cfg.train.imgsz, self.cfg.yolo_config_dir, self.cfg.train.threads
+        imgsz, ycd, threads = (
+            self.cfg.train.imgsz,
+            self.cfg.paths.yolo_config,
+            self.cfg.train.threads,
+        )
         key = f"{sha256_file(Path(weights))[:16]}-{imgsz}"
-        onnx_path = self.cfg.scoring_models_dir / f"{key}.onnx"
+        onnx_path = self.cfg.paths.scoring_models / f"{key}.onnx"
         if not onnx_path.is_file():
             # Ultralytics exports beside the weights: work on a private copy of them.
             private = onnx_path.with_name(f".{key}.{os.getpid()}.pt")
@@ -495,7 +499,7 @@ class Project:
             paths,
             self.cfg.train.imgsz,
             self.cfg.select.candidate_conf,
-            self.cfg.yolo_config_dir,
+            self.cfg.paths.yolo_config,
             len(self.cfg.classes),
             threads=self.cfg.train.threads,
             min_candidates=self.cfg.select.min_candidates,
@@ -508,7 +512,7 @@ class Project:
             return self.cfg.labelstudio.api_token.get_secret_value()
         from loop.services import load_or_create_credentials
 
-        cred_path = self.cfg.workspace / "labelstudio" / "credentials.json"
+        cred_path = self.cfg.paths.labelstudio_credentials
         if cred_path.exists():
             return load_or_create_credentials(cred_path).api_token
         raise ConfigError(
@@ -535,18 +539,18 @@ class Project:
                 polygons=self.cfg.labelstudio.polygons,
                 project_id=self.state.ls_project_id,
             )
-            gw.ensure_local_storage(pid, self.cfg.images_dir)
+            gw.ensure_local_storage(pid, self.cfg.paths.images)
             if self.state.ls_project_id != pid:
                 self.state.ls_project_id = pid
                 self.save_state()
             return int(pid)
 
     def image_url(self, sha: str) -> str:
-        path = (self.cfg.images_dir / self.pool.get(sha).path).resolve()
+        path = (self.cfg.paths.images / self.pool.get(sha).path).resolve()
         root = self.cfg.ls_document_root.resolve()
         if not path.is_relative_to(root):
             raise ConfigError(
-                f"image folder {self.cfg.images_dir} is not below Label Studio's document root "
+                f"image folder {self.cfg.paths.images} is not below Label Studio's document root "
                 f"{root}; set labelstudio.document_root or move the workspace"
             )
         rel = path.relative_to(root)
@@ -576,7 +580,7 @@ class Project:
             fresh = [s for s in usable if s.sha256 not in self.state.pending]
             waiting = [s for s in usable if s.sha256 in self.state.pending]
             # Images the production monitor queued lead the push (loop.review_queue).
-            queue = ReviewQueue(self.cfg.monitor_dir)
+            queue = ReviewQueue(self.cfg.paths.monitor)
             fresh = queue.first(fresh)
             chosen = fresh[: self.cfg.select.batch_size] + waiting
             # Suggestions of classes the champion does not detect usefully cost labelers time.
@@ -627,7 +631,7 @@ class Project:
     def _ledger(self, pid: int) -> TaskLedger:
         """The ledger of pushed tasks. A workspace from before the ledger starts it from what it
         knows it pushed: the tasks waiting in ``state.pending`` and those its labels came from."""
-        ledger = TaskLedger(self.cfg.workspace / LEDGER_NAME)
+        ledger = TaskLedger(self.cfg.paths.ledger)
         if ledger.exists:
             return ledger
         known = {tid: sha for sha, tid in self.state.pending.items()}
@@ -652,7 +656,7 @@ class Project:
 
     def rejections(self) -> list[TaskRejection]:
         """Label Studio tasks that pulls rejected and that have not changed since (see `pull`)."""
-        return RejectionLog(self.cfg.workspace / REJECTIONS_NAME).open()
+        return RejectionLog(self.cfg.paths.rejections).open()
 
     def _ls_labeled_tasks(self, version: DatasetVersion | None, pid: int) -> dict[int, str]:
         """Task id -> sha256 of the rows of ``version`` that came from Label Studio project
@@ -712,7 +716,6 @@ class Project:
 
     def _pull(self, gw: Any) -> PullOutcome:
         from loop.corrections import (
-            REPORT_NAME,
             CorrectionInput,
             build_report,
             correction_metrics,
@@ -816,7 +819,7 @@ class Project:
             return outcome(None, self.state.current_version, {})
         self._set_version(version)
         report = build_report(inputs, classes)
-        write_report(self.store.path(version.digest) / REPORT_NAME, report)
+        write_report(self.cfg.paths.corrections(version.digest), report)
         return outcome(version.digest, version.parent, correction_metrics(report))
 
     def _identity_problem(
@@ -874,7 +877,7 @@ class Project:
         """Keep the rejections of this pull with the earlier ones whose tasks did not change
         (nor disappear). Returns the open rejections before this pull (task id -> reason) and
         how many are open now."""
-        log = RejectionLog(self.cfg.workspace / REJECTIONS_NAME)
+        log = RejectionLog(self.cfg.paths.rejections)
         earlier = {r.task_id: r.reason for r in log.open(pid)}
         log.update(pid, found, None if result.full else result.examined_task_ids)
         stale = [r.task_id for r in log.open(pid) if r.task_id not in found]

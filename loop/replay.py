@@ -407,9 +407,9 @@ def _round_effort(project: Project, version: DatasetVersion) -> dict[str, int]:
     added (the version's correction analytics, `loop.corrections`): counts of accepted,
     adjusted, relabeled, removed and added boxes, ``actions`` (all but accepted) and
     ``gt_boxes`` (the boxes of the final labels: the work of drawing them all from scratch)."""
-    from loop.corrections import OUTCOMES, REPORT_NAME, read_report
+    from loop.corrections import OUTCOMES, read_report
 
-    path = project.store.path(version.digest) / REPORT_NAME
+    path = project.cfg.paths.corrections(version.digest)
     if not path.is_file():
         raise DatasetError(f"the replay's pull wrote no correction analytics for {version.short}")
     report = read_report(path)

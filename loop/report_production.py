@@ -86,7 +86,7 @@ def collect_production(project: Project) -> ProductionData | None:
     from loop.review_queue import ReviewQueue
 
     cfg = project.cfg
-    windows = read_windows(cfg.monitor_dir)
+    windows = read_windows(cfg.paths.monitor)
     if not windows:
         return None
     points = [
@@ -104,7 +104,7 @@ def collect_production(project: Project) -> ProductionData | None:
         for w in windows
     ]
     classes = list(cfg.classes)
-    entries = ReviewQueue(cfg.monitor_dir).entries()
+    entries = ReviewQueue(cfg.paths.monitor).entries()
     novel = []
     for e in entries[:MAX_NOVEL]:
         path: Path | None = None

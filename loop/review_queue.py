@@ -103,7 +103,7 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class ReviewQueue:
-    """The queue of one workspace (``monitor_dir`` = ``cfg.monitor_dir``). Reading a workspace
+    """The queue of one workspace (``monitor_dir`` = ``cfg.paths.monitor``). Reading a workspace
     that never ran the monitor creates nothing and gives an empty queue."""
 
     def __init__(self, monitor_dir: Path) -> None:

@@ -526,7 +526,7 @@ class Tracker:
         import mlflow.artifacts
         from mlflow.exceptions import MlflowException
 
-        dest = self.cfg.workspace / "models" / f"v{champ.version}" / "checkpoints"
+        dest = self.cfg.paths.model_version(champ.version) / "checkpoints"
         target = dest / "last.pt"
         if not target.is_file():
             try:
@@ -543,7 +543,7 @@ class Tracker:
     def _download_weights(self, version: str, run: Any) -> Path:
         import mlflow.artifacts
 
-        dest = self.cfg.workspace / "models" / f"v{version}"
+        dest = self.cfg.paths.model_version(version)
         name = run.data.tags.get(TAG + "weights_file", "best.pt")
         if not (dest / "weights" / name).exists():
             dest.mkdir(parents=True, exist_ok=True)
@@ -750,7 +750,7 @@ class Tracker:
         except MlflowException:
             return None
         version = str(mv.version)
-        dest = self.cfg.bundles_dir / f"production-v{version}"
+        dest = self.cfg.paths.bundles / f"production-v{version}"
         found = sorted(dest.rglob("bundle.json")) if dest.is_dir() else []
         if not found:
             import mlflow.artifacts

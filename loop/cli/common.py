@@ -37,6 +37,7 @@ from loop.services import (
     TemporaryPrefectServer,
     load_or_create_credentials,
 )
+from loop.workspace import LOG_NAME
 
 T = TypeVar("T")
 
@@ -47,7 +48,6 @@ ConfigOpt = Annotated[
     typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
 ]
 
-LOG_NAME = "defect-loop.log"
 _log_path: Path | None = None  # the workspace's log file, once a config is loaded
 _PREFLIGHT_TIMEOUT_S = 5.0
 
@@ -71,7 +71,7 @@ def log_path() -> Path:
 
 def _use_workspace_log(cfg: ProjectConfig) -> None:
     global _log_path
-    path = cfg.workspace / "logs" / LOG_NAME
+    path = cfg.paths.log_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a"):
@@ -204,7 +204,7 @@ def prepare(cfg: ProjectConfig, *, labelstudio: bool = False, mlflow: bool = Fal
 
 def prefect_service(cfg: ProjectConfig) -> PrefectService:
     """The project's local Prefect server: home ``<workspace>/prefect-server``, ``prefect.port``."""
-    return PrefectService(home=cfg.workspace / "prefect-server", port=cfg.prefect.port)
+    return PrefectService(home=cfg.paths.prefect_server, port=cfg.prefect.port)
 
 
 def local_api_url(cfg: ProjectConfig) -> str | None:
@@ -225,7 +225,7 @@ def prefect_env(cfg: ProjectConfig) -> None:
     ``kill -9``; see `TemporaryPrefectServer`). Prefect's console output then shows no
     tracebacks: they go to the log file (`log_path`)."""
     global _temporary_server
-    os.environ.setdefault("PREFECT_HOME", str(cfg.workspace / "prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(cfg.paths.prefect_home))
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -318,12 +318,11 @@ def labelstudio_service(cfg: ProjectConfig) -> tuple[LabelStudioService, Credent
             f"labelstudio.url {cfg.labelstudio.url} is not local: `services` only manages a "
             "Label Studio on 127.0.0.1; manage a remote one yourself"
         )
-    data_dir = cfg.workspace / "labelstudio"
     creds = load_or_create_credentials(
-        data_dir / "credentials.json", username=cfg.labelstudio.username
+        cfg.paths.labelstudio_credentials, username=cfg.labelstudio.username
     )
     return LabelStudioService(
-        data_dir=data_dir,
+        data_dir=cfg.paths.labelstudio,
         document_root=cfg.workspace,
         port=url.port or 8080,
         username=creds.username,

@@ -157,7 +157,7 @@ def export(
                 f"{out_dir} exists and is not an empty folder; "
                 "export into a new folder so no stale labels mix in"
             )
-        data_yaml = export_yolo(v, project.cfg.images_dir, dest)
+        data_yaml = export_yolo(v, project.cfg.paths.images, dest)
         splits = v.split_counts()
         typer.echo(
             f"exported {v.short}: "

@@ -308,7 +308,7 @@ def monitor_status_cmd(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     def go() -> None:
         from loop.monitor import monitor_status
 
-        console.print_json(json.dumps(jsonable(monitor_status(load(config).monitor_dir))))
+        console.print_json(json.dumps(jsonable(monitor_status(load(config).paths.monitor))))
 
     run(go)
 
@@ -323,7 +323,7 @@ def monitor_alerts(
     def go() -> None:
         from loop.monitor import read_windows
 
-        alerts = [w for w in read_windows(load(config).monitor_dir) if w.alert]
+        alerts = [w for w in read_windows(load(config).paths.monitor) if w.alert]
         if not alerts:
             console.print("no alerts")
         for w in alerts[-last:]:
@@ -342,7 +342,7 @@ def monitor_queue(
     def go() -> None:
         from loop.review_queue import ReviewQueue
 
-        entries = ReviewQueue(load(config).monitor_dir).entries(None if all_ else "queued")
+        entries = ReviewQueue(load(config).paths.monitor).entries(None if all_ else "queued")
         table = Table("image", "priority", "reason", "window", "status", "in pool", "source")
         for e in entries:
             table.add_row(

@@ -72,7 +72,7 @@ def make_callback(cfg_path: Path, action: Literal["cycle", "pull"]) -> Callable[
             else:
                 # Prefect reads these when it is imported (as `defect-loop cycle` sets them).
                 cfg = load_config(cfg_path)
-                os.environ.setdefault("PREFECT_HOME", str(cfg.workspace / "prefect"))
+                os.environ.setdefault("PREFECT_HOME", str(cfg.paths.prefect_home))
                 for key in ("DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY"):
                     os.environ.setdefault(key, "true")
                 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")

@@ -23,13 +23,14 @@ def services_up(
     """Install (first time, ~1 min) and start Label Studio on 127.0.0.1."""
 
     def go() -> None:
-        svc, creds = labelstudio_service(load(config))
+        cfg = load(config)
+        svc, creds = labelstudio_service(cfg)
         svc.ensure_installed()
         t0 = time.monotonic()
         svc.start(timeout_s=timeout)
         console.print(
             f"Label Studio up at {svc.url} in {time.monotonic() - t0:.1f}s "
-            f"(login {creds.username} / password in {svc.data_dir / 'credentials.json'})"
+            f"(login {creds.username} / password in {cfg.paths.labelstudio_credentials})"
         )
 
     run(go)

@@ -69,7 +69,7 @@ def test_ingest_flow_then_a_failed_step_says_which_and_why(harness: None, tmp_pa
     # The version the ingest wrote is intact and current; nothing half-written is left behind.
     assert project.state.current_version == out.dataset_version
     assert project.current_version() is not None
-    assert sorted(p.name for p in cfg.datasets_dir.iterdir()) == [out.dataset_version]
+    assert sorted(p.name for p in cfg.paths.datasets.iterdir()) == [out.dataset_version]
     assert not CycleLock(cfg.workspace).is_locked()  # released on failure
 
 

@@ -293,7 +293,7 @@ def test_two_ingests_and_a_pull_at_once_lose_nothing(ls_server, monkeypatch):
     assert len(pulled) == 1 and pulled[0].labeled == 6
 
     final = Project(load_config(cfg_path))
-    on_disk = [p for p in (final.cfg.images_dir).rglob("*.png")]
+    on_disk = [p for p in (final.cfg.paths.images).rglob("*.png")]
     assert len(final.pool) == len(on_disk) == 20 + 600
     version = final.current_version()
     assert version is not None and len(version) == 600 + 6

@@ -404,7 +404,7 @@ def test_project_scores_through_the_configured_backend(
     suffix = {"torch": ".pt", "onnx": ".onnx", "onnx-int8": ".int8.onnx"}[backend]
     assert made.name.endswith(suffix)
     if backend != "torch":
-        assert made.parent == cfg.scoring_models_dir
+        assert made.parent == cfg.paths.scoring_models
         stamp = made.stat().st_mtime_ns
         assert project.scoring_model(weights).stat().st_mtime_ns == stamp  # cached
         assert not list(weights.parent.glob("*.onnx"))  # nothing written beside the weights
@@ -426,7 +426,7 @@ def model_predict_torch(weights: Path, paths: list[Path], cfg: Any) -> Any:
         paths,
         cfg.train.imgsz,
         cfg.select.candidate_conf,
-        cfg.yolo_config_dir,
+        cfg.paths.yolo_config,
         len(cfg.classes),
         min_candidates=cfg.select.min_candidates,
     )

@@ -206,7 +206,7 @@ def test_worker_reaches_every_service_by_name_and_port(
     # volume mounted at the same path in both containers.
     root = Path(_env(s["labelstudio"], env_example)["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"])
     assert cfg.ls_document_root == root
-    assert cfg.images_dir.is_relative_to(root)
+    assert cfg.paths.images.is_relative_to(root)
     assert _mounts(s["labelstudio"])[str(root)] == mounts[str(root)]
     assert cfg.workspace.is_relative_to(root)
     for name in ("dask-worker",):

@@ -384,10 +384,10 @@ def cli_project(tmp_path: Path):
         for r, s in zip(b.rows, ("train", "val", "test", "train", "val", "test"), strict=True)
     ]
     b = DatasetVersion.create(CLASSES, rows, parent=a.digest)
-    store = DatasetStore(cfg.datasets_dir)
+    store = DatasetStore(cfg.paths.datasets)
     store.save(a)
     store.save(b)
-    _pool_at(cfg.images_dir, b.rows)
+    _pool_at(cfg.paths.images, b.rows)
     return cfg_path, a, b
 
 

@@ -469,7 +469,7 @@ def _label(project: Project, truth: dict[str, Detections], shas: list[str]) -> N
         rows.append(
             LabeledImage(sha, e.path, e.width, e.height, split, truth[sha], {"source": "oracle"})
         )
-    project._set_version(DatasetVersion.create(project.cfg.classes, rows))
+    project.set_version(DatasetVersion.create(project.cfg.classes, rows))
 
 
 def _eval_record(fit: FitResult) -> dict[str, Any]:

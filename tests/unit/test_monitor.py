@@ -20,7 +20,7 @@ from loop.deploy import Reference, image_features
 from loop.detections import Detections
 from loop.drift import IMAGE_STATS, FeatureSet, image_stats, read_gray
 from loop.images import sha256_file
-from loop.labelstudio import PushSummary
+from loop.labeling import PushSummary
 from loop.monitor import (
     TESTS,
     Monitor,

@@ -142,7 +142,7 @@ def test_top_k_and_random_k():
 # every strategy: known answers, shapes, edge cases
 # ----------------------------------------------------------------------------------------------
 
-from loop.model import _parse_augmentation, _unflip  # noqa: E402  (pure helpers, no ultralytics)
+from loop.model.prediction import _parse_augmentation, _unflip  # noqa: E402  (pure helpers, no ultralytics)
 from loop.uncertainty import (  # noqa: E402
     NEEDS,
     ScoringInputs,

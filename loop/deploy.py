@@ -611,7 +611,7 @@ def deploy(
     champ = tracker.champion()
     if champ is None:
         raise DeployError("no champion model yet: run `defect-loop train` (or a cycle) first")
-    run = tracker.client.get_run(champ.run_id)
+    metrics = tracker.run_metrics(champ.run_id)
     version = tracker.load_dataset_version(champ.run_id, project.store)
     held: list[tuple[str, Path]] = []
     train: list[tuple[str, Path]] = []
@@ -632,7 +632,7 @@ def deploy(
     reference = _sample(held, dcfg.reference_images, dcfg.seed)
     neighbours = _sample(train, dcfg.neighbour_images, dcfg.seed)
     classes = list(cfg.classes)
-    m = run.data.metrics
+    m = metrics
     test_metrics = None
     if "test_map50_95" in m:
         from loop.tracking import class_metric

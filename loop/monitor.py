@@ -653,38 +653,11 @@ class Monitor:
             lock.release()
 
     # ------------------------------------------------------------------ MLflow
-    def _monitor_run(self, tracker: Tracker) -> str:
-        client = tracker.client
-        runs = client.search_runs(
-            [tracker.experiment_id()],
-            filter_string=(
-                "tags.`defect_loop.kind` = 'monitor' and "
-                f"tags.`defect_loop.bundle_version` = '{self.bundle_version}'"
-            ),
-            max_results=1,
-        )
-        if runs:
-            return str(runs[0].info.run_id)
-        run = client.create_run(
-            tracker.experiment_id(),
-            run_name=f"monitor-bundle-v{self.bundle_version}",
-            tags={
-                TAG + "kind": "monitor",
-                TAG + "bundle_version": self.bundle_version,
-                TAG + "bundle_digest": self.bundle.digest,
-                TAG + "alert_count": "0",
-            },
-        )
-        client.set_terminated(run.info.run_id, "FINISHED")
-        return str(run.info.run_id)
-
     def log(self, tracker: Tracker, result: WindowResult) -> str:
         """Log ``result`` to the bundle's monitor run (metrics at step = window index; on alert
         the tags ``defect_loop.alert`` (latest), ``defect_loop.alert.w<index>`` and
         ``defect_loop.alert_count``) and mark it logged. Returns the run id."""
-        from mlflow.entities import RunTag
-
-        run_id = self._monitor_run(tracker)
+        run_id = tracker.monitor_run(self.bundle_version, self.bundle.digest)
         tracker.log_metrics(run_id, result.metrics, step=result.index)
         if result.alert:
             with self._con() as con:
@@ -694,13 +667,13 @@ class Monitor:
                         (result.bundle_version,),
                     ).fetchone()[0]
                 )
-            tracker.client.log_batch(
+            tracker.log_tags(
                 run_id,
-                tags=[
-                    RunTag(TAG + "alert", result.message[:5000]),
-                    RunTag(f"{TAG}alert.w{result.index}", result.message[:5000]),
-                    RunTag(TAG + "alert_count", str(max(count, 1))),
-                ],
+                {
+                    TAG + "alert": result.message[:5000],
+                    f"{TAG}alert.w{result.index}": result.message[:5000],
+                    TAG + "alert_count": str(max(count, 1)),
+                },
             )
         with self._con() as con, transaction(con):
             con.execute("UPDATE windows SET logged = 1 WHERE idx = ?", (result.index,))

@@ -54,7 +54,8 @@ from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError
 from loop.images import IMAGE_SUFFIXES, atomic_write_text
 from loop.project import FitResult, Project, ScoredImage
-from loop.savings import plot_curves, summarize
+from loop.report.plots import plot_curves
+from loop.savings import summarize
 from loop.scheduling import batches
 from loop.scoring import (
     ScoringModels,
@@ -66,6 +67,7 @@ from loop.scoring import (
 )
 from loop.selection import strategy_needs
 from loop.simulate import OracleGateway, truth_from_yolo_dir
+from loop.tracking import TAG, Champion, Tracker
 
 Log = Callable[[str], None]
 RESULT_KIND = "defect-loop-replay"
@@ -270,9 +272,9 @@ def initial_set(
 class _Newest:
     """Stands in for `Tracker` in `Project.fit`: the champion is the newest model of the replay."""
 
-    latest: Any = None
+    latest: Champion | None = None
 
-    def champion(self) -> Any:
+    def champion(self) -> Champion | None:
         return self.latest
 
 
@@ -493,7 +495,7 @@ def replay_curve(
     settings: ReplaySettings,
     work: Path,
     round0_cache: Path | None = None,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """One learning curve (see the module docstring); returns its JSON-ready record.
@@ -589,7 +591,7 @@ def replay_curve(
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if tracker is not None:
-        _log_curve(tracker, curve)
+        tracker.log_replay_curve(curve)
     if not settings.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return curve
@@ -620,18 +622,14 @@ def replay_ceiling(
     return rec
 
 
-def _champion(round_index: int, fit: FitResult) -> Any:
-    from loop.tracking import Champion
-
+def _champion(round_index: int, fit: FitResult) -> Champion:
     test = None if fit.test is None else fit.test.map50_95
     return Champion(str(round_index), "", Path(fit.result.weights), test)
 
 
 def _log_round(
-    tracker: Any, project: Project, fit: FitResult, strategy: str, seed: int, r: int
+    tracker: Tracker, project: Project, fit: FitResult, strategy: str, seed: int, r: int
 ) -> None:
-    from loop.tracking import TAG
-
     params = {
         **{f"train.{k}": v for k, v in project.cfg.train.model_dump().items()},
         "replay.strategy": strategy,
@@ -648,40 +646,11 @@ def _log_round(
         params=params,
         round_index=r,
     )
-    tracker.client.set_tag(run_id, TAG + "replay", f"{strategy}/s{seed}")
+    tracker.log_tags(run_id, {TAG + "replay": f"{strategy}/s{seed}"})
 
 
-def _log_curve(tracker: Any, curve: dict[str, Any]) -> None:
-    from mlflow.entities import Metric, Param
-
-    from loop.tracking import TAG
-
-    client = tracker.client
-    run = client.create_run(
-        tracker.experiment_id(),
-        run_name=f"replay-{curve['strategy']}-s{curve['seed']}",
-        tags={TAG + "kind": "replay", TAG + "replay": f"{curve['strategy']}/s{curve['seed']}"},
-    )
-    run_id = run.info.run_id
-    ts = int(time.time() * 1000)
-    metrics = []
-    for rec in curve["rounds"]:
-        step = int(rec["round"])
-        metrics.append(Metric("labeled", float(rec["labeled"]), ts, step))
-        for key in ("test_map50", "test_map50_95"):
-            if rec[key] is not None:
-                metrics.append(Metric(key, float(rec[key]), ts, step))
-        metrics.append(Metric("round_wall_seconds", float(rec["wall_seconds"]), ts, step))
-    params = [Param("strategy", curve["strategy"]), Param("seed", str(curve["seed"]))]
-    client.log_batch(run_id, metrics=metrics, params=params)
-    client.log_text(run_id, json.dumps(curve, indent=1), "replay/curve.json")
-    client.set_terminated(run_id, "FINISHED")
-
-
-def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -> Any:
+def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -> Tracker:
     """A `Tracker` on the replay's MLflow store, with the experiment's artifacts in ``out_dir``."""
-    from loop.tracking import Tracker
-
     uri = settings.mlflow_uri or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
     cfg = ProjectConfig(
         classes=classes,
@@ -689,11 +658,9 @@ def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -
         mlflow=MlflowConfig(tracking_uri=uri, experiment=REPLAY_EXPERIMENT),
     )
     tracker = Tracker(cfg)
-    client = tracker.client
-    if client.get_experiment_by_name(REPLAY_EXPERIMENT) is None:
-        # Created here so artifacts live beside the results, not in a deleted curve workspace.
-        location = None if uri.startswith(("http://", "https://")) else cfg.mlflow_artifact_location
-        client.create_experiment(REPLAY_EXPERIMENT, artifact_location=location)
+    # Created here so artifacts live beside the results, not in a deleted curve workspace.
+    location = None if uri.startswith(("http://", "https://")) else cfg.mlflow_artifact_location
+    tracker.ensure_experiment(REPLAY_EXPERIMENT, location)
     return tracker
 
 

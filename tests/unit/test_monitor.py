@@ -398,7 +398,7 @@ def test_push_serves_the_queued_images_first_and_marks_them_pushed(tmp_path: Pat
 
 
 def test_the_report_reads_the_monitor_records(setup, tmp_path: Path):
-    from loop.report_production import collect_production
+    from loop.report import collect_production
 
     project, bundle = setup
     assert collect_production(project) is None  # never monitored: "no production data yet"

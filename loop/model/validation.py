@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from loop.errors import DefectLoopError, EvaluationError, ModelError
-from loop.evaluation import ImageMatches
+from loop.matches import ImageMatches
 from loop.model.loading import _model_names, _read_data_yaml, _require_weights, load_model
 from loop.model.training import EvalResult, _eval_result, _validator_cls
 
@@ -91,7 +91,7 @@ def evaluate_matches(
     predicted box's true-positive flags at IoU 0.50:0.95, confidence and class; each true box's
     class), keyed by the image file stem (the sha256 in exported dataset versions), in
     evaluation order: `loop.evaluation` bootstraps them without running the model again, and
-    `loop.evaluation.box_metrics` of them equals the returned `EvalResult`'s figures.
+    `loop.matches.box_metrics` of them equals the returned `EvalResult`'s figures.
     """
     data_path, data = _read_data_yaml(data_yaml)
     if not data.get(split):
@@ -202,7 +202,7 @@ def ultralytics_box_metrics(
     tp: np.ndarray, conf: np.ndarray, pred_cls: np.ndarray, target_cls: np.ndarray
 ) -> dict[str, Any]:
     """Ultralytics' own ``ap_per_class`` on concatenated match statistics (the reference that
-    `loop.evaluation.box_metrics` reproduces): ``map50``, ``map50_95``, ``precision``,
+    `loop.matches.box_metrics` reproduces): ``map50``, ``map50_95``, ``precision``,
     ``recall`` and ``ap`` ``(classes with true boxes, 10)``. Call after any function of this
     module has configured Ultralytics (or `prepare_ultralytics`)."""
     from ultralytics.utils.metrics import ap_per_class

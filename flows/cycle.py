@@ -30,8 +30,8 @@ from loop.config import load_config
 from loop.errors import DefectLoopError
 from loop.labeling import PushSummary
 from loop.project import TrainOutcome
-from loop.sync import PullOutcome
 from loop.scheduling import CycleLock, CycleStepError
+from loop.sync import PullOutcome
 
 T = TypeVar("T")
 

@@ -23,9 +23,10 @@ from prefect.states import Completed
 from flows.common import NETWORK_TASK, Context, open_context
 from loop.deploy import load_bundle
 from loop.errors import ConfigError, DeployError
-from loop.monitor import Monitor, MonitorOutcome, ScanResult, WindowResult, monitor_lock
+from loop.monitor import Monitor, MonitorOutcome, ScanResult, monitor_lock
 from loop.monitor import PendingImage as _Pending
 from loop.tracking import ProductionBundle
+from loop.windows import WindowResult
 
 ALERT_EVENT = "defect-loop.monitor.alert"
 

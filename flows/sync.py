@@ -10,9 +10,9 @@ from flows.score import run_score
 from loop.errors import printable
 from loop.labeling import PushSummary
 from loop.project import ScoredImage
-from loop.sync import PullOutcome
 from loop.report import write_next_batch
 from loop.scoring import ScoringModels
+from loop.sync import PullOutcome
 
 
 def model_version_name(ctx: Context, models: ScoringModels) -> str:

@@ -23,7 +23,8 @@ from loop.config import SplitConfig, TrainConfig
 from loop.datasets import DatasetStore, assign_split
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError, StrategyError
-from loop.replay import ReplaySettings, initial_set, prepare_dataset, run_replay
+from loop.replay import ReplaySettings, run_replay
+from loop.replay_dataset import initial_set, prepare_dataset
 from loop.savings import label_savings, labels_to_reach, mean_curve
 from loop.simulate import OracleGateway
 from loop.synth import SYNTH_CLASSES, write_dataset

@@ -21,17 +21,11 @@ from loop.detections import Detections
 from loop.drift import IMAGE_STATS, FeatureSet, image_stats, read_gray
 from loop.images import sha256_file
 from loop.labeling import PushSummary
-from loop.monitor import (
-    TESTS,
-    Monitor,
-    evaluate_window,
-    monitor_status,
-    read_windows,
-    select_for_queue,
-)
+from loop.monitor import Monitor, monitor_status, read_windows
 from loop.project import Project, ScoredImage
 from loop.review_queue import QueueEntry, ReviewQueue
 from loop.scheduling import CycleLock
+from loop.windows import TESTS, evaluate_window, select_for_queue
 
 CLASSES = ["scratch", "pit"]
 

@@ -1,8 +1,8 @@
 """Production monitoring on NEU-DET: false alarms without drift, detection and delay of camera
 changes and of a defect class the model never saw, and what the review queue puts first.
 
-Protocol (`FULL`; every step is the product's code: `loop.deploy.build_bundle`,
-`loop.deploy.Bundle.features`, `loop.windows.evaluate_window`, `loop.review_queue.ReviewQueue`):
+Protocol (`FULL`; every step is the product's code: `loop.bundle.build_bundle`,
+`loop.bundle.Bundle.features`, `loop.windows.evaluate_window`, `loop.review_queue.ReviewQueue`):
 
 1. One NEU-DET class (``--novel-class``, default ``scratches``) is held out: every image with a
    box of that class. The 5-class images are split at random (seeded): ``train`` + ``val`` to
@@ -49,8 +49,8 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from loop.bundle import Bundle, build_bundle, load_bundle  # noqa: E402
 from loop.config import MonitorConfig, TrainConfig  # noqa: E402
-from loop.deploy import Bundle, build_bundle, load_bundle  # noqa: E402
 from loop.drift import FeatureSet  # noqa: E402
 from loop.images import atomic_write_text, sha256_file  # noqa: E402
 from loop.review_queue import QueueEntry, ReviewQueue  # noqa: E402

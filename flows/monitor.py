@@ -21,7 +21,7 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed
 
 from flows.common import NETWORK_TASK, Context, open_context
-from loop.deploy import load_bundle
+from loop.bundle import load_bundle
 from loop.errors import ConfigError, DeployError
 from loop.monitor import Monitor, MonitorOutcome, ScanResult, monitor_lock
 from loop.monitor import PendingImage as _Pending

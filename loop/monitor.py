@@ -1,12 +1,12 @@
 """Production monitoring: drift and novelty checks on windows of production images.
 
 `Monitor` takes new images from a folder (or a batch), scores them with the production bundle
-(`loop.deploy.Bundle`) in windows of ``monitor.window_size`` and compares every window with the
+(`loop.bundle.Bundle`) in windows of ``monitor.window_size`` and compares every window with the
 bundle's reference (held-out images of the champion's dataset) in `evaluate_window`:
 
 - input drift: the model's embeddings (pooled feature maps, see `loop.model.add_embedding_output`;
   MMD with a permutation test on the first ``pca_dims`` principal axes of the pooled sample, in
-  the reference's comparison space `loop.deploy.Reference.embed_space`) and four image
+  the reference's comparison space `loop.bundle.Reference.embed_space`) and four image
   statistics (brightness, contrast, sharpness, noise; Kolmogorov-Smirnov each);
 - output drift: the highest box confidence and the uncertainty (highest box entropy) per image
   (Kolmogorov-Smirnov), the predicted class mix per image (chi-square, permutation p-value) and
@@ -53,7 +53,7 @@ from loop.tracking import TAG
 from loop.windows import WindowResult, check_power, evaluate_window
 
 if TYPE_CHECKING:
-    from loop.deploy import Bundle
+    from loop.bundle import Bundle
     from loop.project import Project
     from loop.tracking import Tracker
 

@@ -33,7 +33,7 @@ from loop.errors import ConfigError, DeployError
 from loop.tracking import metric_name
 
 if TYPE_CHECKING:
-    from loop.deploy import Reference
+    from loop.bundle import Reference
 
 TESTS: tuple[str, ...] = (
     "embedding_mmd",

@@ -167,7 +167,7 @@ def verify(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> Non
     """Check a bundle's files against the sha256 in its model card."""
 
     def go() -> None:
-        from loop.deploy import load_bundle
+        from loop.bundle import load_bundle
 
         b = load_bundle(bundle, verify=True)
         console.print(
@@ -193,7 +193,7 @@ def score_images(
     """
 
     def go() -> None:
-        from loop.deploy import load_bundle
+        from loop.bundle import load_bundle
 
         b = load_bundle(bundle, verify=True)
         with tempfile.TemporaryDirectory(prefix="defect-loop-runtime-") as tmp:

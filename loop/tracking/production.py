@@ -1,7 +1,7 @@
 """Deployment bundles and the ``production`` alias (`Production`, part of
 `loop.tracking.Tracker`).
 
-Bundles (`loop.deploy`) are versions of their own registered model (`bundle_model`), whose
+Bundles (`loop.bundle`) are versions of their own registered model (`bundle_model`), whose
 ``production`` alias names the bundle in use; every move of it is a run of kind ``production``
 (who, when, from, to, why), so the history and rollback need no extra store.
 """
@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from loop.deploy import SPEC_FILE
+from loop.bundle import SPEC_FILE
 from loop.errors import ModelError
 from loop.tracking.base import PRODUCTION, TAG, TrackerBase
 

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from loop import model
+from loop.bundle import REFERENCE_FILE, load_bundle
 from loop.config import load_config
-from loop.deploy import REFERENCE_FILE, deploy, load_bundle
+from loop.deploy import deploy
 from loop.monitor import read_windows
 from loop.project import Project
 from loop.review_queue import ReviewQueue
@@ -83,7 +84,7 @@ _SCORE_WITHOUT_MLFLOW = """
 import json, sys
 sys.modules["mlflow"] = None  # any `import mlflow` now raises ImportError
 from pathlib import Path
-from loop.deploy import load_bundle
+from loop.bundle import load_bundle
 bundle = load_bundle(Path(sys.argv[1]))
 out = []
 for det, emb in bundle.score([Path(p) for p in sys.argv[3:]], Path(sys.argv[2])):

@@ -15,8 +15,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loop.bundle import Reference, image_features
 from loop.config import MonitorConfig, ProjectConfig
-from loop.deploy import Reference, image_features
 from loop.detections import Detections
 from loop.drift import IMAGE_STATS, FeatureSet, image_stats, read_gray
 from loop.images import sha256_file

@@ -394,9 +394,9 @@ class Project:
         corrections = self.cfg.paths.corrections(fit.version.digest)
         if corrections.exists():
             # How labelers changed the suggestions that produced this version's new labels.
-            from loop.corrections import correction_metrics, read_report
+            from loop.corrections import correction_metrics, read_corrections
 
-            tracker.log_metrics(run_id, correction_metrics(read_report(corrections)))
+            tracker.log_metrics(run_id, correction_metrics(read_corrections(corrections)))
         mv = tracker.register(run_id)
         # Paired against the champion on the same test images, with bootstrap intervals.
         decision = gate_and_record(self, tracker, fit, run_id, mv)

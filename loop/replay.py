@@ -287,12 +287,12 @@ def _round_effort(project: Project, version: DatasetVersion) -> dict[str, int]:
     added (the version's correction analytics, `loop.corrections`): counts of accepted,
     adjusted, relabeled, removed and added boxes, ``actions`` (all but accepted) and
     ``gt_boxes`` (the boxes of the final labels: the work of drawing them all from scratch)."""
-    from loop.corrections import OUTCOMES, read_report
+    from loop.corrections import OUTCOMES, read_corrections
 
     path = project.cfg.paths.corrections(version.digest)
     if not path.is_file():
         raise DatasetError(f"the replay's pull wrote no correction analytics for {version.short}")
-    report = read_report(path)
+    report = read_corrections(path)
     totals = dict.fromkeys(OUTCOMES, 0)
     for counts in report["per_class"].values():
         for k in OUTCOMES:

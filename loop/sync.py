@@ -206,9 +206,9 @@ def pull(project: Project, gw: LabelingBackend) -> PullOutcome:
 def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
     from loop.corrections import (
         CorrectionInput,
-        build_report,
+        build_corrections,
         correction_metrics,
-        write_report,
+        write_corrections,
     )
 
     pid = project.ensure_ls_project(gw)
@@ -307,8 +307,8 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
         project.save_state()
         return outcome(None, project.state.current_version, {})
     project.set_version(version)
-    report = build_report(inputs, classes)
-    write_report(project.cfg.paths.corrections(version.digest), report)
+    report = build_corrections(inputs, classes)
+    write_corrections(project.cfg.paths.corrections(version.digest), report)
     return outcome(version.digest, version.parent, correction_metrics(report))
 
 

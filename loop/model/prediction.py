@@ -6,6 +6,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Iterable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -362,8 +363,7 @@ def predict_tta(
                 )
                 if flip is not None:
                     dets = [_unflip(d, flip) for d in dets]
-                for d in dets:
-                    d.meta["augmentation"] = aug
+                dets = [replace(d, meta={**d.meta, "augmentation": aug}) for d in dets]
                 per_aug.append(dets)
             for i in range(len(chunk)):
                 yield [dets[i] for dets in per_aug]

@@ -71,7 +71,11 @@ for path in sorted(root.rglob("*.py")):
 for name in core:
     importlib.import_module(name)
 loaded = sorted({m.split(".")[0] for m in sys.modules})
-print(json.dumps({"imports": imports, "core": core, "loaded": loaded}))
+# Where each loaded loop module came from (an installed copy elsewhere must not stand in).
+files = sorted(
+    {getattr(m, "__file__", None) or "" for n, m in list(sys.modules.items()) if n.split(".")[0] == "loop"}
+)
+print(json.dumps({"imports": imports, "core": core, "loaded": loaded, "files": files}))
 """
 
 
@@ -123,3 +127,5 @@ def test_importing_the_core_loads_no_orchestrator_and_no_heavy_stack(
     loaded = set(scan["loaded"])
     assert not loaded & set(NOT_LOADED_BY_CORE), sorted(loaded & set(NOT_LOADED_BY_CORE))
     assert "loop" in loaded and len(scan["core"]) > 30
+    elsewhere = [f for f in scan["files"] if not Path(f).resolve().is_relative_to(REPO / "loop")]
+    assert not elsewhere, f"loop modules loaded from outside {REPO}: {elsewhere}"

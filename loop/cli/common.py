@@ -336,7 +336,7 @@ def _fmt(v: float | None) -> str:
 
 
 def print_cycle(out: Any) -> None:
-    """One line per step of a cycle's outcome (`flows.cycle.CycleOutcome`), or why it was
+    """One line per step of a cycle's outcome (a `flows.cycle.CycleOutcome`), or why it was
     skipped."""
     if getattr(out, "skipped", None):
         console.print(f"[yellow]{out.skipped}[/]")

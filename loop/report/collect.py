@@ -577,7 +577,7 @@ def collect_production(project: Project) -> ProductionData | None:
     )
 
 
-def safe_collect(project: Project, notes: list[str]) -> Any:
+def safe_collect(project: Project, notes: list[str]) -> ProductionData | None:
     """`collect_production`, with unreadable monitor records noted instead of failing."""
     try:
         return collect_production(project)

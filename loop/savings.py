@@ -1,4 +1,5 @@
-"""Label savings of oracle-replay learning curves, and their plot (pure: curves in, numbers out).
+"""Label savings of oracle-replay learning curves (pure: curves in, numbers out; the plot of the
+curves is `loop.report.plots.plot_curves`).
 
 A curve is the JSON record `loop.replay.replay_curve` writes: ``{"strategy", "seed", "rounds":
 [{"round", "labeled", "test_map50", "test_map50_95", "actions_total", "effort", ...}]}``.

@@ -3,9 +3,10 @@
 Run in a fresh interpreter, like the offline test, so that this test process's own imports do not
 count. Two checks, both in that subprocess:
 
-- every ``import`` statement in every module of ``loop/`` (top level or inside a function) is
-  read from the source and checked against `RULES`: a lazy import breaks a rule as much as a
-  top-level one;
+- every ``import`` statement in every module of ``loop/`` and ``flows/`` (top level or inside a
+  function) is read from the source and checked against `RULES` (for ``loop/``) and against
+  the rule that ``flows/`` never imports the command line: a lazy import breaks a rule as much
+  as a top-level one;
 - every core module is imported, and none of the heavy or forbidden packages may be in
   ``sys.modules`` afterwards (this catches a rule broken through a third-party package too).
 """
@@ -43,17 +44,16 @@ import ast, importlib, json, sys
 from pathlib import Path
 
 repo = Path(sys.argv[1])
-root = repo / "loop"
 imports = []  # [file, line, module]
 core = []
-for path in sorted(root.rglob("*.py")):
+for path in sorted([*(repo / "loop").rglob("*.py"), *(repo / "flows").rglob("*.py")]):
     rel = path.relative_to(repo).as_posix()
     parts = list(path.relative_to(repo).with_suffix("").parts)
     is_pkg = parts[-1] == "__init__"
     if is_pkg:
         parts = parts[:-1]
     name = ".".join(parts)
-    if not rel.startswith("loop/cli/"):
+    if rel.startswith("loop/") and not rel.startswith("loop/cli/"):
         core.append(name)
     package = parts if is_pkg else parts[:-1]
     for node in ast.walk(ast.parse(path.read_text(), rel)):
@@ -116,9 +116,23 @@ def test_import_only_where_allowed(module: str, allowed: str, scan: dict[str, li
     def ok(path: str) -> bool:
         return path.startswith(allowed) if allowed.endswith("/") else path == allowed
 
-    wrong = [f"{f}:{line} imports {name}" for f, line, name in _imports_of(module, scan)]
-    wrong = [w for w in wrong if not ok(w.split(":")[0])]
+    found = _imports_of(module, scan)
+    wrong = [
+        f"{f}:{n} imports {name}" for f, n, name in found if f.startswith("loop/") and not ok(f)
+    ]
     assert not wrong, f"only {allowed} may import {module}:\n" + "\n".join(wrong)
+
+
+def test_flows_never_import_the_command_line(scan: dict[str, list]) -> None:
+    assert any(f.startswith("flows/") for f, _, _ in scan["imports"])
+    wrong = [
+        f"{f}:{n} imports {m}"
+        for f, n, m in _imports_of("loop.cli", scan)
+        if f.startswith("flows/")
+    ]
+    assert not wrong, (
+        "flows/ orchestrates the core; only the command line runs flows:\n" + "\n".join(wrong)
+    )
 
 
 def test_importing_the_core_loads_no_orchestrator_and_no_heavy_stack(

@@ -180,12 +180,9 @@ def predict_onnx(
     the kept indices, to gather ``class_probs``). Every batch is padded to ``batch`` images so
     ONNX Runtime sees one input shape (each new shape costs a slow first call).
     """
-    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
-    _check_predict_args(conf, iou, batch, min_candidates)
-    if imgsz % 32:
-        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
-    _setup(yolo_config_dir, threads)
-    session = _ort_session(path, threads)
+    _, session = _open_session(
+        onnx_path, imgsz, conf, iou, batch, min_candidates, yolo_config_dir, threads
+    )
     input_name = session.get_inputs()[0].name
 
     def stream() -> Iterator[Detections]:
@@ -194,6 +191,26 @@ def predict_onnx(
             yield from _detections(out, chunk, sizes, imgsz, conf, iou, num_classes, min_candidates)
 
     return stream()
+
+
+def _open_session(
+    onnx_path: Path,
+    imgsz: int,
+    conf: float,
+    iou: float,
+    batch: int,
+    min_candidates: int,
+    yolo_config_dir: Path,
+    threads: int,
+) -> tuple[Path, Any]:
+    """The checks `predict_onnx` and `predict_onnx_embedded` share (raising `ModelError`), then
+    Ultralytics' offline set-up and an ONNX Runtime session: ``(model path, session)``."""
+    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
+    _check_predict_args(conf, iou, batch, min_candidates)
+    if imgsz % 32:
+        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
+    _setup(yolo_config_dir, threads)
+    return path, _ort_session(path, threads)
 
 
 def _prefetched(
@@ -413,12 +430,9 @@ def predict_onnx_embedded(
     """`predict_onnx` on a model made by `add_embedding_output`: per image, in input order, its
     `Detections` (exactly as `predict_onnx` gives them) and its ``(d,)`` float32 embedding, from
     ONE forward pass. Preprocessing: Ultralytics' square letterbox to ``imgsz``."""
-    path = _require_file(Path(onnx_path), "ONNX model", "export one with loop.model.export_onnx")
-    _check_predict_args(conf, iou, batch, min_candidates)
-    if imgsz % 32:
-        raise ModelError(f"imgsz must be a multiple of 32 for the ONNX path, got {imgsz}")
-    _setup(yolo_config_dir, threads)
-    session = _ort_session(path, threads)
+    path, session = _open_session(
+        onnx_path, imgsz, conf, iou, batch, min_candidates, yolo_config_dir, threads
+    )
     outputs = [o.name for o in session.get_outputs()]
     if EMBEDDING_OUTPUT not in outputs:
         raise ModelError(

@@ -8,6 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
+from ls_json import poly, rect, verdict
 
 from loop.errors import ConversionError, UnknownLabelError
 from loop.formats.labelstudio import UnsafeImagePathError, judge_task
@@ -20,40 +21,6 @@ DATA = {
     "height": 100,
 }
 USERS = {1: "ann@x", 2: "bob@x", 3: "cy@x"}
-
-
-def rect(x: float, y: float, w: float, h: float, label: str = "dent", **extra: Any) -> dict:
-    value = {"x": x, "y": y, "width": w, "height": h, "rotation": 0, "rectanglelabels": [label]}
-    return {
-        "id": "r",
-        "type": "rectanglelabels",
-        "from_name": "label",
-        "to_name": "image",
-        "original_width": 200,
-        "original_height": 100,
-        "value": {**value, **extra},
-    }
-
-
-def poly(points: list[list[float]], label: str = "dent") -> dict:
-    return {
-        "id": "p",
-        "type": "polygonlabels",
-        "from_name": "polygon",
-        "to_name": "image",
-        "original_width": 200,
-        "original_height": 100,
-        "value": {"points": points, "polygonlabels": [label]},
-    }
-
-
-def verdict(choice: str = "defect-free") -> dict:
-    return {
-        "type": "choices",
-        "from_name": "verdict",
-        "to_name": "image",
-        "value": {"choices": [choice]},
-    }
 
 
 def ann(aid: int, result: list, when: str = "2026-01-01T00:00:00Z", by: int = 1, **kw: Any) -> dict:

@@ -12,6 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from label_studio_sdk.core.api_error import ApiError
+from ls_json import poly as _poly
+from ls_json import rect as _rect
+from ls_json import verdict as _verdict
 
 from loop.errors import ConfigError, ConversionError, LabelStudioError, ServiceError
 from loop.formats.labelstudio import UnsafeImagePathError, check_image_url, parse_time
@@ -240,25 +243,6 @@ def test_failed_install_names_the_pip_log(tmp_path):
 
 
 # --- pull selection logic on a canned export (no server) ---------------------------------------
-def _rect(x, y, w, h, label, ow=200, oh=100):
-    return {
-        "id": "r",
-        "type": "rectanglelabels",
-        "from_name": "label",
-        "to_name": "image",
-        "original_width": ow,
-        "original_height": oh,
-        "value": {
-            "x": x,
-            "y": y,
-            "width": w,
-            "height": h,
-            "rotation": 0,
-            "rectanglelabels": [label],
-        },
-    }
-
-
 def _ann(aid, result, updated, gt=False, cancelled=False):
     return {
         "id": aid,
@@ -378,27 +362,6 @@ def test_backoff_has_bounded_jitter(monkeypatch):
     monkeypatch.setattr(ls_transport, "_BACKOFF_S", 1.0)
     waits = {round(ls_transport._backoff(2), 6) for _ in range(50)}
     assert len(waits) > 1 and all(2.0 <= w <= 6.0 for w in waits)
-
-
-def _poly(points, label):
-    return {
-        "id": "p",
-        "type": "polygonlabels",
-        "from_name": "polygon",
-        "to_name": "image",
-        "original_width": 200,
-        "original_height": 100,
-        "value": {"points": points, "polygonlabels": [label]},
-    }
-
-
-def _verdict():
-    return {
-        "type": "choices",
-        "from_name": "verdict",
-        "to_name": "image",
-        "value": {"choices": ["defect-free"]},
-    }
 
 
 def test_pull_rules_on_canned_export(monkeypatch):

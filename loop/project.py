@@ -586,9 +586,3 @@ class Project:
                 for r in rejections
             ],
         }
-
-
-def require_weights(path: Path | None) -> Path:
-    if path is None or not path.exists():
-        raise ModelError("no champion model yet: run `defect-loop train` first")
-    return path

@@ -393,13 +393,6 @@ class ModelRegistry(TrackerBase):
             return None
         return str(mv.version), self.client.get_run(str(mv.run_id))
 
-    def champion_metrics(self) -> tuple[str, float | None] | None:
-        """(champion model version, its test mAP50-95) or None; downloads nothing."""
-        current = self._champion_run()
-        if current is None:
-            return None
-        return current[0], current[1].data.metrics.get("test_map50_95")
-
     def last_trained_digest(self) -> str | None:
         """Dataset digest of the newest finished training run (None before the first)."""
         runs = self.client.search_runs(

@@ -66,6 +66,7 @@ from loop.scoring import (
 from loop.selection import strategy_needs
 from loop.simulate import OracleGateway, truth_from_yolo_dir
 from loop.tracking import TAG, Champion, Tracker
+from loop.workspace import Workspace
 
 Log = Callable[[str], None]
 RESULT_KIND = "defect-loop-replay"
@@ -529,7 +530,7 @@ def _log_round(
 
 def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -> Tracker:
     """A `Tracker` on the replay's MLflow store, with the experiment's artifacts in ``out_dir``."""
-    uri = settings.mlflow_uri or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+    uri = settings.mlflow_uri or f"sqlite:///{Workspace(out_dir).mlflow_db.resolve()}"
     cfg = ProjectConfig(
         classes=classes,
         workspace=out_dir.resolve(),

@@ -284,6 +284,7 @@ def _marked_defect_free(results: Iterable[dict[str, Any]]) -> bool:
 
 
 def without_scores(det: Detections) -> Detections:
+    """``det``'s boxes and classes without confidences (what a labeler submits)."""
     return Detections(det.xyxy, det.class_id, det.image_wh)
 
 

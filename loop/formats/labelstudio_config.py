@@ -32,6 +32,8 @@ def _colour(i: int, n: int) -> str:
 
 
 def check_class_names(class_names: list[str]) -> None:
+    """Raise `ConfigError` unless ``class_names`` is a non-empty list of unique, non-blank
+    strings."""
     if not class_names:
         raise ConfigError("class_names must list at least one class")
     if any(not isinstance(c, str) or not c.strip() for c in class_names):

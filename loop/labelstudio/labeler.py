@@ -8,7 +8,7 @@ from typing import Any
 from loop.detections import Detections
 from loop.errors import LabelStudioError
 from loop.formats.labelstudio import detections_to_ls_results, without_scores
-from loop.labelstudio.transport import _PAGE_SIZE, Transport
+from loop.labelstudio.transport import PAGE_SIZE, Transport
 
 
 class Labeler(Transport):
@@ -22,7 +22,7 @@ class Labeler(Transport):
         tasks: list[Any] = self._call(
             "list tasks",
             lambda: list(
-                self._client.tasks.list(project=project_id, fields="all", page_size=_PAGE_SIZE)
+                self._client.tasks.list(project=project_id, fields="all", page_size=PAGE_SIZE)
             ),
         )
         out = []

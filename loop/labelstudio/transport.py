@@ -25,7 +25,7 @@ from loop.errors import ConfigError, LabelStudioError, ServiceError
 
 T = TypeVar("T")
 
-_PAGE_SIZE = 1000
+PAGE_SIZE = 1000
 _RETRIES = 4  # attempts after the first one
 _BACKOFF_S = 0.5  # first wait; doubles each time
 _JITTER = 0.5  # each wait is multiplied by a random factor in [1 - _JITTER, 1 + _JITTER]
@@ -221,7 +221,7 @@ class Transport:
         *,
         fields: str = "task_only",
         query: dict[str, Any] | None = None,
-        page_size: int = _PAGE_SIZE,
+        page_size: int = PAGE_SIZE,
         limit: int | None = None,
     ) -> list[dict[str, Any]]:
         """Tasks of the project as plain dicts holding the ``include`` fields, paged; ``query``

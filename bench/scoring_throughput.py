@@ -61,11 +61,6 @@ def neu_det_path(arg: str | None) -> Path:
     return Path(env) if env else REPO.parent / "shared" / "datasets" / "neu-det"
 
 
-def rel(p: Path) -> str:
-    """``p`` relative to the repository (the result file never holds absolute paths)."""
-    return os.path.relpath(Path(p).resolve(), REPO)
-
-
 def dataset(work: Path, neu: Path) -> tuple[Path, Path, list[str]]:
     """(images dir, labels dir, classes) of a YOLO folder: NEU-DET converted, or synthetic."""
     from loop.replay_dataset import prepare_dataset
@@ -334,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "scoring_throughput",
         "images": n_img,
-        "dataset": rel(images_dir),
+        # Relative to the repository: the result file never names the machine that ran it.
+        "dataset": os.path.relpath(images_dir.resolve(), REPO),
         "imgsz": args.imgsz,
         "threads": args.threads,
         "batch": BATCH,

@@ -1,8 +1,8 @@
 """Production monitoring on NEU-DET: false alarms without drift, detection and delay of camera
 changes and of a defect class the model never saw, and what the review queue puts first.
 
-Protocol (`FULL`; every step is the product's code: `loop.deploy.build_bundle`,
-`loop.deploy.Bundle.features`, `loop.monitor.evaluate_window`, `loop.review_queue.ReviewQueue`):
+Protocol (`FULL`; every step is the product's code: `loop.bundle.build_bundle`,
+`loop.bundle.Bundle.features`, `loop.windows.evaluate_window`, `loop.review_queue.ReviewQueue`):
 
 1. One NEU-DET class (``--novel-class``, default ``scratches``) is held out: every image with a
    box of that class. The 5-class images are split at random (seeded): ``train`` + ``val`` to
@@ -49,12 +49,12 @@ sys.path.insert(0, str(REPO))
 
 import numpy as np  # noqa: E402
 
+from loop.bundle import Bundle, build_bundle, load_bundle  # noqa: E402
 from loop.config import MonitorConfig, TrainConfig  # noqa: E402
-from loop.deploy import Bundle, build_bundle, load_bundle  # noqa: E402
 from loop.drift import FeatureSet  # noqa: E402
 from loop.images import atomic_write_text, sha256_file  # noqa: E402
-from loop.monitor import evaluate_window  # noqa: E402
 from loop.review_queue import QueueEntry, ReviewQueue  # noqa: E402
+from loop.windows import evaluate_window  # noqa: E402
 
 FULL: dict[str, Any] = {
     "imgsz": 160,
@@ -140,7 +140,7 @@ def floats(text: Any) -> list[float]:
 def prepare(dataset: Path, work: Path, novel: str, s: dict[str, Any]) -> dict[str, Any]:
     """Roles of the images (cached in ``split.json``): train, val, reference, production (5
     classes) and novel (every image with a box of the held-out class)."""
-    from loop.replay import prepare_dataset
+    from loop.replay_dataset import prepare_dataset
 
     split_file = work / "split.json"
     if split_file.is_file():

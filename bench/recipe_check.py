@@ -36,9 +36,8 @@ from loop.replay import (  # noqa: E402
     _labeled_stats,
     _Newest,
     _seeded_project,
-    initial_set,
-    prepare_dataset,
 )
+from loop.replay_dataset import initial_set, prepare_dataset  # noqa: E402
 
 SHARED_WEIGHTS = REPO.parent / "shared" / "models" / "yolov8n.pt"
 

@@ -28,8 +28,8 @@ def train_once(root: Path, data_yaml: Path, name: str, args: argparse.Namespace)
 
     cfg = ProjectConfig(classes=list(SYNTH_CLASSES), workspace=root / "ws")
     tcfg = TrainConfig(imgsz=args.imgsz, epochs=args.epochs, batch=8, seed=args.seed)
-    run = train(data_yaml, root / "runs", tcfg, cfg.yolo_config_dir, name=name)
-    ev = evaluate(run.weights, data_yaml, "test", args.imgsz, cfg.yolo_config_dir, cfg.classes)
+    run = train(data_yaml, root / "runs", tcfg, cfg.paths.yolo_config, name=name)
+    ev = evaluate(run.weights, data_yaml, "test", args.imgsz, cfg.paths.yolo_config, cfg.classes)
     return {
         **{f: getattr(ev, f) for f in FIELDS},
         "per_class_ap50_95": ev.per_class_ap50_95,

@@ -63,7 +63,7 @@ def neu_det_path(arg: str | None) -> Path:
 
 def dataset(work: Path, neu: Path) -> tuple[Path, Path, list[str]]:
     """(images dir, labels dir, classes) of a YOLO folder: NEU-DET converted, or synthetic."""
-    from loop.replay import prepare_dataset
+    from loop.replay_dataset import prepare_dataset
 
     if (neu / "annotations").is_dir():
         ds = prepare_dataset(neu, work / "neu-det")
@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> int:
     result = {
         "bench": "scoring_throughput",
         "images": n_img,
-        "dataset": str(images_dir),
+        # Relative to the repository: the result file never names the machine that ran it.
+        "dataset": os.path.relpath(images_dir.resolve(), REPO),
         "imgsz": args.imgsz,
         "threads": args.threads,
         "batch": BATCH,

@@ -28,9 +28,10 @@ from flows.sync import model_version_name, push_task, run_pull
 from flows.train import fit_task, record_task
 from loop.config import load_config
 from loop.errors import DefectLoopError
-from loop.labelstudio import PushSummary
-from loop.project import PullOutcome, TrainOutcome
+from loop.labeling import PushSummary
+from loop.project import TrainOutcome
 from loop.scheduling import CycleLock, CycleStepError
+from loop.sync import PullOutcome
 
 T = TypeVar("T")
 

@@ -21,11 +21,12 @@ from prefect.cache_policies import NONE
 from prefect.states import Completed
 
 from flows.common import NETWORK_TASK, Context, open_context
-from loop.deploy import load_bundle
+from loop.bundle import load_bundle
 from loop.errors import ConfigError, DeployError
-from loop.monitor import Monitor, MonitorOutcome, ScanResult, WindowResult, monitor_lock
+from loop.monitor import Monitor, MonitorOutcome, ScanResult, monitor_lock
 from loop.monitor import PendingImage as _Pending
 from loop.tracking import ProductionBundle
+from loop.windows import WindowResult
 
 ALERT_EVENT = "defect-loop.monitor.alert"
 
@@ -137,7 +138,7 @@ def monitor_flow(config_path: str, source: str | None = None, flush: bool = Fals
     (in a state named ``Drift alert`` when a window alerted, ``Skipped`` when another monitor
     of the workspace is running)."""
     ctx = open_context(config_path)
-    with monitor_lock(ctx.cfg.monitor_dir) as got:
+    with monitor_lock(ctx.cfg.paths.monitor) as got:
         if not got:
             reason = "skipped: another monitor of this workspace is running"
             get_run_logger().warning(reason)

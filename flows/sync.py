@@ -8,10 +8,11 @@ from prefect.cache_policies import NONE
 from flows.common import NETWORK_TASK, Context, locked_context
 from flows.score import run_score
 from loop.errors import printable
-from loop.labelstudio import PushSummary
-from loop.project import PullOutcome, ScoredImage
+from loop.labeling import PushSummary
+from loop.project import ScoredImage
 from loop.report import write_next_batch
 from loop.scoring import ScoringModels
+from loop.sync import PullOutcome
 
 
 def model_version_name(ctx: Context, models: ScoringModels) -> str:

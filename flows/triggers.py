@@ -54,7 +54,7 @@ def count_new_annotations_task(ctx: Context) -> int:
     n = changed_rows(current, trained)
     state = ctx.project.state
     if state.pending and state.ls_project_id is not None:
-        exported = ctx.project.gateway().export_annotated(state.ls_project_id)
+        exported = ctx.project.gateway().export_tasks(state.ls_project_id)
         n += annotated_pending(exported, state.pending)
     return n
 

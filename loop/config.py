@@ -28,6 +28,7 @@ from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, Settings
 
 from loop.errors import ConfigError
 from loop.uncertainty import Reduction
+from loop.workspace import Workspace
 
 DEFAULT_CONFIG_NAME = "defect-loop.yaml"
 
@@ -533,55 +534,21 @@ class ProjectConfig(BaseSettings):
             )
         return self
 
-    # --- derived paths (the workspace layout lives here and only here) ---
+    # --- derived paths and names ---
     @property
-    def images_dir(self) -> Path:
-        """Content-addressed image store; also Label Studio's local-storage folder."""
-        return self.workspace / "images"
-
-    @property
-    def datasets_dir(self) -> Path:
-        return self.workspace / "datasets"
-
-    @property
-    def runs_dir(self) -> Path:
-        return self.workspace / "runs"
-
-    @property
-    def exports_dir(self) -> Path:
-        return self.workspace / "exports"
-
-    @property
-    def scoring_models_dir(self) -> Path:
-        return self.workspace / "scoring-models"
-
-    @property
-    def yolo_config_dir(self) -> Path:
-        return self.workspace / "ultralytics"
-
-    @property
-    def bundles_dir(self) -> Path:
-        """Deployment bundles built here and production bundles downloaded from MLflow."""
-        return self.workspace / "bundles"
-
-    @property
-    def monitor_dir(self) -> Path:
-        """The monitor's state, window records, alerts and review queue."""
-        return self.workspace / "monitor"
-
-    @property
-    def state_path(self) -> Path:
-        return self.workspace / "state.json"
+    def paths(self) -> Workspace:
+        """Every path under the workspace (`loop.workspace`)."""
+        return Workspace(self.workspace)
 
     @property
     def mlflow_uri(self) -> str:
         if self.mlflow.tracking_uri:
             return self.mlflow.tracking_uri
-        return f"sqlite:///{(self.workspace / 'mlflow.db').resolve()}"
+        return f"sqlite:///{self.paths.mlflow_db.resolve()}"
 
     @property
     def mlflow_artifact_location(self) -> str:
-        return (self.workspace / "mlartifacts").resolve().as_uri()
+        return self.paths.mlflow_artifacts.resolve().as_uri()
 
     @property
     def ls_document_root(self) -> Path:

@@ -1,4 +1,5 @@
-"""Correction analytics: how labelers changed the model's suggestions (pure, no I/O but `write_report`).
+"""Correction analytics: how labelers changed the model's suggestions (pure; `write_corrections`
+and `read_corrections` are the only I/O).
 
 For every pulled task that showed a prediction, the predicted boxes and the final (submitted) boxes
 are matched one-to-one with the Hungarian algorithm (`scipy.optimize.linear_sum_assignment`) on
@@ -16,7 +17,8 @@ count under the PREDICTED class and ``added`` under the FINAL box's class, so fo
 
 All boxes are pixel ``xyxy`` (see `loop.detections`); lead times are seconds.
 
-The report (`build_report`) has the shape stored as ``<workspace>/datasets/<digest>/corrections.json``::
+The analytics document (`build_corrections`) has the shape stored as
+``<workspace>/datasets/<digest>/corrections.json``::
 
     {"per_class": {cls: {"accepted", "adjusted", "relabeled", "removed", "added"}},
      "lead_times": [seconds, ...], "tasks": n,
@@ -46,7 +48,6 @@ from loop.errors import UnknownLabelError
 MATCH_IOU = 0.5
 ACCEPT_IOU = 0.9
 OUTCOMES = ("accepted", "adjusted", "relabeled", "removed", "added")
-REPORT_NAME = "corrections.json"
 _EPS = 1e-9  # IoUs computed from float pixels: 0.9 must count as 0.9
 
 
@@ -179,7 +180,9 @@ def _boxes(det: Detections, class_names: Sequence[str], with_score: bool) -> lis
     return out
 
 
-def build_report(items: Iterable[CorrectionInput], class_names: Sequence[str]) -> dict[str, Any]:
+def build_corrections(
+    items: Iterable[CorrectionInput], class_names: Sequence[str]
+) -> dict[str, Any]:
     """The ``corrections.json`` document (shape in the module docstring); every class of
     ``class_names`` appears in ``per_class``, images in input order, lead times in seconds."""
     per_class = {c: dict.fromkeys(OUTCOMES, 0) for c in class_names}
@@ -224,7 +227,7 @@ def _metric_key(text: str) -> str:
 
 
 def correction_metrics(report: dict[str, Any], prefix: str = "corrections") -> dict[str, float]:
-    """Flat ``{name: value}`` for MLflow from a `build_report` document.
+    """Flat ``{name: value}`` for MLflow from a `build_corrections` document.
 
     Totals per outcome, overall and per-class acceptance rate (classes with no prediction are
     left out), number of tasks, mean/median lead time in seconds, mean/max disagreement.
@@ -253,7 +256,7 @@ def correction_metrics(report: dict[str, Any], prefix: str = "corrections") -> d
     return out
 
 
-def write_report(path: Path, report: dict[str, Any]) -> Path:
+def write_corrections(path: Path, report: dict[str, Any]) -> Path:
     """Write ``report`` as JSON to ``path`` atomically (temporary file + rename)."""
     from loop.images import atomic_write_text
 
@@ -262,7 +265,7 @@ def write_report(path: Path, report: dict[str, Any]) -> Path:
     return path
 
 
-def read_report(path: Path) -> dict[str, Any]:
-    """Load a ``corrections.json`` written by `write_report`."""
+def read_corrections(path: Path) -> dict[str, Any]:
+    """Load a ``corrections.json`` written by `write_corrections`."""
     data: dict[str, Any] = json.loads(Path(path).read_text())
     return data

@@ -46,6 +46,9 @@ from loop.formats.yolo import detections_to_yolo_lines
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
+# The files of a stored version, in ``<datasets>/<digest>/``.
+MANIFEST_FILE = "manifest.parquet"
+META_FILE = "meta.json"
 
 
 def assign_split(sha256: str, ratios: SplitConfig) -> Split:
@@ -269,8 +272,8 @@ def version_meta(version: DatasetVersion) -> dict[str, Any]:
 def write_version_dir(version: DatasetVersion, dest: Path) -> Path:
     """Write ``manifest.parquet`` and ``meta.json`` of ``version`` into ``dest`` (created)."""
     dest.mkdir(parents=True, exist_ok=True)
-    pq.write_table(version_to_table(version), dest / "manifest.parquet")
-    (dest / "meta.json").write_text(json.dumps(version_meta(version), indent=1))
+    pq.write_table(version_to_table(version), dest / MANIFEST_FILE)
+    (dest / META_FILE).write_text(json.dumps(version_meta(version), indent=1))
     return dest
 
 
@@ -280,7 +283,7 @@ def read_version_dir(folder: Path, expected: str | None = None) -> DatasetVersio
     ``expected``: the digest the caller wants (e.g. from a run tag); raises `DatasetError` when the
     files are missing, the content does not hash to the recorded digest, or it is not ``expected``.
     """
-    meta_path, manifest = folder / "meta.json", folder / "manifest.parquet"
+    meta_path, manifest = folder / META_FILE, folder / MANIFEST_FILE
     if not meta_path.is_file() or not manifest.is_file():
         raise DatasetError(
             f"{folder} holds no dataset version (needs manifest.parquet and meta.json); "
@@ -323,7 +326,7 @@ class DatasetStore:
         if not version.digest:
             raise DatasetError("version has no digest; build it with DatasetVersion.create")
         dest = self.path(version.digest)
-        if (dest / "meta.json").exists():
+        if (dest / META_FILE).exists():
             return dest
         tmp = self.root / f".{version.digest}.tmp{os.getpid()}"
         write_version_dir(version, tmp)
@@ -331,7 +334,7 @@ class DatasetStore:
             os.replace(tmp, dest)
         except OSError:
             shutil.rmtree(tmp, ignore_errors=True)
-            if not (dest / "meta.json").exists():  # not a lost race with an identical save
+            if not (dest / META_FILE).exists():  # not a lost race with an identical save
                 raise
         return dest
 
@@ -340,7 +343,7 @@ class DatasetStore:
         ref = ref.strip().lower()
         ok = len(ref) >= 6 and all(ch in "0123456789abcdef" for ch in ref)
         matches = (
-            [p.name for p in self.root.glob(f"{ref}*") if (p / "meta.json").exists()] if ok else []
+            [p.name for p in self.root.glob(f"{ref}*") if (p / META_FILE).exists()] if ok else []
         )
         if len(matches) != 1:
             raise DatasetError(
@@ -359,9 +362,9 @@ class DatasetStore:
         if not self.root.is_dir():
             return []
         metas = [
-            json.loads((p / "meta.json").read_text())
+            json.loads((p / META_FILE).read_text())
             for p in self.root.iterdir()
-            if not p.name.startswith(".") and (p / "meta.json").exists()
+            if not p.name.startswith(".") and (p / META_FILE).exists()
         ]
         return sorted(metas, key=lambda m: (str(m["created_at"]), str(m["digest"])))
 

@@ -9,8 +9,10 @@ Parallel numpy arrays for the boxes of ONE image:
 - ``class_probs``: ``(n, C)`` float64 in ``[0, 1]`` or ``None``. For YOLO these are independent
   per-class sigmoid scores (rows need not sum to 1); ``class_probs[i, class_id[i]] == confidence[i]``.
 - ``image_wh``: ``(width, height)`` of the image in pixels.
+- ``meta``: where the boxes came from (e.g. ``path``, ``augmentation``), set on construction.
 
-Instances are immutable (arrays are made read-only) and validated on construction.
+Instances are immutable (frozen fields, arrays made read-only) and validated on construction;
+make a changed copy with `dataclasses.replace`, never mutate ``meta``.
 """
 
 from __future__ import annotations

@@ -25,8 +25,6 @@ from typing import Any
 from loop.errors import DatasetError
 from loop.images import atomic_write_text
 
-LEDGER_NAME = "labelstudio-tasks.json"
-REJECTIONS_NAME = "rejected-tasks.json"
 _FORMAT = 1
 
 

@@ -2,7 +2,8 @@
 
 Each public method of `Project` is one step that crosses one I/O boundary (ingest, train, predict,
 push, pull, log), so that `flows/` can wrap each in a Prefect task and the CLI can call them
-directly. Nothing here imports Prefect.
+directly. Push and pull, the steps that cross into the labeling backend, live in `loop.sync`.
+Nothing here imports Prefect.
 """
 
 from __future__ import annotations
@@ -11,20 +12,19 @@ import json
 import os
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
-from typing import Any
-from urllib.parse import quote
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import yaml
 
+from loop import sync
 from loop.config import ProjectConfig
 from loop.datasets import (
     DatasetStore,
     DatasetVersion,
     LabeledImage,
-    Split,
     assign_split,
     export_yolo,
 )
@@ -34,11 +34,10 @@ from loop.errors import (
     ConversionError,
     DatasetError,
     ImageError,
-    LabelStudioError,
     ModelError,
-    ServiceError,
     UnknownLabelError,
 )
+from loop.formats.labelstudio import local_file_url
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import (
     ImagePool,
@@ -49,12 +48,25 @@ from loop.images import (
     sha256_file,
 )
 from loop.labelfiles import match_label_files
-from loop.ledger import LEDGER_NAME, REJECTIONS_NAME, RejectionLog, TaskLedger, TaskRejection
-from loop.quality import gate_and_record, preannotation_filter, split_status
-from loop.review_queue import ReviewQueue
+from loop.labeling import LabelingBackend, PushSummary
+from loop.ledger import RejectionLog, TaskRejection
+from loop.quality import gate_and_record, split_status
 from loop.scheduling import workspace_lock
+from loop.sync import PullOutcome
+
+if TYPE_CHECKING:
+    from loop.labelstudio import LabelStudioGateway
+    from loop.model import EvalResult, TrainResult
+    from loop.tracking import Champion, Tracker
 
 Progress = Callable[[int, int], None]
+
+
+class ChampionSource(Protocol):
+    """Where `Project.fit` finds the champion to fine-tune (a `loop.tracking.Tracker`, or the
+    oracle replay's newest model)."""
+
+    def champion(self) -> Champion | None: ...
 
 
 @dataclass
@@ -94,8 +106,8 @@ class FitResult:
     from scratch)."""
 
     version: DatasetVersion
-    result: Any  # loop.model.TrainResult
-    test: Any  # loop.model.EvalResult | None
+    result: TrainResult
+    test: EvalResult | None
     init_version: str | None
     round_index: int
     init: str = "scratch"
@@ -109,35 +121,14 @@ class ScoredImage:
     detections: Detections  # what labelers will see (>= preannotation_conf)
 
 
-@dataclass(frozen=True)
-class PullOutcome:
-    """``labeled``: labels taken; ``rejected``: "Label Studio task <id>: <reason>" lines of the
-    tasks this pull rejected that were not already open for that reason (``open_rejections``
-    counts them all; `Project.rejections` lists them);
-    ``unlabeled``: sha256 of images whose Label Studio annotations were deleted (their labels
-    were dropped from the new version; they wait in Label Studio again); ``skipped``: tasks only
-    skipped by labelers; ``corrections``: correction metrics (`loop.corrections.correction_metrics`)
-    of the new version, for MLflow; ``cursor``: where the next incremental pull starts."""
-
-    labeled: int
-    rejected: list[str]
-    new_version: str | None
-    parent: str | None
-    unlabeled: list[str] = field(default_factory=list)
-    skipped: int = 0
-    corrections: dict[str, float] = field(default_factory=dict)
-    cursor: str | None = None
-    open_rejections: int = 0  # tasks still rejected after this pull (this one's and earlier)
-
-
 class Project:
     """Bundles a config with the on-disk workspace it describes."""
 
     def __init__(self, cfg: ProjectConfig) -> None:
         self.cfg = cfg
         cfg.workspace.mkdir(parents=True, exist_ok=True)
-        self.pool = ImagePool(cfg.images_dir, cfg.workspace / "pool.json")
-        self.store = DatasetStore(cfg.datasets_dir)
+        self.pool = ImagePool(cfg.paths.images, cfg.paths.pool)
+        self.store = DatasetStore(cfg.paths.datasets)
         self.state = self._load_state()
         # Called with the holder's description when a write has to wait for the workspace lock.
         self.on_wait: Callable[[str], None] | None = None
@@ -146,7 +137,7 @@ class Project:
     def reload(self) -> None:
         """Re-read the pool and ``state.json`` (another command may have changed them). The
         state object is updated in place, so references to it stay valid."""
-        self.pool = ImagePool(self.cfg.images_dir, self.cfg.workspace / "pool.json")
+        self.pool = ImagePool(self.cfg.paths.images, self.cfg.paths.pool)
         fresh = self._load_state()
         for f in fields(ProjectState):
             setattr(self.state, f.name, getattr(fresh, f.name))
@@ -167,19 +158,20 @@ class Project:
             yield
 
     def _load_state(self) -> ProjectState:
-        if self.cfg.state_path.exists():
-            return ProjectState(**json.loads(self.cfg.state_path.read_text()))
+        if self.cfg.paths.state.exists():
+            return ProjectState(**json.loads(self.cfg.paths.state.read_text()))
         return ProjectState()
 
     def save_state(self) -> None:
-        atomic_write_text(self.cfg.state_path, json.dumps(asdict(self.state), indent=1))
+        atomic_write_text(self.cfg.paths.state, json.dumps(asdict(self.state), indent=1))
 
     def current_version(self) -> DatasetVersion | None:
         if self.state.current_version is None:
             return None
         return self.store.load(self.state.current_version)
 
-    def _set_version(self, version: DatasetVersion) -> None:
+    def set_version(self, version: DatasetVersion) -> None:
+        """Save ``version`` in the store and make it the project's current version."""
         self.store.save(version)
         self.state.current_version = version.digest
         self.save_state()
@@ -231,7 +223,7 @@ class Project:
                 version = current.with_labels(labeled)
             if current is not None and version.digest == current.digest:
                 return report, current
-            self._set_version(version)
+            self.set_version(version)
             return report, version
 
     def _read_labels(
@@ -288,9 +280,11 @@ class Project:
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:
-        return export_yolo(version, self.cfg.images_dir, self.cfg.exports_dir / version.digest)
+        return export_yolo(version, self.cfg.paths.images, self.cfg.paths.exports / version.digest)
 
-    def fit(self, tracker: Any, progress: Callable[[str], None] | None = None) -> FitResult:
+    def fit(
+        self, tracker: ChampionSource, progress: Callable[[str], None] | None = None
+    ) -> FitResult:
         """Export the current version, train and evaluate on the frozen test split. Writes only
         under the workspace's runs folder.
 
@@ -343,9 +337,9 @@ class Project:
 
         result = model.train(
             data_yaml,
-            self.cfg.runs_dir,
+            self.cfg.paths.runs,
             train_cfg,
-            self.cfg.yolo_config_dir,
+            self.cfg.paths.yolo_config,
             init_weights=init_path,
             name=f"round{round_index}-{version.short}",
             on_epoch=None if progress is None else on_epoch,
@@ -357,7 +351,7 @@ class Project:
                 data_yaml,
                 "test",
                 self.cfg.train.imgsz,
-                self.cfg.yolo_config_dir,
+                self.cfg.paths.yolo_config,
                 list(self.cfg.classes),
             )
         return FitResult(
@@ -370,7 +364,7 @@ class Project:
             init_sha256=init_sha,
         )
 
-    def record(self, tracker: Any, fit: FitResult) -> TrainOutcome:
+    def record(self, tracker: Tracker, fit: FitResult) -> TrainOutcome:
         """Log a fit to MLflow, register its weights as ``candidate`` and run the promotion gate
         (`loop.quality.gate_and_record`: paired bootstrap against the champion)."""
         start = self.cfg.train.start_checkpoint()
@@ -397,12 +391,12 @@ class Project:
             round_index=fit.round_index,
             config_text=config_text,
         )
-        corrections = self.store.path(fit.version.digest) / "corrections.json"
+        corrections = self.cfg.paths.corrections(fit.version.digest)
         if corrections.exists():
             # How labelers changed the suggestions that produced this version's new labels.
-            from loop.corrections import correction_metrics, read_report
+            from loop.corrections import correction_metrics, read_corrections
 
-            tracker.log_metrics(run_id, correction_metrics(read_report(corrections)))
+            tracker.log_metrics(run_id, correction_metrics(read_corrections(corrections)))
         mv = tracker.register(run_id)
         # Paired against the champion on the same test images, with bootstrap intervals.
         decision = gate_and_record(self, tracker, fit, run_id, mv)
@@ -450,9 +444,13 @@ class Project:
             return Path(weights)
         if not Path(weights).is_file():
             raise ModelError(f"weights {weights} not found; train a model first")
-        imgsz, ycd, threads = self.cfg.train.imgsz, self.cfg.yolo_config_dir, self.cfg.train.threads
+        imgsz, ycd, threads = (
+            self.cfg.train.imgsz,
+            self.cfg.paths.yolo_config,
+            self.cfg.train.threads,
+        )
         key = f"{sha256_file(Path(weights))[:16]}-{imgsz}"
-        onnx_path = self.cfg.scoring_models_dir / f"{key}.onnx"
+        onnx_path = self.cfg.paths.scoring_models / f"{key}.onnx"
         if not onnx_path.is_file():
             # Ultralytics exports beside the weights: work on a private copy of them.
             private = onnx_path.with_name(f".{key}.{os.getpid()}.pt")
@@ -495,7 +493,7 @@ class Project:
             paths,
             self.cfg.train.imgsz,
             self.cfg.select.candidate_conf,
-            self.cfg.yolo_config_dir,
+            self.cfg.paths.yolo_config,
             len(self.cfg.classes),
             threads=self.cfg.train.threads,
             min_candidates=self.cfg.select.min_candidates,
@@ -508,7 +506,7 @@ class Project:
             return self.cfg.labelstudio.api_token.get_secret_value()
         from loop.services import load_or_create_credentials
 
-        cred_path = self.cfg.workspace / "labelstudio" / "credentials.json"
+        cred_path = self.cfg.paths.labelstudio_credentials
         if cred_path.exists():
             return load_or_create_credentials(cred_path).api_token
         raise ConfigError(
@@ -516,14 +514,15 @@ class Project:
             "or run `defect-loop services up` to start a local Label Studio"
         )
 
-    def gateway(self) -> Any:
+    def gateway(self) -> LabelStudioGateway:
+        """A gateway to the configured Label Studio (close it, or use it with ``with``)."""
         from loop.labelstudio import LabelStudioGateway
 
         return LabelStudioGateway(
             self.cfg.labelstudio.url, self.ls_token(), timeout_s=self.cfg.labelstudio.timeout_s
         )
 
-    def ensure_ls_project(self, gw: Any) -> int:
+    def ensure_ls_project(self, gw: LabelingBackend) -> int:
         """Get or create the Label Studio project from the config (idempotent): classes, colours,
         instructions, polygons, the "most valuable first" view and the images' local storage.
         The remembered project id is its identity, so a project renamed in the UI is kept."""
@@ -535,355 +534,35 @@ class Project:
                 polygons=self.cfg.labelstudio.polygons,
                 project_id=self.state.ls_project_id,
             )
-            gw.ensure_local_storage(pid, self.cfg.images_dir)
+            gw.ensure_local_storage(pid, self.cfg.paths.images)
             if self.state.ls_project_id != pid:
                 self.state.ls_project_id = pid
                 self.save_state()
             return int(pid)
 
     def image_url(self, sha: str) -> str:
-        path = (self.cfg.images_dir / self.pool.get(sha).path).resolve()
+        path = (self.cfg.paths.images / self.pool.get(sha).path).resolve()
         root = self.cfg.ls_document_root.resolve()
         if not path.is_relative_to(root):
             raise ConfigError(
-                f"image folder {self.cfg.images_dir} is not below Label Studio's document root "
+                f"image folder {self.cfg.paths.images} is not below Label Studio's document root "
                 f"{root}; set labelstudio.document_root or move the workspace"
             )
-        rel = path.relative_to(root)
-        return f"/data/local-files/?d={quote(rel.as_posix(), safe='/')}"
+        return local_file_url(path.relative_to(root).as_posix())
 
-    def push(self, gw: Any, ranked: list[ScoredImage], model_version: str) -> Any:
-        """Push the top ``select.batch_size`` new images of ``ranked`` as pre-annotated tasks,
-        best first; images of ``ranked`` already waiting in Label Studio get a prediction of
-        ``model_version`` (and their new priority) when it is a new model version. Images the
-        production monitor queued (`loop.review_queue`) lead the batch, with priorities above
-        the rest. Boxes of classes below ``advice.preannotation_min_ap50`` are left out of the
-        suggestions (`loop.quality.preannotation_filter`). Returns the gateway's `PushSummary`
-        (created, refreshed, skipped, failed).
+    def push(
+        self, gw: LabelingBackend, ranked: list[ScoredImage], model_version: str
+    ) -> PushSummary:
+        """Push the best new images of ``ranked`` as pre-annotated tasks (`loop.sync.push`)."""
+        return sync.push(self, gw, ranked, model_version)
 
-        Every task pushed (or found waiting) is recorded with its image sha256 and URL in the
-        task ledger (`loop.ledger.TaskLedger`), which `pull` checks annotations against; that
-        holds for the tasks of a push interrupted half-way, too. Images of the frozen test split
-        are never sent (``failed``). Holds the workspace lock."""
-        from loop.labelstudio import PushItem
-
-        with self.writing("push"):
-            pid = self.ensure_ls_project(gw)
-            ledger = self._ledger(pid)
-            rows = self._current_rows()
-            frozen = [s.sha256 for s in ranked if self._split_of(s.sha256, rows) == "test"]
-            usable = [s for s in ranked if s.sha256 not in set(frozen)]
-            fresh = [s for s in usable if s.sha256 not in self.state.pending]
-            waiting = [s for s in usable if s.sha256 in self.state.pending]
-            # Images the production monitor queued lead the push (loop.review_queue).
-            queue = ReviewQueue(self.cfg.monitor_dir)
-            fresh = queue.first(fresh)
-            chosen = fresh[: self.cfg.select.batch_size] + waiting
-            # Suggestions of classes the champion does not detect usefully cost labelers time.
-            _, shown = preannotation_filter(self.cfg, model_version)
-            items = [
-                PushItem(
-                    sha256=s.sha256,
-                    image_url=self.image_url(s.sha256),
-                    detections=shown(s.detections),
-                    priority=s.score,
-                )
-                for s in chosen
-            ]
-            urls = {it.sha256: it.image_url for it in items}
-
-            def remember(task_ids: dict[str, int]) -> None:
-                for sha, tid in task_ids.items():
-                    ledger.record(pid, tid, sha, urls[sha])
-                ledger.save()
-                queue.mark_pushed(task_ids)
-                self.state.pending.update(task_ids)
-                self.save_state()
-
-            try:
-                summary = gw.push(
-                    pid,
-                    items,
-                    model_version=model_version,
-                    class_names=list(self.cfg.classes),
-                    batch_size=self.cfg.labelstudio.batch_size,
-                    progress=None if self.cfg.labelstudio.progress else False,
-                )
-            except (ServiceError, LabelStudioError) as exc:
-                partial = getattr(exc, "partial", None)
-                if partial is not None and partial.task_ids:
-                    remember(partial.task_ids)  # what arrived before the failure
-                raise
-            remember(summary.task_ids)
-            for sha in frozen:
-                summary.failed += 1
-                summary.failures[sha] = (
-                    "in the frozen test split: test images are never sent for labeling"
-                )
-            self.state.last_model_version = model_version
-            self.save_state()
-            return summary
-
-    def _ledger(self, pid: int) -> TaskLedger:
-        """The ledger of pushed tasks. A workspace from before the ledger starts it from what it
-        knows it pushed: the tasks waiting in ``state.pending`` and those its labels came from."""
-        ledger = TaskLedger(self.cfg.workspace / LEDGER_NAME)
-        if ledger.exists:
-            return ledger
-        known = {tid: sha for sha, tid in self.state.pending.items()}
-        known.update(self._ls_labeled_tasks(self.current_version(), pid))
-        for tid, sha in sorted(known.items()):
-            if sha in self.pool:
-                try:
-                    ledger.record(pid, tid, sha, self.image_url(sha))
-                except ConfigError:
-                    continue
-        ledger.save()
-        return ledger
-
-    def _current_rows(self) -> dict[str, LabeledImage]:
-        version = self.current_version()
-        return {} if version is None else version.by_sha()
-
-    def _split_of(self, sha: str, rows: dict[str, LabeledImage]) -> Split:
-        """The image's split: its row's (frozen when labeled), else the one its hash gives."""
-        row = rows.get(sha)
-        return row.split if row is not None else assign_split(sha, self.cfg.split)
+    def pull(self, gw: LabelingBackend) -> PullOutcome:
+        """Bring the labeling backend's changes back as a new dataset version (`loop.sync.pull`)."""
+        return sync.pull(self, gw)
 
     def rejections(self) -> list[TaskRejection]:
         """Label Studio tasks that pulls rejected and that have not changed since (see `pull`)."""
-        return RejectionLog(self.cfg.workspace / REJECTIONS_NAME).open()
-
-    def _ls_labeled_tasks(self, version: DatasetVersion | None, pid: int) -> dict[int, str]:
-        """Task id -> sha256 of the rows of ``version`` that came from Label Studio project
-        ``pid`` (rows from before the project id was recorded count as this project's)."""
-        out: dict[int, str] = {}
-        if version is None:
-            return out
-        for r in version.rows:
-            prov = r.provenance
-            if prov.get("source") != "labelstudio" or not str(prov.get("task_id", "")).isdigit():
-                continue
-            if str(prov.get("project_id", pid)) != str(pid):
-                continue
-            out[int(prov["task_id"])] = r.sha256
-        return out
-
-    def _next_version(
-        self, current: DatasetVersion | None, rows: list[LabeledImage], drop: set[str]
-    ) -> DatasetVersion | None:
-        """``current`` with ``rows`` added or replaced and the ``drop`` images removed (None when
-        there is no version and no row). An image keeps its split (the test split is frozen); classes
-        appended to the config extend the version's class list."""
-        classes = tuple(self.cfg.classes)
-        if current is None:
-            return DatasetVersion.create(classes, rows) if rows else None
-        if classes[: len(current.classes)] != current.classes:
-            raise DatasetError(
-                f"the config's classes {list(classes)} do not extend the dataset's "
-                f"{list(current.classes)}; class ids are fixed: restore the class list"
-            )
-        merged = {r.sha256: r for r in current.rows if r.sha256 not in drop}
-        for r in rows:
-            old = merged.get(r.sha256)
-            merged[r.sha256] = (
-                r if old is None or old.split == r.split else replace(r, split=old.split)
-            )
-        return DatasetVersion.create(classes, merged.values(), parent=current.digest)
-
-    def pull(self, gw: Any) -> PullOutcome:
-        """Bring Label Studio's changes back as a new dataset version (none when nothing changed).
-
-        Incremental: only tasks updated since the stored cursor are read. New or changed
-        annotations add or replace labels; images whose annotations were all deleted lose their
-        label and wait in Label Studio again. A task that cannot be used is rejected with its id
-        and the reason, and never blocks the others: a malformed annotation (any field), an
-        unknown label, a rotated or zero-area box, more than ``labelstudio.max_regions``
-        regions, bad coordinates, an unsafe image path; a task this workspace never pushed, or
-        whose ``data.sha256`` or ``data.image`` no longer matches what was pushed (tampered,
-        see `loop.ledger`); an image of the frozen test split (only an explicit import changes
-        test labels). Rejections are kept in ``<workspace>/rejected-tasks.json`` until the task
-        changes or is deleted (`rejections`). The correction analytics of the pulled labels that
-        showed a prediction are written to ``<workspace>/datasets/<digest>/corrections.json``
-        of the new version. Holds the workspace lock.
-        """
-        with self.writing("pull"):
-            return self._pull(gw)
-
-    def _pull(self, gw: Any) -> PullOutcome:
-        from loop.corrections import (
-            REPORT_NAME,
-            CorrectionInput,
-            build_report,
-            correction_metrics,
-            write_report,
-        )
-
-        pid = self.ensure_ls_project(gw)
-        classes = list(self.cfg.classes)
-        scope = f"{pid}:{','.join(classes)}"
-        since = self.state.pull_cursor if self.state.pull_cursor_scope == scope else None
-        current = self.current_version()
-        result = gw.pull(
-            pid,
-            classes,
-            since=since,
-            known_labeled=self._ls_labeled_tasks(current, pid),
-            document_root=self.cfg.ls_document_root,
-            max_regions=self.cfg.labelstudio.max_regions,
-        )
-        found: dict[int, str] = {r.task_id: r.reason for r in result.rejected}
-        ledger = self._ledger(pid)
-        current_rows = {} if current is None else current.by_sha()
-        rows: list[LabeledImage] = []
-        inputs: list[CorrectionInput] = []
-        for lab in result.labels:
-            problem = self._identity_problem(pid, lab, ledger, current_rows)
-            if problem is not None:
-                found[lab.task_id] = problem
-                continue
-            entry = self.pool.get(lab.sha256)
-            prov = {
-                "source": "labelstudio",
-                "project_id": str(pid),
-                "task_id": str(lab.task_id),
-                "annotation_id": str(lab.annotation_id),
-                "annotator": str(lab.annotator),
-                "round": str(self.state.round),
-            }
-            if lab.prediction_model_version:
-                prov["model_version"] = str(lab.prediction_model_version)
-            if lab.lead_time is not None:
-                prov["lead_time_s"] = f"{lab.lead_time:.3f}"
-            if len(lab.annotators) > 1:
-                prov["annotators"] = ",".join(lab.annotators)
-            if lab.agreement is not None:
-                prov["agreement"] = f"{lab.agreement:.4f}"
-            rows.append(
-                LabeledImage(
-                    entry.sha256,
-                    entry.path,
-                    entry.width,
-                    entry.height,
-                    self._split_of(entry.sha256, current_rows),
-                    lab.detections,
-                    prov,
-                )
-            )
-            if lab.prediction is not None:
-                inputs.append(
-                    CorrectionInput(
-                        lab.sha256, lab.task_id, lab.prediction, lab.detections, lab.lead_time
-                    )
-                )
-        labeled_now = {r.sha256 for r in rows}
-        drop = {
-            s
-            for s in result.unlabeled_sha256
-            if s not in labeled_now and self._split_of(s, current_rows) != "test"
-        }
-        for r in rows:
-            self.state.pending.pop(r.sha256, None)
-        for tid, sha in zip(result.unlabeled_task_ids, result.unlabeled_sha256, strict=True):
-            if sha in drop:
-                self.state.pending[sha] = tid  # back in the labeling queue
-        self.state.pull_cursor = result.cursor
-        self.state.pull_cursor_scope = scope
-        earlier, open_now = self._record_rejections(gw, pid, found, result)
-        # This pull's news: a task judged again for the same reason is not listed twice.
-        rejected = [
-            f"Label Studio task {tid}: {reason}"
-            for tid, reason in sorted(found.items())
-            if earlier.get(tid) != reason
-        ]
-
-        def outcome(new_version: str | None, parent: str | None, metrics: Any) -> PullOutcome:
-            return PullOutcome(
-                len(rows),
-                rejected,
-                new_version,
-                parent,
-                unlabeled=sorted(drop),
-                skipped=len(result.skipped_task_ids),
-                corrections=metrics,
-                cursor=result.cursor,
-                open_rejections=open_now,
-            )
-
-        version = self._next_version(current, rows, drop) if rows or drop else current
-        if version is None or (current is not None and version.digest == current.digest):
-            self.save_state()
-            return outcome(None, self.state.current_version, {})
-        self._set_version(version)
-        report = build_report(inputs, classes)
-        write_report(self.store.path(version.digest) / REPORT_NAME, report)
-        return outcome(version.digest, version.parent, correction_metrics(report))
-
-    def _identity_problem(
-        self, pid: int, lab: Any, ledger: TaskLedger, rows: dict[str, LabeledImage]
-    ) -> str | None:
-        """Why the pulled label ``lab`` (a `PulledLabel`) must not be used, or None: its task
-        must be one this workspace pushed, still naming the same image (sha256 and URL), the
-        image must be in the pool at the annotated size, and not in the frozen test split."""
-        pushed = ledger.get(pid, lab.task_id)
-        if pushed is None:
-            if lab.sha256 not in self.pool:
-                return (
-                    f"image {lab.sha256[:12]} is not in this project's pool (imported by hand?); "
-                    "delete the task or ingest the image"
-                )
-            return (
-                f"tampered or foreign task: defect-loop never pushed this task (its data names "
-                f"image {lab.sha256[:12]}), so its annotation is not used; delete it in Label "
-                "Studio (`defect-loop push` creates the tasks to label)"
-            )
-        if pushed.sha256 != lab.sha256:
-            return (
-                f"tampered task data: the task was pushed for image {pushed.sha256[:12]} but its "
-                f"data.sha256 now names {lab.sha256[:12]}, so its annotation is not used; restore "
-                "data.sha256 or delete the task"
-            )
-        # (None: a stand-in gateway that does not report task data, e.g. the oracle replay's;
-        # Label Studio's gateway always does, or rejects the task for a missing image URL.)
-        if lab.image_url is not None and lab.image_url != pushed.image:
-            return (
-                f"tampered task data: the task was pushed showing {pushed.image!r} but its "
-                f"data.image is now {lab.image_url!r}, so its annotation is not used; restore "
-                "data.image or delete the task"
-            )
-        if lab.sha256 not in self.pool:
-            return f"image {lab.sha256[:12]} is no longer in this project's pool"
-        entry = self.pool.get(lab.sha256)
-        if tuple(lab.detections.image_wh) != (entry.width, entry.height):
-            w, h = lab.detections.image_wh
-            return (
-                f"the annotation was drawn on a {w}x{h} image but image {lab.sha256[:12]} is "
-                f"{entry.width}x{entry.height} px; re-annotate the task"
-            )
-        if self._split_of(lab.sha256, rows) == "test":
-            return (
-                f"image {lab.sha256[:12]} is in the frozen test split: only an explicit import "
-                "(`defect-loop ingest --labels`) changes test labels, so the annotation is not "
-                "used; delete the task"
-            )
-        return None
-
-    def _record_rejections(
-        self, gw: Any, pid: int, found: dict[int, str], result: Any
-    ) -> tuple[dict[int, str], int]:
-        """Keep the rejections of this pull with the earlier ones whose tasks did not change
-        (nor disappear). Returns the open rejections before this pull (task id -> reason) and
-        how many are open now."""
-        log = RejectionLog(self.cfg.workspace / REJECTIONS_NAME)
-        earlier = {r.task_id: r.reason for r in log.open(pid)}
-        log.update(pid, found, None if result.full else result.examined_task_ids)
-        stale = [r.task_id for r in log.open(pid) if r.task_id not in found]
-        list_tasks = getattr(gw, "task_ids", None)  # stand-in gateways may not list tasks
-        if stale and list_tasks is not None:
-            alive = list_tasks(pid)
-            log.forget(pid, [t for t in stale if t not in alive])
-        log.save()
-        return earlier, len(log.open(pid))
+        return RejectionLog(self.cfg.paths.rejections).open()
 
     # ---------------------------------------------------------------- status
     def status(self) -> dict[str, Any]:
@@ -907,9 +586,3 @@ class Project:
                 for r in rejections
             ],
         }
-
-
-def require_weights(path: Path | None) -> Path:
-    if path is None or not path.exists():
-        raise ModelError("no champion model yet: run `defect-loop train` first")
-    return path

@@ -46,8 +46,6 @@ if TYPE_CHECKING:
     from loop.project import FitResult, Project
     from loop.tracking import Promotion, Tracker
 
-QUALITY_FILE = "evaluation.json"
-
 
 def bootstrap_settings(cfg: ProjectConfig) -> BootstrapSettings:
     e = cfg.evaluation
@@ -100,14 +98,10 @@ class QualityRecord:
         return hidden_classes(ap, self.test_boxes, bar)
 
 
-def quality_path(cfg: ProjectConfig) -> Path:
-    return cfg.workspace / QUALITY_FILE
-
-
 def read_quality(cfg: ProjectConfig) -> QualityRecord | None:
     """The record `gate_and_record` wrote last; None before the first gate. A file that is not
     a record raises `DefectLoopError` (it is only ever written atomically by the loop)."""
-    path = quality_path(cfg)
+    path = cfg.paths.evaluation
     if not path.is_file():
         return None
     try:
@@ -120,7 +114,7 @@ def read_quality(cfg: ProjectConfig) -> QualityRecord | None:
 
 
 def write_quality(cfg: ProjectConfig, rec: QualityRecord) -> Path:
-    path = quality_path(cfg)
+    path = cfg.paths.evaluation
     atomic_write_text(path, json.dumps(asdict(rec), indent=1))
     return path
 
@@ -193,7 +187,7 @@ def gate_and_record(
             write_quality(cfg, _record(fit, cfg, model_version, model_version, True, None, None))
         return decision
     data_yaml = project.export(fit.version)
-    imgsz, ycd, threads = cfg.train.imgsz, cfg.yolo_config_dir, cfg.train.threads
+    imgsz, ycd, threads = cfg.train.imgsz, cfg.paths.yolo_config, cfg.train.threads
     # The same pass Project.fit ran (loop.model keeps the last few evaluations).
     _, cand = model.evaluate_matches(
         fit.result.weights, data_yaml, "test", imgsz, ycd, classes, threads=threads

@@ -34,27 +34,26 @@ version, weights) tagged with the strategy and seed, plus one ``replay`` run per
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from loop.config import MlflowConfig, ProjectConfig, SelectConfig, SplitConfig, TrainConfig
 from loop.datasets import DatasetVersion, LabeledImage, Split, assign_split
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError
-from loop.images import IMAGE_SUFFIXES, atomic_write_text
+from loop.images import atomic_write_text
 from loop.project import FitResult, Project, ScoredImage
-from loop.savings import plot_curves, summarize
+from loop.replay_dataset import PreparedDataset, initial_set, prepare_dataset
+from loop.report.plots import plot_curves
+from loop.savings import summarize
 from loop.scheduling import batches
 from loop.scoring import (
     ScoringModels,
@@ -66,11 +65,12 @@ from loop.scoring import (
 )
 from loop.selection import strategy_needs
 from loop.simulate import OracleGateway, truth_from_yolo_dir
+from loop.tracking import TAG, Champion, Tracker
+from loop.workspace import Workspace
 
 Log = Callable[[str], None]
 RESULT_KIND = "defect-loop-replay"
 REPLAY_EXPERIMENT = "defect-loop-replay"
-_INIT_STREAM = 7919  # second seed word of the initial-set draw (independent of selection's rng)
 
 
 def _quiet(_msg: str) -> None:
@@ -143,125 +143,6 @@ class ReplaySettings:
 
 
 # ------------------------------------------------------------------------------------------
-# dataset
-# ------------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class PreparedDataset:
-    """A labeled dataset as a YOLO folder: ``images_dir`` (symlinks to the originals),
-    ``labels_dir`` (one ``.txt`` per image, same stem) and the class list (id order)."""
-
-    source: Path
-    kind: str
-    images_dir: Path
-    labels_dir: Path
-    classes: list[str]
-    n_images: int
-
-
-def _subset(stems: list[str], max_images: int | None, seed: int = 0) -> list[str]:
-    if max_images is None or max_images >= len(stems):
-        return stems
-    rng = np.random.default_rng(seed)
-    return sorted(stems[i] for i in rng.choice(len(stems), size=max_images, replace=False))
-
-
-def prepare_dataset(source: Path, dest: Path, max_images: int | None = None) -> PreparedDataset:
-    """Turn a YOLO folder (``images/``, ``labels/``, ``classes.txt``) or a Pascal VOC folder
-    (``annotations/`` + ``images/``, see `loop.formats.voc`) into a YOLO folder under ``dest``.
-
-    Only images with labels are kept (the oracle must be able to answer for every image).
-    Reuses ``dest`` when it was prepared from the same source and subset.
-    """
-    from loop.formats.voc import ANNOTATION_DIRS, read_voc_folder, write_yolo_folder
-
-    source = Path(source).resolve()
-    if not source.is_dir():
-        raise DatasetError(f"dataset {source} is not a folder; pass a YOLO or Pascal VOC folder")
-    marker = dest / "prepared.json"
-    key = {"source": str(source), "max_images": max_images}
-    if marker.is_file():
-        info = json.loads(marker.read_text())
-        if info.get("key") == key:
-            return PreparedDataset(
-                source,
-                info["kind"],
-                dest / "images",
-                dest / "labels",
-                list(info["classes"]),
-                int(info["n_images"]),
-            )
-    if dest.exists():
-        shutil.rmtree(dest)
-    if any((source / d).is_dir() for d in ANNOTATION_DIRS):
-        folder = read_voc_folder(source)
-        if not folder.items:
-            raise DatasetError(f"{source} holds no annotation that matches an image")
-        keep = set(_subset(sorted(it.image.stem for it in folder.items), max_images))
-        sub = dataclasses.replace(
-            folder, items=[it for it in folder.items if it.image.stem in keep]
-        )
-        write_yolo_folder(sub, dest, folder.classes)
-        kind, classes, n = "voc", list(folder.classes), len(sub.items)
-    else:
-        images, labels = source / "images", source / "labels"
-        classes_txt = source / "classes.txt"
-        if not images.is_dir() or not labels.is_dir() or not classes_txt.is_file():
-            raise DatasetError(
-                f"{source} is neither a Pascal VOC folder (annotations/ + images/) nor a YOLO "
-                "folder (images/, labels/ and classes.txt)"
-            )
-        classes = [ln.strip() for ln in classes_txt.read_text().splitlines() if ln.strip()]
-        files = {
-            p.stem: p
-            for p in sorted(images.iterdir())
-            if p.suffix.lower() in IMAGE_SUFFIXES and (labels / f"{p.stem}.txt").is_file()
-        }
-        if not files:
-            raise DatasetError(f"{source}/images has no image with a label file in labels/")
-        (dest / "images").mkdir(parents=True)
-        (dest / "labels").mkdir(parents=True)
-        stems = _subset(sorted(files), max_images)
-        for stem in stems:
-            os.symlink(files[stem].resolve(), dest / "images" / files[stem].name)
-            shutil.copyfile(labels / f"{stem}.txt", dest / "labels" / f"{stem}.txt")
-        (dest / "classes.txt").write_text("".join(f"{c}\n" for c in classes))
-        kind, n = "yolo", len(stems)
-    info = {"key": key, "kind": kind, "classes": classes, "n_images": n}
-    atomic_write_text(marker, json.dumps(info, indent=1))
-    return PreparedDataset(source, kind, dest / "images", dest / "labels", classes, n)
-
-
-def initial_set(
-    shas: Sequence[str], split_of: Callable[[str], Split], n: int, seed: int
-) -> list[str]:
-    """A seeded random ``n`` of ``shas`` (sorted first, so the input order does not matter) with
-    at least one ``train`` and one ``val`` image: the last draws are swapped for the first train
-    / val image of the same permutation when the draw lacks one."""
-    pool = sorted(shas)
-    if n > len(pool):
-        raise DatasetError(f"initial set of {n} images asked from {len(pool)} non-test images")
-    order = [pool[i] for i in np.random.default_rng([seed, _INIT_STREAM]).permutation(len(pool))]
-    chosen = order[:n]
-    for need, other in (("val", "train"), ("train", "val")):
-        if any(split_of(s) == need for s in chosen):
-            continue
-        extra = next((s for s in order[n:] if split_of(s) == need), None)
-        if extra is None:
-            raise DatasetError(
-                f"the dataset has no '{need}' image outside the test split; use more images"
-            )
-        n_other = sum(split_of(s) == other for s in chosen)
-        # Replace the last draw that the other requirement can spare (n >= 2: one always exists).
-        for i in range(len(chosen) - 1, -1, -1):
-            if split_of(chosen[i]) != other or n_other > 1:
-                chosen[i] = extra
-                break
-    return chosen
-
-
-# ------------------------------------------------------------------------------------------
 # one curve
 # ------------------------------------------------------------------------------------------
 
@@ -270,9 +151,9 @@ def initial_set(
 class _Newest:
     """Stands in for `Tracker` in `Project.fit`: the champion is the newest model of the replay."""
 
-    latest: Any = None
+    latest: Champion | None = None
 
-    def champion(self) -> Any:
+    def champion(self) -> Champion | None:
         return self.latest
 
 
@@ -407,12 +288,12 @@ def _round_effort(project: Project, version: DatasetVersion) -> dict[str, int]:
     added (the version's correction analytics, `loop.corrections`): counts of accepted,
     adjusted, relabeled, removed and added boxes, ``actions`` (all but accepted) and
     ``gt_boxes`` (the boxes of the final labels: the work of drawing them all from scratch)."""
-    from loop.corrections import OUTCOMES, REPORT_NAME, read_report
+    from loop.corrections import OUTCOMES, read_corrections
 
-    path = project.store.path(version.digest) / REPORT_NAME
+    path = project.cfg.paths.corrections(version.digest)
     if not path.is_file():
         raise DatasetError(f"the replay's pull wrote no correction analytics for {version.short}")
-    report = read_report(path)
+    report = read_corrections(path)
     totals = dict.fromkeys(OUTCOMES, 0)
     for counts in report["per_class"].values():
         for k in OUTCOMES:
@@ -469,7 +350,7 @@ def _label(project: Project, truth: dict[str, Detections], shas: list[str]) -> N
         rows.append(
             LabeledImage(sha, e.path, e.width, e.height, split, truth[sha], {"source": "oracle"})
         )
-    project._set_version(DatasetVersion.create(project.cfg.classes, rows))
+    project.set_version(DatasetVersion.create(project.cfg.classes, rows))
 
 
 def _eval_record(fit: FitResult) -> dict[str, Any]:
@@ -493,7 +374,7 @@ def replay_curve(
     settings: ReplaySettings,
     work: Path,
     round0_cache: Path | None = None,
-    tracker: Any = None,
+    tracker: Tracker | None = None,
     log: Log = _quiet,
 ) -> dict[str, Any]:
     """One learning curve (see the module docstring); returns its JSON-ready record.
@@ -589,7 +470,7 @@ def replay_curve(
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     if tracker is not None:
-        _log_curve(tracker, curve)
+        tracker.log_replay_curve(curve)
     if not settings.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return curve
@@ -620,18 +501,14 @@ def replay_ceiling(
     return rec
 
 
-def _champion(round_index: int, fit: FitResult) -> Any:
-    from loop.tracking import Champion
-
+def _champion(round_index: int, fit: FitResult) -> Champion:
     test = None if fit.test is None else fit.test.map50_95
     return Champion(str(round_index), "", Path(fit.result.weights), test)
 
 
 def _log_round(
-    tracker: Any, project: Project, fit: FitResult, strategy: str, seed: int, r: int
+    tracker: Tracker, project: Project, fit: FitResult, strategy: str, seed: int, r: int
 ) -> None:
-    from loop.tracking import TAG
-
     params = {
         **{f"train.{k}": v for k, v in project.cfg.train.model_dump().items()},
         "replay.strategy": strategy,
@@ -648,52 +525,21 @@ def _log_round(
         params=params,
         round_index=r,
     )
-    tracker.client.set_tag(run_id, TAG + "replay", f"{strategy}/s{seed}")
+    tracker.log_tags(run_id, {TAG + "replay": f"{strategy}/s{seed}"})
 
 
-def _log_curve(tracker: Any, curve: dict[str, Any]) -> None:
-    from mlflow.entities import Metric, Param
-
-    from loop.tracking import TAG
-
-    client = tracker.client
-    run = client.create_run(
-        tracker.experiment_id(),
-        run_name=f"replay-{curve['strategy']}-s{curve['seed']}",
-        tags={TAG + "kind": "replay", TAG + "replay": f"{curve['strategy']}/s{curve['seed']}"},
-    )
-    run_id = run.info.run_id
-    ts = int(time.time() * 1000)
-    metrics = []
-    for rec in curve["rounds"]:
-        step = int(rec["round"])
-        metrics.append(Metric("labeled", float(rec["labeled"]), ts, step))
-        for key in ("test_map50", "test_map50_95"):
-            if rec[key] is not None:
-                metrics.append(Metric(key, float(rec[key]), ts, step))
-        metrics.append(Metric("round_wall_seconds", float(rec["wall_seconds"]), ts, step))
-    params = [Param("strategy", curve["strategy"]), Param("seed", str(curve["seed"]))]
-    client.log_batch(run_id, metrics=metrics, params=params)
-    client.log_text(run_id, json.dumps(curve, indent=1), "replay/curve.json")
-    client.set_terminated(run_id, "FINISHED")
-
-
-def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -> Any:
+def _open_tracker(settings: ReplaySettings, out_dir: Path, classes: list[str]) -> Tracker:
     """A `Tracker` on the replay's MLflow store, with the experiment's artifacts in ``out_dir``."""
-    from loop.tracking import Tracker
-
-    uri = settings.mlflow_uri or f"sqlite:///{(out_dir / 'mlflow.db').resolve()}"
+    uri = settings.mlflow_uri or f"sqlite:///{Workspace(out_dir).mlflow_db.resolve()}"
     cfg = ProjectConfig(
         classes=classes,
         workspace=out_dir.resolve(),
         mlflow=MlflowConfig(tracking_uri=uri, experiment=REPLAY_EXPERIMENT),
     )
     tracker = Tracker(cfg)
-    client = tracker.client
-    if client.get_experiment_by_name(REPLAY_EXPERIMENT) is None:
-        # Created here so artifacts live beside the results, not in a deleted curve workspace.
-        location = None if uri.startswith(("http://", "https://")) else cfg.mlflow_artifact_location
-        client.create_experiment(REPLAY_EXPERIMENT, artifact_location=location)
+    # Created here so artifacts live beside the results, not in a deleted curve workspace.
+    location = None if uri.startswith(("http://", "https://")) else cfg.mlflow_artifact_location
+    tracker.ensure_experiment(REPLAY_EXPERIMENT, location)
     return tracker
 
 

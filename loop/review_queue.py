@@ -7,7 +7,7 @@ re-scans happen. An entry is ``queued`` until a push sends it to Label Studio (`
 its task id). ``in_pool`` says whether the image is in the project's pool yet (the monitor adds
 it there as soon as it can take the workspace lock; until then a private copy is ``held``).
 
-Queue order: highest ``priority`` first (see `loop.monitor.select_for_queue`), then older
+Queue order: highest ``priority`` first (see `loop.windows.select_for_queue`), then older
 windows, then sha256.
 """
 
@@ -103,7 +103,7 @@ def transaction(con: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
 
 
 class ReviewQueue:
-    """The queue of one workspace (``monitor_dir`` = ``cfg.monitor_dir``). Reading a workspace
+    """The queue of one workspace (``monitor_dir`` = ``cfg.paths.monitor``). Reading a workspace
     that never ran the monitor creates nothing and gives an empty queue."""
 
     def __init__(self, monitor_dir: Path) -> None:

@@ -1,4 +1,5 @@
-"""Label savings of oracle-replay learning curves, and their plot (pure: curves in, numbers out).
+"""Label savings of oracle-replay learning curves (pure: curves in, numbers out; the plot of the
+curves is `loop.report.plots.plot_curves`).
 
 A curve is the JSON record `loop.replay.replay_curve` writes: ``{"strategy", "seed", "rounds":
 [{"round", "labeled", "test_map50", "test_map50_95", "actions_total", "effort", ...}]}``.
@@ -9,9 +10,7 @@ linearly between rounds (`labels_to_reach`).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -312,69 +311,3 @@ def mean_curve(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
             }
         )
     return out
-
-
-def plot_curves(
-    curves: Sequence[dict[str, Any]],
-    png: Path,
-    metric: str = "test_map50",
-    title: str = "",
-    ceiling: dict[str, Any] | None = None,
-) -> Path:
-    """Learning curves of every strategy, mean over seeds with the min-max band over seeds:
-    ``metric`` against labeled images (left) and against a labeler's cumulative correction
-    actions (right, when the curves record them). ``ceiling``: the full-pool training, drawn as a
-    line with its 95 % level. Written with matplotlib's Agg backend (no display)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = sorted({c["strategy"] for c in curves}, key=lambda n: (n != "random", n))
-    key = "map50" if metric == "test_map50" else "map50_95"
-    with_actions = any(r.get("actions_total") for c in curves for r in c["rounds"])
-    fig, axes = plt.subplots(
-        1, 2 if with_actions else 1, figsize=(12 if with_actions else 7, 4.5), dpi=120
-    )
-    axes = list(np.atleast_1d(axes))
-    for name in names:
-        mine = [c for c in curves if c["strategy"] == name]
-        mc = mean_curve(mine)
-        pts = [p for p in mc if p[f"{key}_mean"] is not None]
-        n_seeds = max((p["n_seeds"] for p in mc), default=0)
-        style = "--" if name == "random" else "-"
-        for ax, xkey in zip(axes, ("labeled", "actions_mean"), strict=False):
-            xs = [p[xkey] for p in pts]
-            ys = [p[f"{key}_mean"] for p in pts]
-            (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=f"{name} ({n_seeds} seeds)")
-            if key == "map50":
-                lo = [p["map50_min"] for p in pts]
-                hi = [p["map50_max"] for p in pts]
-                ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
-            if name == "random" and ys:
-                # What the other strategies must reach: random's final mean (savings target).
-                ax.axhline(ys[-1], color=line.get_color(), alpha=0.4, linewidth=0.8, linestyle=":")
-    top = ceiling.get(metric) if ceiling else None
-    top_label = f"full pool ({ceiling.get('labeled')})" if ceiling else ""
-    for ax, xlabel in zip(
-        axes, ("labeled images (train + val)", "a labeler's correction actions"), strict=False
-    ):
-        if top is not None:
-            ax.axhline(top, color="k", linewidth=0.8, label=top_label)
-            ax.axhline(0.95 * top, color="k", linewidth=0.6, linestyle=":", label="95 % of it")
-        ax.set_ylim(bottom=0.0, top=max(0.05, ax.get_ylim()[1]))
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test mAP50" if key == "map50" else "test mAP50-95")
-        ax.grid(alpha=0.3)
-        ax.legend(loc="lower right", fontsize=8)
-    axes[0].set_title(title or "oracle replay")
-    if with_actions:
-        axes[1].set_title("cost in correction actions (band: min-max over seeds)")
-    fig.tight_layout()
-    png = Path(png)
-    png.parent.mkdir(parents=True, exist_ok=True)
-    tmp = png.with_name(png.stem + ".tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, png)
-    return png

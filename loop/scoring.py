@@ -166,7 +166,7 @@ def score_batch(project: Project, plan: ScoringPlan, shas: Sequence[str]) -> lis
     weights = plan.models.weights
     dets = list(project.predict(weights, shas))
     paths = [project.pool.abs_path(s) for s in shas]
-    ycd, imgsz, threads = cfg.yolo_config_dir, cfg.train.imgsz, cfg.train.threads
+    ycd, imgsz, threads = cfg.paths.yolo_config, cfg.train.imgsz, cfg.train.threads
     views: list[list[Detections]] | None = None
     if "tta" in needs:
         views = list(
@@ -234,9 +234,9 @@ def labeled_set(project: Project, plan: ScoringPlan) -> LabeledSet:
     cfg = project.cfg
     emb = model.embed(
         plan.models.weights,
-        [cfg.images_dir / r.path for r in rows],
+        [cfg.paths.images / r.path for r in rows],
         cfg.train.imgsz,
-        cfg.yolo_config_dir,
+        cfg.paths.yolo_config,
         threads=cfg.train.threads,
     )
     classes = np.array([labeled_class(r.boxes) for r in rows], dtype=np.int64)

@@ -9,12 +9,16 @@ from __future__ import annotations
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loop.detections import Detections
 from loop.errors import DatasetError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool
+from loop.labeling import PulledLabel, PullResult, PushItem, PushSummary
+
+if TYPE_CHECKING:
+    from loop.labelstudio import LabelStudioGateway
 
 
 def truth_from_yolo_dir(
@@ -32,7 +36,7 @@ def truth_from_yolo_dir(
 
 
 def answer_open_tasks(
-    gateway: Any,
+    gateway: LabelStudioGateway,
     project_id: int,
     truth: dict[str, Detections],
     class_names: list[str],
@@ -55,7 +59,8 @@ def answer_open_tasks(
 
 
 class OracleGateway:
-    """A stand-in for `loop.labelstudio.LabelStudioGateway` where ground truth is the labeler.
+    """A `loop.labeling.LabelingBackend` where ground truth is the labeler (a stand-in for
+    `loop.labelstudio.LabelStudioGateway`).
 
     `loop.project.Project.push` hands it tasks and `Project.pull` gets every pushed task back,
     annotated with its ground truth, exactly once: the oracle replay runs the real loop's
@@ -88,16 +93,14 @@ class OracleGateway:
     def push(
         self,
         project_id: int,
-        items: list[Any],
+        items: list[PushItem],
         model_version: str,
         class_names: list[str],
         batch_size: int = 500,
         **_: Any,
-    ) -> Any:
-        """Accept ``items`` (`PushItem`) as tasks; an image pushed before is skipped, like
-        Label Studio's gateway does. Returns a `PushSummary`."""
-        from loop.labelstudio import PushSummary
-
+    ) -> PushSummary:
+        """Accept ``items`` as tasks; an image pushed before is skipped, like Label Studio's
+        gateway does."""
         summary = PushSummary()
         for item in items:
             if item.sha256 in self._tasks:
@@ -119,10 +122,8 @@ class OracleGateway:
             self.model_version = model_version
         return summary
 
-    def pull(self, project_id: int, class_names: list[str], **_: Any) -> Any:
-        """Every task pushed since the last pull, answered with its ground truth (`PullResult`)."""
-        from loop.labelstudio import PulledLabel, PullResult
-
+    def pull(self, project_id: int, class_names: list[str], **_: Any) -> PullResult:
+        """Every task pushed since the last pull, answered with its ground truth."""
         now = datetime.now(UTC)
         labels = [
             PulledLabel(

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import Literal, Protocol, get_args
 
 import numpy as np
 import numpy.typing as npt
@@ -37,7 +37,7 @@ from loop.errors import StrategyError
 
 FloatArray = npt.NDArray[np.float64]
 Reduction = Literal["max", "mean", "sum", "topk_mean"]
-REDUCTIONS: tuple[str, ...] = ("max", "mean", "sum", "topk_mean")
+REDUCTIONS: tuple[str, ...] = get_args(Reduction)
 # What a strategy reads besides the image count: "predictions" (Detections with class_probs from
 # loop.model.predict), "tta" (views under flips/scales), "committee" (views from other
 # checkpoints), "embeddings" ((n, d) image vectors), "class_counts" (labeled boxes per class),
@@ -306,17 +306,25 @@ def reduce_boxes(values: npt.ArrayLike, reduction: Reduction, k: int = 3) -> flo
         raise StrategyError("reduce_boxes needs at least one box; handle empty images explicitly")
     if np.isnan(v).any():
         raise StrategyError("per-box values contain NaN; check the strategy's inputs")
-    if reduction == "max":
-        return float(v.max())
-    if reduction == "mean":
-        return float(v.mean())
-    if reduction == "sum":
-        return float(v.sum())
-    if reduction == "topk_mean":
-        if k < 1:
-            raise StrategyError(f"topk_mean needs k >= 1, got {k}")
-        return float(np.sort(v)[::-1][:k].mean())
-    raise StrategyError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    reduce = _REDUCERS.get(reduction)
+    if reduce is None:
+        raise StrategyError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
+    return reduce(v, k)
+
+
+def _topk_mean(v: FloatArray, k: int) -> float:
+    if k < 1:
+        raise StrategyError(f"topk_mean needs k >= 1, got {k}")
+    return float(np.sort(v)[::-1][:k].mean())
+
+
+# How per-box values ``(n,)`` become one image score, by `Reduction` name (``k``: topk_mean's).
+_REDUCERS: dict[str, Callable[[FloatArray, int], float]] = {
+    "max": lambda v, k: float(v.max()),
+    "mean": lambda v, k: float(v.mean()),
+    "sum": lambda v, k: float(v.sum()),
+    "topk_mean": _topk_mean,
+}
 
 
 # ------------------------------------------------------------------------------------------

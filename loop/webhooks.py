@@ -17,7 +17,7 @@ Set-up (polling with `defect-loop pull` / the count trigger stays the default):
    of a server you run yourself).
 2. Start the receiver, then register its URL on the project with
    `loop.labelstudio.LabelStudioGateway.ensure_webhook` (the ``webhook-serve`` command in
-   `loop.cli_ls` does both).
+   `loop.cli.labelstudio` does both).
 
 Nothing here talks to Label Studio and nothing imports Prefect.
 """

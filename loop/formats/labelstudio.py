@@ -1,25 +1,62 @@
-"""Label Studio rectangle results (percent of the image) <-> `Detections` (pixel xyxy).
+"""Label Studio JSON <-> `Detections`, and the rules that turn an exported task into a label.
+
+Pure: dicts in, dicts or `Detections` out (only `check_image_url` looks at the file system, to
+resolve a path under the document root). The Label Studio gateway (`loop.labelstudio`) moves
+the JSON; what it means is decided here, so table tests reach every rule without a server.
 
 A Label Studio rectangle region: ``value.x, value.y`` top-left corner and ``value.width,
 value.height``, all in percent (0-100) of ``original_width`` / ``original_height``, top-left origin,
 with ``value.rotation`` in degrees and ``value.rectanglelabels`` a one-element list of class names.
+A polygon region (``polygonlabels``, points in percent) becomes its bounding box. `Detections`
+hold pixel ``xyxy``.
+
+Task data pushed by defect-loop: ``{"image": url, "sha256": hex digest, "priority": float,
+"width": px, "height": px}``; ``url`` is ``/data/local-files/?d=<path relative to the document
+root>``. The rules of a pull (`judge_task`): among a task's non-cancelled annotations, one marked
+ground_truth wins, else the most recently updated; no regions is a defect-free image (sized by the
+task data), with or without the ``defect-free`` choice; a task whose annotations were all
+cancelled was skipped by the labeler (not a negative); several annotators' latest annotations are
+kept with their agreement; anything malformed rejects that one task with the reason.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path, PurePosixPath
 from typing import Any
+from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
 
+from loop.corrections import mean_pairwise_f1
 from loop.detections import Detections
-from loop.errors import ConversionError, UnknownLabelError
+from loop.errors import (
+    ConversionError,
+    InvalidDetectionsError,
+    TaskRejectedError,
+    UnknownLabelError,
+)
+from loop.labeling import PulledLabel
 
 RECTANGLE = "rectanglelabels"
+POLYGON = "polygonlabels"
 FROM_NAME = "label"
+POLYGON_NAME = "polygon"
 TO_NAME = "image"
+VERDICT_NAME = "verdict"
+DEFECT_FREE = "defect-free"
+LOCAL_FILES_PREFIX = "/data/local-files/"
 _PCT_TOLERANCE = 1e-6
+_DM_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the Data Manager's Datetime filter format (UTC)
+
+
+class UnsafeImagePathError(ConversionError):
+    """A task's image path points outside Label Studio's document root (``..`` or absolute)."""
 
 
 def _region_id(i: int, box: np.ndarray, cls: int) -> str:
@@ -183,3 +220,401 @@ def ls_results_to_detections(
     pct = np.clip(np.array(boxes, dtype=np.float64).reshape(-1, 4), 0.0, 100.0)
     xyxy = pct / 100.0 * np.array([w, h, w, h], dtype=np.float64)
     return Detections(xyxy, np.array(ids, dtype=np.int64), (w, h))
+
+
+# --- regions -------------------------------------------------------------------------------
+def _polygon_to_rect(r: dict[str, Any]) -> dict[str, Any]:
+    """A ``polygonlabels`` result (points in percent) -> the ``rectanglelabels`` result of its
+    bounding box, for `ls_results_to_detections`. Raises `ConversionError` for bad points."""
+    value = r.get("value")
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"polygon {r.get('id')!r}: value must be an object, got {type(value).__name__}"
+        )
+    try:
+        pts = np.asarray(value.get("points"), dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ConversionError(f"polygon {r.get('id')!r} has non-numeric points") from None
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.all(np.isfinite(pts)):
+        raise ConversionError(f"polygon {r.get('id')!r} needs at least 3 [x, y] points")
+    if np.any(pts < -1e-6) or np.any(pts > 100 + 1e-6):
+        raise ConversionError(
+            f"polygon {r.get('id')!r} has points outside the image (coordinates must be 0-100 %)"
+        )
+    x1, y1 = pts.min(axis=0)
+    x2, y2 = pts.max(axis=0)
+    out = {k: v for k, v in r.items() if k != "value"}
+    out["type"] = RECTANGLE
+    out["value"] = {
+        "x": float(x1),
+        "y": float(y1),
+        "width": float(x2 - x1),
+        "height": float(y2 - y1),
+        "rotation": 0,
+        RECTANGLE: value.get(POLYGON),
+    }
+    return out
+
+
+def _region_results(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Rectangle results, with polygons turned into their bounding rectangles."""
+    out = []
+    for r in results:
+        if r.get("type") == RECTANGLE:
+            out.append(r)
+        elif r.get("type") == POLYGON:
+            out.append(_polygon_to_rect(r))
+    return out
+
+
+def _marked_defect_free(results: Iterable[dict[str, Any]]) -> bool:
+    for r in results:
+        if r.get("type") != "choices" or r.get("from_name") != VERDICT_NAME:
+            continue
+        value = r.get("value")
+        choices = value.get("choices") if isinstance(value, dict) else value
+        if not isinstance(value, dict) or not isinstance(choices, list | None):
+            raise ConversionError(
+                f"choice {r.get('id')!r}: value must be an object with a list of choices, "
+                f"got {value!r}"[:300]
+            )
+        if DEFECT_FREE in (choices or []):
+            return True
+    return False
+
+
+def without_scores(det: Detections) -> Detections:
+    """``det``'s boxes and classes without confidences (what a labeler submits)."""
+    return Detections(det.xyxy, det.class_id, det.image_wh)
+
+
+def _prediction_detections(
+    results: Iterable[dict[str, Any]], class_names: list[str], wh: tuple[int, int]
+) -> Detections | None:
+    """Prediction regions -> `Detections` with confidences from region scores (None if unusable)."""
+    rects = [r for r in results if isinstance(r, dict) and r.get("type") == RECTANGLE]
+    try:
+        det = ls_results_to_detections(rects, class_names, image_wh=wh)
+    except (*_TASK_ERRORS, *_MALFORMED):
+        return None
+    scores = [r.get("score") for r in rects]
+    ok = all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+    if rects and ok and np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
+        conf = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+        return Detections(det.xyxy, det.class_id, det.image_wh, confidence=conf)
+    return det
+
+
+# --- fields of an exported task --------------------------------------------------------------
+def _whole(value: Any) -> int | None:
+    """``value`` as an int when it is a whole number (int or numeric string), else None."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        return int(value)
+    return None
+
+
+def parse_time(value: Any) -> datetime | None:
+    if not value:
+        return None
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def format_cursor(when: datetime) -> str:
+    """A pull cursor: UTC time with microseconds, in the Data Manager's filter format."""
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return when.astimezone(UTC).strftime(_DM_DATETIME)
+
+
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def task_key(task: Any) -> int:
+    """A task's id, or -1 when it has none usable (never raises)."""
+    tid = _whole(task.get("id")) if isinstance(task, dict) else None
+    return -1 if tid is None else tid
+
+
+def _sort_key(annotation: dict[str, Any]) -> tuple[bool, datetime, int]:
+    # Ground truth first, then the most recently updated, then the highest id.
+    when = parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
+    return (bool(annotation.get("ground_truth")), when, _whole(annotation.get("id")) or 0)
+
+
+def _recency(annotation: dict[str, Any]) -> tuple[datetime, int]:
+    when = parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
+    return (when, _whole(annotation.get("id")) or 0)
+
+
+def local_file_url(rel: str) -> str:
+    """The task image URL of the file at POSIX path ``rel`` below Label Studio's document root
+    (``/data/local-files/?d=<rel>``, percent-quoted)."""
+    return f"{LOCAL_FILES_PREFIX}?d={quote(rel, safe='/')}"
+
+
+def image_path_from_url(url: str) -> PurePosixPath | None:
+    """The ``d=`` path of a ``/data/local-files/?d=...`` URL (None for other URLs)."""
+    parts = urlsplit(url)
+    if not parts.path.startswith(LOCAL_FILES_PREFIX):
+        return None
+    values = parse_qs(parts.query).get("d")
+    return PurePosixPath(values[0]) if values else PurePosixPath("")
+
+
+def check_image_url(url: Any, document_root: Path | None = None) -> None:
+    """Refuse a task image URL whose local-file path escapes the document root.
+
+    A ``/data/local-files/?d=<path>`` path must be relative, without ``..``, and (when
+    ``document_root`` is given) resolve, symlinks followed, to a file below it. Other URLs pass.
+    Raises `UnsafeImagePathError` (a `ConversionError`) or `ConversionError` for a missing URL.
+    """
+    if not isinstance(url, str) or not url:
+        raise ConversionError("task data has no image URL; push the image through defect-loop")
+    rel = image_path_from_url(url)
+    if rel is None:
+        return
+    if not rel.parts or rel.is_absolute() or ".." in rel.parts:
+        raise UnsafeImagePathError(
+            f"image path {str(rel)!r} escapes Label Studio's document root (absolute or '..'); "
+            "delete the task and push the image again through defect-loop"
+        )
+    if document_root is not None:
+        root = Path(document_root).resolve()
+        target = (root / Path(*rel.parts)).resolve()
+        if not target.is_relative_to(root):
+            raise UnsafeImagePathError(
+                f"image path {str(rel)!r} resolves outside the document root {root} (symlink?); "
+                "delete the task and push the image again through defect-loop"
+            )
+
+
+def _check_annotation(ann: Any) -> None:
+    """Validate the fields of one exported annotation that pull reads to choose and attribute
+    it (not its regions: see `ls_results_to_detections`). Raises `ConversionError`."""
+    if not isinstance(ann, dict):
+        raise ConversionError(f"an annotation is not an object: {type(ann).__name__}")
+    aid = ann.get("id")
+    if _whole(aid) is None:
+        raise ConversionError(f"an annotation has no integer id (id={aid!r})")
+    where = f"annotation {aid}"
+    for key in ("was_cancelled", "ground_truth"):
+        if not isinstance(ann.get(key), bool | None):
+            raise ConversionError(f"{where}: {key} must be true or false, got {ann.get(key)!r}")
+    if not isinstance(ann.get("result"), list | None):
+        raise ConversionError(
+            f"{where}: result must be a list of regions, got {type(ann.get('result')).__name__}"
+        )
+    for key in ("updated_at", "created_at"):
+        when = ann.get(key)
+        if when not in (None, "") and (not isinstance(when, str) or parse_time(when) is None):
+            raise ConversionError(f"{where}: {key} is not an ISO time: {when!r}")
+    who = ann.get("completed_by")
+    if who is not None and not isinstance(who, dict) and _whole(who) is None:
+        raise ConversionError(f"{where}: completed_by must be a user id, got {who!r}")
+    lead = ann.get("lead_time")
+    if lead is not None:
+        ok = isinstance(lead, int | float) and not isinstance(lead, bool)
+        if not ok or not math.isfinite(float(lead)) or float(lead) < 0:
+            raise ConversionError(f"{where}: lead_time must be seconds >= 0, got {lead!r}")
+
+
+def _task_size(data: dict[str, Any]) -> tuple[int, int] | None:
+    """The task's ``width``/``height`` (pixels), None when absent; `ConversionError` if bad."""
+    w, h = data.get("width"), data.get("height")
+    if w in (None, "", 0) and h in (None, "", 0):
+        return None
+    ww, hh = _whole(w), _whole(h)
+    if ww is None or hh is None or ww < 1 or hh < 1:
+        raise ConversionError(
+            f"task data width/height must be whole numbers of pixels >= 1, got {w!r} x {h!r}"
+        )
+    return (ww, hh)
+
+
+# --- the pull rules ------------------------------------------------------------------------
+# Errors a malformed task can raise on its way through the converters. The named ones carry a
+# message of their own; the others are a last line of defence (a field of an unexpected type
+# that no check foresaw) and still become a rejection of that one task.
+_TASK_ERRORS = (UnknownLabelError, ConversionError, InvalidDetectionsError)
+
+_MALFORMED = (ValueError, TypeError, AttributeError, KeyError, IndexError, OverflowError)
+
+
+@dataclass(frozen=True)
+class TaskVerdict:
+    """What a pull makes of one exported task: a usable ``label``, a ``rejected`` task (with the
+    reason; ``__cause__`` holds the named error), ``skipped`` (every annotation was cancelled:
+    the labeler skipped it, it is not a negative), or none of these (no annotation at all)."""
+
+    task_id: int
+    label: PulledLabel | None = None
+    rejected: TaskRejectedError | None = None
+    skipped: bool = False
+
+
+def judge_task(
+    task: dict[str, Any],
+    class_names: list[str],
+    users: Mapping[int, str],
+    document_root: Path | None = None,
+    max_regions: int | None = None,
+) -> TaskVerdict:
+    """The verdict on one task of Label Studio's JSON export (see the module docstring).
+
+    ``users``: user id -> e-mail (names the annotators). ``document_root``: refuse image paths
+    that resolve outside it. Rejected: an unknown label, a rotated box, coordinates outside
+    0-100 %, a zero-area box, more than ``max_regions`` regions, an image path escaping the
+    document root, defect-free with regions, a missing size or sha256, or any field of any
+    annotation malformed. Never raises for bad input.
+    """
+    task_id = task_key(task)
+    try:
+        anns = task.get("annotations") or []
+        if not isinstance(anns, list):
+            raise ConversionError("task annotations are not a list")
+        for a in anns:
+            _check_annotation(a)
+        if not isinstance(task.get("data") or {}, dict):
+            raise ConversionError("task data is not an object")
+        live = [a for a in anns if not a.get("was_cancelled")]
+        if not live:
+            return TaskVerdict(task_id, skipped=bool(anns))
+        check_image_url((task.get("data") or {}).get("image"), document_root)
+        return TaskVerdict(task_id, label=_to_label(task, live, class_names, users, max_regions))
+    except _TASK_ERRORS as exc:
+        rejected = TaskRejectedError(task_id, f"{type(exc).__name__}: {exc}")
+        rejected.__cause__ = exc
+        return TaskVerdict(task_id, rejected=rejected)
+    except _MALFORMED as exc:
+        rejected = TaskRejectedError(
+            task_id,
+            f"malformed annotation data ({type(exc).__name__}: {exc}); fix or delete the "
+            "annotation in Label Studio",
+        )
+        rejected.__cause__ = exc
+        return TaskVerdict(task_id, rejected=rejected)
+
+
+def _annotator(ann: dict[str, Any], users: Mapping[int, str]) -> str:
+    completed_by = ann.get("completed_by")
+    if isinstance(completed_by, dict):
+        return str(completed_by.get("email") or completed_by.get("id"))
+    uid = _whole(completed_by)
+    if uid is not None:
+        return users.get(uid, str(uid))
+    return "unknown" if completed_by is None else str(completed_by)
+
+
+def _annotation_detections(
+    ann: dict[str, Any],
+    class_names: list[str],
+    data_wh: tuple[int, int] | None,
+    max_regions: int | None = None,
+) -> Detections:
+    raw = ann.get("result") or []
+    if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
+        raise ConversionError(f"annotation {ann.get('id')}: result must be a list of objects")
+    n_regions = sum(1 for r in raw if r.get("type") in (RECTANGLE, POLYGON))
+    if max_regions is not None and n_regions > max_regions:
+        raise ConversionError(
+            f"annotation {ann.get('id')} has {n_regions} regions, more than "
+            f"labelstudio.max_regions ({max_regions}); split the image or raise the limit"
+        )
+    results = _region_results(raw)
+    defect_free = _marked_defect_free(raw)  # also validates the verdict choice
+    if results and defect_free:
+        raise ConversionError(
+            f"annotation {ann.get('id')} is marked {DEFECT_FREE!r} but has {len(results)} "
+            "regions; remove the regions or untick the choice in Label Studio"
+        )
+    if data_wh is None and not results:
+        raise ConversionError(
+            "image size unknown: the annotation has no regions and the task data no "
+            "width/height; push the image again through defect-loop"
+        )
+    sized = any("original_width" in r or "original_height" in r for r in results)
+    det = ls_results_to_detections(results, class_names, image_wh=None if sized else data_wh)
+    if data_wh is not None and det.image_wh != data_wh:
+        w, h = det.image_wh
+        raise ConversionError(
+            f"annotation was drawn on a {w}x{h} image but the task's image is "
+            f"{data_wh[0]}x{data_wh[1]} px; re-annotate the task"
+        )
+    return det
+
+
+def _to_label(
+    task: dict[str, Any],
+    live: list[dict[str, Any]],
+    class_names: list[str],
+    users: Mapping[int, str],
+    max_regions: int | None = None,
+) -> PulledLabel:
+    task_id = task_key(task)
+    data = task.get("data") or {}
+    sha = data.get("sha256")
+    if not sha:
+        raise ConversionError(
+            "task data has no sha256: it was not created by defect-loop push; delete it or "
+            "import images through defect-loop"
+        )
+    if not isinstance(sha, str) or len(sha) > 128:
+        raise ConversionError(f"task data sha256 is not a digest: {str(sha)[:80]!r}")
+    data_wh = _task_size(data)
+    ann = max(live, key=_sort_key)
+    det = _annotation_detections(ann, class_names, data_wh, max_regions)
+
+    # Several annotators: keep each one's latest annotation and measure their agreement.
+    latest: dict[str, dict[str, Any]] = {}
+    for a in sorted(live, key=_recency):
+        latest[_annotator(a, users)] = a
+    per_annotator: dict[str, Detections] = {}
+    agreement: float | None = None
+    if len(latest) > 1:
+        for name, a in latest.items():
+            if a is ann:
+                per_annotator[name] = det
+                continue
+            # Only the chosen annotation makes the label: another annotator's unusable
+            # annotation just leaves the agreement without it.
+            with contextlib.suppress(*_TASK_ERRORS, *_MALFORMED):
+                per_annotator[name] = _annotation_detections(
+                    a, class_names, data_wh or det.image_wh, max_regions
+                )
+        agreement = mean_pairwise_f1(list(per_annotator.values()))
+
+    pred_det: Detections | None = None
+    pred_mv: str | None = None
+    pred = ann.get("prediction")
+    if isinstance(pred, dict) and isinstance(pred.get("result"), list):
+        mv = pred.get("model_version")
+        pred_mv = mv if isinstance(mv, str) else None
+        pred_det = _prediction_detections(pred["result"], class_names, data_wh or det.image_wh)
+
+    lead = ann.get("lead_time")
+    return PulledLabel(
+        task_id=task_id,
+        sha256=str(sha),
+        detections=det,
+        annotation_id=int(_whole(ann["id"]) or 0),
+        annotator=_annotator(ann, users),
+        lead_time=float(lead) if lead is not None else None,
+        updated_at=parse_time(ann.get("updated_at") or ann.get("created_at")),
+        ground_truth=bool(ann.get("ground_truth")),
+        prediction=pred_det,
+        prediction_model_version=pred_mv,
+        annotators=tuple(latest),
+        agreement=agreement,
+        per_annotator=per_annotator,
+        image_url=data.get("image") if isinstance(data.get("image"), str) else None,
+    )

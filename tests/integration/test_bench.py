@@ -116,6 +116,11 @@ def test_scoring_throughput_smoke_measures_every_path(tmp_path: Path) -> None:
     assert line["rss_images"] == [32, 96]
     saved = json.loads((tmp_path / "results" / "scoring_throughput_smoke.json").read_text())
     assert saved["images"] == 64
+    # Committed results never name the machine that ran them: paths are relative to the repo.
+    assert not Path(saved["dataset"]).is_absolute()
+    assert (REPO / saved["dataset"]).resolve().is_dir()
+    strings = [v for v in saved.values() if isinstance(v, str)]
+    assert not [v for v in strings if Path(v).is_absolute()]
 
 
 PRETRAINED = Path(

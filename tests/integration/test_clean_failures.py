@@ -20,7 +20,7 @@ from loop.synth import write_dataset
 
 pytestmark = pytest.mark.integration
 
-CLI = [sys.executable, "-c", "from loop.cli import main; main()"]
+CLI = [sys.executable, "-c", "from loop.cli import app; app()"]
 CLASSES = ["scratch", "pit", "crack", "patch"]
 
 

@@ -21,8 +21,9 @@ import pytest
 import yaml
 
 from loop import model
+from loop.bundle import REFERENCE_FILE, load_bundle
 from loop.config import load_config
-from loop.deploy import REFERENCE_FILE, deploy, load_bundle
+from loop.deploy import deploy
 from loop.monitor import read_windows
 from loop.project import Project
 from loop.review_queue import ReviewQueue
@@ -83,7 +84,7 @@ _SCORE_WITHOUT_MLFLOW = """
 import json, sys
 sys.modules["mlflow"] = None  # any `import mlflow` now raises ImportError
 from pathlib import Path
-from loop.deploy import load_bundle
+from loop.bundle import load_bundle
 bundle = load_bundle(Path(sys.argv[1]))
 out = []
 for det, emb in bundle.score([Path(p) for p in sys.argv[3:]], Path(sys.argv[2])):
@@ -153,7 +154,7 @@ def test_deploy_builds_a_bundle_that_scores_without_mlflow_like_the_champion(
             images,
             cfg.train.imgsz,
             cfg.select.candidate_conf,
-            cfg.yolo_config_dir,
+            cfg.paths.yolo_config,
             len(SYNTH_CLASSES),
             min_candidates=cfg.select.min_candidates,
         )
@@ -165,7 +166,7 @@ def test_deploy_builds_a_bundle_that_scores_without_mlflow_like_the_champion(
         (15, "avg", 64),
         (21, "avg", 256),
     ]
-    torch_emb = model.embed(champ.weights, images, cfg.train.imgsz, cfg.yolo_config_dir)
+    torch_emb = model.embed(champ.weights, images, cfg.train.imgsz, cfg.paths.yolo_config)
     np.testing.assert_allclose(
         np.array([g["emb"] for g in shipped])[:, 64:], torch_emb, rtol=1e-3, atol=1e-5
     )
@@ -319,11 +320,11 @@ def test_monitor_alerts_on_a_camera_change_not_on_clean_images(
     assert "sharpness_ks" in first.payload["fired"] and first.payload["message"] == w.message
 
     # A restart (a new flow run): nothing is checked or queued again; the record is intact.
-    queued = [e.sha256 for e in ReviewQueue(cfg.monitor_dir).entries()]
+    queued = [e.sha256 for e in ReviewQueue(cfg.paths.monitor).entries()]
     again = monitor_flow(str(trained), str(line), return_state=True).result()
     assert again.scan.new == 0 and again.windows == [] and again.queued == 0
-    assert [x.alert for x in read_windows(cfg.monitor_dir)] == [False, False, True, True]
-    assert [e.sha256 for e in ReviewQueue(cfg.monitor_dir).entries()] == queued
+    assert [x.alert for x in read_windows(cfg.paths.monitor)] == [False, False, True, True]
+    assert [e.sha256 for e in ReviewQueue(cfg.paths.monitor).entries()] == queued
     from typer.testing import CliRunner
 
     from loop.cli import app
@@ -342,7 +343,7 @@ def test_the_next_push_serves_the_queued_images_first(
     from flows.sync import push_flow
 
     cfg = load_config(trained)
-    queued = ReviewQueue(cfg.monitor_dir).entries("queued")
+    queued = ReviewQueue(cfg.paths.monitor).entries("queued")
     assert queued, "the monitor test (run before this one) queues the novel images it found"
     assert all(e.in_pool for e in queued)
     project = Project(cfg)
@@ -362,7 +363,7 @@ def test_the_next_push_serves_the_queued_images_first(
     assert rest, "the push also holds images the monitor did not queue"
     top = max(t["data"]["priority"] for t in rest)
     assert all(by_sha[s]["data"]["priority"] > top for s in expected)
-    after = {e.sha256: e for e in ReviewQueue(cfg.monitor_dir).entries()}
+    after = {e.sha256: e for e in ReviewQueue(cfg.paths.monitor).entries()}
     assert all(
         after[s].status == "pushed" and after[s].task_id == by_sha[s]["id"] for s in expected
     )

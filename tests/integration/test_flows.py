@@ -69,7 +69,7 @@ def test_ingest_flow_then_a_failed_step_says_which_and_why(harness: None, tmp_pa
     # The version the ingest wrote is intact and current; nothing half-written is left behind.
     assert project.state.current_version == out.dataset_version
     assert project.current_version() is not None
-    assert sorted(p.name for p in cfg.datasets_dir.iterdir()) == [out.dataset_version]
+    assert sorted(p.name for p in cfg.paths.datasets.iterdir()) == [out.dataset_version]
     assert not CycleLock(cfg.workspace).is_locked()  # released on failure
 
 
@@ -170,14 +170,14 @@ def prefect_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Prefect
 
 def serve_command(cfg_path: Path) -> list[str]:
     """`defect-loop serve` (what the Docker worker runs) once it is registered in `loop.cli`,
-    else the same command through `python -m loop.cli_serve`."""
+    else the same command through `python -m loop.cli.serve`."""
     from loop.cli import app
 
     names = {c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands}
     if "serve" in names:
         exe = Path(sys.executable).with_name("defect-loop")
         return [str(exe), "serve", "--config", str(cfg_path)]
-    return [sys.executable, "-m", "loop.cli_serve", "serve", "--config", str(cfg_path)]
+    return [sys.executable, "-m", "loop.cli.serve", "serve", "--config", str(cfg_path)]
 
 
 def _client_env(api_url: str, **extra: str) -> dict[str, str]:

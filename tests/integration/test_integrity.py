@@ -274,7 +274,7 @@ def test_two_ingests_and_a_pull_at_once_lose_nothing(ls_server, monkeypatch):
             gw.annotate_results(tid, _box(3, 3, 12, 12, cls=2))
     for seed in (21, 22):
         write_dataset(root / f"batch{seed}", 300, seed=seed, size=SIZE)
-    cli = [sys.executable, "-c", "from loop.cli import main; main()", "ingest"]
+    cli = [sys.executable, "-c", "from loop.cli import app; app()", "ingest"]
     procs = [
         subprocess.Popen(
             [*cli, str(root / f"batch{s}" / "images"), "--labels",
@@ -293,7 +293,7 @@ def test_two_ingests_and_a_pull_at_once_lose_nothing(ls_server, monkeypatch):
     assert len(pulled) == 1 and pulled[0].labeled == 6
 
     final = Project(load_config(cfg_path))
-    on_disk = [p for p in (final.cfg.images_dir).rglob("*.png")]
+    on_disk = [p for p in (final.cfg.paths.images).rglob("*.png")]
     assert len(final.pool) == len(on_disk) == 20 + 600
     version = final.current_version()
     assert version is not None and len(version) == 600 + 6

@@ -232,9 +232,9 @@ def test_annotate_and_pull(gw, pushed, ls_server):
 
 def test_push_retry_after_a_lost_response_does_not_duplicate(gw, ls_server, monkeypatch):
     """The import commits but the response is lost (timeout): the retry must not re-import."""
-    from loop import labelstudio as lsmod
+    from loop.labelstudio import transport as ls_transport
 
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 0.0)
     pid = gw.ensure_project("defect-loop: retry", CLASSES, GUIDE)
     real = gw._raw
     calls = []

@@ -13,13 +13,14 @@ import numpy as np
 import pytest
 import yaml
 
-from loop import labelstudio as lsmod
 from loop.config import load_config
 from loop.datasets import assign_split
 from loop.detections import Detections
 from loop.errors import ServiceError
-from loop.formats.labelstudio import detections_to_ls_results
-from loop.labelstudio import PRIORITY_VIEW_TITLE, LabelStudioGateway, PushItem
+from loop.formats.labelstudio import UnsafeImagePathError, detections_to_ls_results
+from loop.labelstudio import LabelStudioGateway, PushItem
+from loop.labelstudio import transport as ls_transport
+from loop.labelstudio.projects import PRIORITY_VIEW_TITLE
 from loop.project import Project, ScoredImage
 from loop.synth import write_dataset
 
@@ -227,7 +228,7 @@ def test_bad_tasks_are_rejected_with_their_id_and_never_block_the_others(gw, ls_
     assert "UnknownLabelError" in str(rej[ids[1]]) and "hole" in rej[ids[1]].reason
     assert "rotated" in rej[ids[2]].reason
     assert "outside the image" in rej[ids[3]].reason
-    assert isinstance(rej[escaping].__cause__, lsmod.UnsafeImagePathError)
+    assert isinstance(rej[escaping].__cause__, UnsafeImagePathError)
 
 
 def test_polygons_defect_free_choice_and_several_annotators(gw, ls_server):
@@ -276,7 +277,7 @@ def test_polygons_defect_free_choice_and_several_annotators(gw, ls_server):
 
 # --- reliability -------------------------------------------------------------------------------
 def test_push_interrupted_by_a_stopped_server_completes_on_the_next_run(ls_server, monkeypatch):
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.01)
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 0.01)
     svc = ls_server.service
     items = [_item(50 + i, float(10 - i)) for i in range(6)]
     with LabelStudioGateway(ls_server.url, ls_server.token) as gw:

@@ -92,7 +92,7 @@ def test_cli_setup_is_idempotent(ls_server, tmp_path, monkeypatch):
     import yaml
     from typer.testing import CliRunner
 
-    from loop.cli_ls import ls_app
+    from loop.cli.labelstudio import ls_app
 
     root = ls_server.document_root / "cli-setup"
     root.mkdir(parents=True, exist_ok=True)

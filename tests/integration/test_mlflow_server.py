@@ -162,7 +162,7 @@ def test_tracker_through_a_server(mlflow_server: MlflowServer, tmp_path: Path):
         workspace=tmp_path / "ws",
         mlflow={"tracking_uri": mlflow_server.url, "registered_model": "server-test"},
     )
-    store = DatasetStore(cfg.datasets_dir)
+    store = DatasetStore(cfg.paths.datasets)
     version = _version()
     store.save(version)
     tracker = Tracker(cfg)

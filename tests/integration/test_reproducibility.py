@@ -29,9 +29,9 @@ def test_same_version_config_seed_same_metrics(tmp_path: Path) -> None:
     tcfg = TrainConfig(imgsz=64, epochs=2, batch=8, seed=3)
     results = []
     for name in ("a", "b"):
-        run = train(data_yaml, tmp_path / "runs", tcfg, cfg.yolo_config_dir, name=name)
+        run = train(data_yaml, tmp_path / "runs", tcfg, cfg.paths.yolo_config, name=name)
         results.append(
-            evaluate(run.weights, data_yaml, "test", 64, cfg.yolo_config_dir, list(cfg.classes))
+            evaluate(run.weights, data_yaml, "test", 64, cfg.paths.yolo_config, list(cfg.classes))
         )
     a, b = results
     for field in ("map50", "map50_95", "precision", "recall"):

@@ -23,7 +23,8 @@ from loop.config import SplitConfig, TrainConfig
 from loop.datasets import DatasetStore, assign_split
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError, ImageError, ModelError, StrategyError
-from loop.replay import ReplaySettings, initial_set, prepare_dataset, run_replay
+from loop.replay import ReplaySettings, run_replay
+from loop.replay_dataset import initial_set, prepare_dataset
 from loop.savings import label_savings, labels_to_reach, mean_curve
 from loop.simulate import OracleGateway
 from loop.synth import SYNTH_CLASSES, write_dataset
@@ -157,7 +158,7 @@ def synth(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def simulated(synth: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """`defect-loop simulate` on 40 synthetic images, 3 strategies x 1 seed x 2 rounds."""
-    from loop.cli_sim import simulate
+    from loop.cli.sim import simulate
 
     out = tmp_path_factory.mktemp("replay")
     cfg = out / "project.yaml"
@@ -404,7 +405,7 @@ def test_project_scores_through_the_configured_backend(
     suffix = {"torch": ".pt", "onnx": ".onnx", "onnx-int8": ".int8.onnx"}[backend]
     assert made.name.endswith(suffix)
     if backend != "torch":
-        assert made.parent == cfg.scoring_models_dir
+        assert made.parent == cfg.paths.scoring_models
         stamp = made.stat().st_mtime_ns
         assert project.scoring_model(weights).stat().st_mtime_ns == stamp  # cached
         assert not list(weights.parent.glob("*.onnx"))  # nothing written beside the weights
@@ -426,7 +427,7 @@ def model_predict_torch(weights: Path, paths: list[Path], cfg: Any) -> Any:
         paths,
         cfg.train.imgsz,
         cfg.select.candidate_conf,
-        cfg.yolo_config_dir,
+        cfg.paths.yolo_config,
         len(cfg.classes),
         min_candidates=cfg.select.min_candidates,
     )

@@ -206,7 +206,7 @@ def test_worker_reaches_every_service_by_name_and_port(
     # volume mounted at the same path in both containers.
     root = Path(_env(s["labelstudio"], env_example)["LABEL_STUDIO_LOCAL_FILES_DOCUMENT_ROOT"])
     assert cfg.ls_document_root == root
-    assert cfg.images_dir.is_relative_to(root)
+    assert cfg.paths.images.is_relative_to(root)
     assert _mounts(s["labelstudio"])[str(root)] == mounts[str(root)]
     assert cfg.workspace.is_relative_to(root)
     for name in ("dask-worker",):
@@ -242,13 +242,13 @@ def test_images_run_the_commands_the_tests_run(
     assert scripts["defect-loop"] == "loop.cli:app"
     from typer.main import get_command
 
-    from loop import cli, cli_serve
+    from loop import cli
+    from loop.cli import serve as cli_serve
 
     standalone = get_command(cli_serve.standalone_app())
     assert {"serve", "prefect-server"} <= set(standalone.commands)  # type: ignore[attr-defined]
     registered = {c.name: c.callback for c in cli.app.registered_commands}
-    if "serve" in registered:  # once `loop.cli` registers it, it must be this command
-        assert registered["serve"] is cli_serve.serve
+    assert registered["serve"] is cli_serve.serve
     # The Prefect server: the same `prefect server start --host H --port P` that PrefectService
     # (used by the tests and `defect-loop prefect-server start`) runs.
     local = PrefectService(home=Path("/tmp/unused"), port=4200).command()

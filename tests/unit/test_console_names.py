@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 from rich.console import Console
 
-from loop.cli_common import safe
+from loop.cli.common import safe
 from loop.errors import printable
 
 

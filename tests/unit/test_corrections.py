@@ -10,14 +10,14 @@ import pytest
 from loop.corrections import (
     CorrectionInput,
     acceptance_rates,
-    build_report,
+    build_corrections,
     compare,
     correction_metrics,
     match_boxes,
     mean_pairwise_f1,
     pairwise_f1,
-    read_report,
-    write_report,
+    read_corrections,
+    write_corrections,
 )
 from loop.detections import Detections
 from loop.errors import UnknownLabelError
@@ -159,7 +159,7 @@ def test_report_shape_metrics_and_round_trip(tmp_path):
         ),
         CorrectionInput("b" * 64, 8, det([], [], conf=[]), det([[1, 2, 3, 4]], [2]), None),
     ]
-    rep = build_report(items, CLASSES)
+    rep = build_corrections(items, CLASSES)
     assert set(rep) == {"per_class", "lead_times", "tasks", "images"}
     assert rep["tasks"] == 2 and rep["lead_times"] == [12.5]
     assert list(rep["per_class"]) == CLASSES
@@ -188,5 +188,5 @@ def test_report_shape_metrics_and_round_trip(tmp_path):
     assert m["corrections.disagreement_max"] == 1.0
     assert all(isinstance(v, float) for v in m.values())
 
-    path = write_report(tmp_path / "d" / "corrections.json", rep)
-    assert read_report(path) == json.loads(json.dumps(rep))
+    path = write_corrections(tmp_path / "d" / "corrections.json", rep)
+    assert read_corrections(path) == json.loads(json.dumps(rep))

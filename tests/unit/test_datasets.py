@@ -384,10 +384,10 @@ def cli_project(tmp_path: Path):
         for r, s in zip(b.rows, ("train", "val", "test", "train", "val", "test"), strict=True)
     ]
     b = DatasetVersion.create(CLASSES, rows, parent=a.digest)
-    store = DatasetStore(cfg.datasets_dir)
+    store = DatasetStore(cfg.paths.datasets)
     store.save(a)
     store.save(b)
-    _pool_at(cfg.images_dir, b.rows)
+    _pool_at(cfg.paths.images, b.rows)
     return cfg_path, a, b
 
 
@@ -400,7 +400,7 @@ def _pool_at(images: Path, rows) -> None:
 def _invoke(*args: str):
     from typer.testing import CliRunner
 
-    from loop.cli_datasets import datasets_app
+    from loop.cli.datasets import datasets_app
 
     return CliRunner().invoke(datasets_app, list(args))
 
@@ -463,7 +463,7 @@ def test_cli_mounts_as_a_sub_app():
     import typer
     from typer.testing import CliRunner
 
-    from loop.cli_datasets import datasets_app
+    from loop.cli.datasets import datasets_app
 
     app = typer.Typer()
     app.add_typer(datasets_app, name="datasets")

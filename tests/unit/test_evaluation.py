@@ -428,7 +428,7 @@ def test_evaluation_memo_key_follows_label_content_not_rewrites(tmp_path: Path) 
 
     import yaml
 
-    from loop.model import _split_fingerprint
+    from loop.model.validation import _split_fingerprint
 
     images, labels = tmp_path / "test" / "images", tmp_path / "test" / "labels"
     images.mkdir(parents=True)

@@ -15,23 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from loop.bundle import Reference, image_features
 from loop.config import MonitorConfig, ProjectConfig
-from loop.deploy import Reference, image_features
 from loop.detections import Detections
 from loop.drift import IMAGE_STATS, FeatureSet, image_stats, read_gray
 from loop.images import sha256_file
-from loop.labelstudio import PushSummary
-from loop.monitor import (
-    TESTS,
-    Monitor,
-    evaluate_window,
-    monitor_status,
-    read_windows,
-    select_for_queue,
-)
+from loop.labeling import PushSummary
+from loop.monitor import Monitor, monitor_status, read_windows
 from loop.project import Project, ScoredImage
 from loop.review_queue import QueueEntry, ReviewQueue
 from loop.scheduling import CycleLock
+from loop.windows import TESTS, evaluate_window, select_for_queue
 
 CLASSES = ["scratch", "pit"]
 
@@ -242,14 +236,14 @@ def test_windows_alerts_and_queue_survive_a_restart_and_nothing_is_queued_twice(
     write_images(line / "b", 20, seed=5, stripes=True)
     first = Monitor(project, bundle, "1").run(line)  # type: ignore[arg-type]
     assert len(first.windows) == 2 and len(first.alerts) == 1
-    queued = ReviewQueue(project.cfg.monitor_dir).entries()
+    queued = ReviewQueue(project.cfg.paths.monitor).entries()
     assert first.queued == len(queued) > 0
     assert len({e.sha256 for e in queued}) == len(queued)
 
     # A restart: new objects, same workspace.
     project2 = Project(project.cfg)
     again = Monitor(project2, bundle, "1")  # type: ignore[arg-type]
-    windows = read_windows(project.cfg.monitor_dir)
+    windows = read_windows(project.cfg.paths.monitor)
     assert [w.index for w in windows] == [0, 1] and [w.alert for w in windows] == [False, True]
     assert windows[1].message == first.windows[1].message
     out = again.run(line)
@@ -263,13 +257,13 @@ def test_windows_alerts_and_queue_survive_a_restart_and_nothing_is_queued_twice(
     # Committing a window again (a crash between commit and bookkeeping) changes nothing.
     pending = [again.pending()]  # empty: nothing is waiting
     assert pending == [[]]
-    windows_before = read_windows(project.cfg.monitor_dir)
+    windows_before = read_windows(project.cfg.paths.monitor)
     assert again.commit(windows_before[1], []) == []
-    assert len(read_windows(project.cfg.monitor_dir)) == 2
-    assert [e.sha256 for e in ReviewQueue(project.cfg.monitor_dir).entries()] == [
+    assert len(read_windows(project.cfg.paths.monitor)) == 2
+    assert [e.sha256 for e in ReviewQueue(project.cfg.paths.monitor).entries()] == [
         e.sha256 for e in queued
     ]
-    status = monitor_status(project.cfg.monitor_dir)
+    status = monitor_status(project.cfg.paths.monitor)
     assert status["windows"] == 2 and status["alerts"] == 1 and status["images"] == {"done": 40}
 
 
@@ -282,7 +276,7 @@ def test_queued_images_join_the_pool_when_the_workspace_is_free(setup, tmp_path:
         out = Monitor(project, bundle, "1").run(tmp_path / "line")  # type: ignore[arg-type]
     finally:
         lock.release()
-    entries = ReviewQueue(project.cfg.monitor_dir).entries()
+    entries = ReviewQueue(project.cfg.paths.monitor).entries()
     assert out.queued == len(entries) > 0
     # A cycle held the workspace: the images wait as private copies, outside the pool.
     assert all(not e.in_pool and e.held and Path(e.held).is_file() for e in entries)
@@ -290,10 +284,10 @@ def test_queued_images_join_the_pool_when_the_workspace_is_free(setup, tmp_path:
     added = Monitor(Project(project.cfg), bundle, "1").ingest_queued()  # type: ignore[arg-type]
     assert added == len(entries)
     pool = Project(project.cfg).pool
-    after = ReviewQueue(project.cfg.monitor_dir).entries()
+    after = ReviewQueue(project.cfg.paths.monitor).entries()
     assert all(e.in_pool and e.held is None for e in after)
     assert all(e.sha256 in pool for e in after)
-    assert not any((project.cfg.monitor_dir / "held").iterdir())
+    assert not any((project.cfg.paths.monitor / "held").iterdir())
 
 
 def test_a_partial_window_waits_unless_flushed_and_vanished_files_are_dropped(
@@ -307,7 +301,7 @@ def test_a_partial_window_waits_unless_flushed_and_vanished_files_are_dropped(
     files[0].unlink()
     out = mon.run(None, flush=True)
     assert [w.n_images for w in out.windows] == [14] and out.pending == 0
-    assert monitor_status(project.cfg.monitor_dir)["images"] == {"done": 14, "missing": 1}
+    assert monitor_status(project.cfg.paths.monitor)["images"] == {"done": 14, "missing": 1}
 
 
 def test_non_images_are_rejected_once(setup, tmp_path: Path):
@@ -380,13 +374,13 @@ def test_push_serves_the_queued_images_first_and_marks_them_pushed(tmp_path: Pat
     project = Project(cfg)
     project.ingest(tmp_path / "imgs")
     shas = [sha256_file(p) for p in files]
-    ReviewQueue(cfg.monitor_dir).add([entry(shas[5], 2.0), entry(shas[4], 7.0)])
+    ReviewQueue(cfg.paths.monitor).add([entry(shas[5], 2.0), entry(shas[4], 7.0)])
     ranked = [scored(s, 1.0 - i / 10) for i, s in enumerate(shas)]
     gw = FakeGateway()
     project.push(gw, ranked, "m-v1")
     assert [it.sha256 for it in gw.pushed] == [shas[4], shas[5], shas[0]]
     assert gw.pushed[0].priority > gw.pushed[1].priority > gw.pushed[2].priority == 1.0
-    q = ReviewQueue(cfg.monitor_dir).entries()
+    q = ReviewQueue(cfg.paths.monitor).entries()
     assert {(e.sha256, e.status, e.task_id) for e in q} == {
         (shas[4], "pushed", 100),
         (shas[5], "pushed", 101),
@@ -398,7 +392,7 @@ def test_push_serves_the_queued_images_first_and_marks_them_pushed(tmp_path: Pat
 
 
 def test_the_report_reads_the_monitor_records(setup, tmp_path: Path):
-    from loop.report_production import collect_production
+    from loop.report import collect_production
 
     project, bundle = setup
     assert collect_production(project) is None  # never monitored: "no production data yet"
@@ -407,7 +401,9 @@ def test_the_report_reads_the_monitor_records(setup, tmp_path: Path):
     Monitor(project, bundle, "1").run(tmp_path / "line")  # type: ignore[arg-type]
     data = collect_production(Project(project.cfg))
     assert data is not None and [w.alert for w in data.windows] == [False, True]
-    assert data.images == 40 and data.queued == len(ReviewQueue(project.cfg.monitor_dir).entries())
+    assert data.images == 40 and data.queued == len(
+        ReviewQueue(project.cfg.paths.monitor).entries()
+    )
     assert data.novel and all(
         n.image_path is not None and n.image_path.is_file() for n in data.novel
     )

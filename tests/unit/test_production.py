@@ -106,7 +106,7 @@ def test_production_downloads_the_bundle_once(tmp_path: Path, db_uri: str):
     prod = tracker.production()
     assert prod is not None and prod.version == v2 and prod.detector_version == "7"
     assert json.loads((prod.path / "bundle.json").read_text()) == {"marker": "b"}
-    assert prod.path.is_relative_to(tracker.cfg.bundles_dir)
+    assert prod.path.is_relative_to(tracker.cfg.paths.bundles)
     tracker.rollback_production("ana")
     again = tracker.production()
     assert again is not None and again.version == v1

@@ -588,7 +588,7 @@ def test_cli_command_reports_errors_without_a_traceback(tmp_path: Path) -> None:
     import typer
     from typer.testing import CliRunner
 
-    from loop.cli_report import report
+    from loop.cli.report import report
 
     app = typer.Typer()
     app.command("report")(report)

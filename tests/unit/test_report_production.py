@@ -9,14 +9,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from loop.report import ReportData, render_html, render_markdown
-from loop.report_production import (
+from loop.report import (
     NO_PRODUCTION,
     NovelImage,
     ProductionData,
+    ReportData,
     WindowPoint,
     drift_png,
     production_html,
+    render_html,
+    render_markdown,
 )
 
 EVIL = "<script>alert('x')</script>"

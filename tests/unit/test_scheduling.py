@@ -1,5 +1,5 @@
 """Unit tests of `loop.scheduling`, the scheduling config sections, batched scoring's merge,
-`PrefectService` without a server, `loop.cli_serve` helpers and the deployments' schedules."""
+`PrefectService` without a server, `loop.cli.serve` helpers and the deployments' schedules."""
 
 from __future__ import annotations
 
@@ -302,9 +302,9 @@ def test_prefect_service_refuses_a_taken_port(tmp_path: Path):
             svc.start(timeout_s=5)
 
 
-# --- cli_serve helpers ---------------------------------------------------------------------------
+# --- loop.cli.serve helpers ---------------------------------------------------------------------------
 def test_serve_needs_a_prefect_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    from loop.cli_serve import check_api, resolve_api_url
+    from loop.cli.serve import check_api, resolve_api_url
 
     cfg = load_config(_write_cfg(tmp_path, prefect={"port": free_port()}))
     monkeypatch.delenv("PREFECT_API_URL", raising=False)
@@ -319,7 +319,7 @@ def test_serve_needs_a_prefect_server(tmp_path: Path, monkeypatch: pytest.Monkey
 def test_serve_command_explains_a_missing_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     from typer.testing import CliRunner
 
-    from loop.cli_serve import standalone_app
+    from loop.cli.serve import standalone_app
 
     path = _write_cfg(tmp_path, prefect={"port": free_port()})
     monkeypatch.delenv("PREFECT_API_URL", raising=False)

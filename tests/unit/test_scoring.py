@@ -191,7 +191,7 @@ def test_plan_counts_the_labeled_boxes_per_class_outside_the_test_split(fake: An
         LabeledImage(shas[0], "a.png", 64, 64, "train", boxes, {}),
         LabeledImage(shas[1], "b.png", 64, 64, "test", boxes, {}),
     ]
-    project._set_version(DatasetVersion.create(CLASSES, rows))
+    project.set_version(DatasetVersion.create(CLASSES, rows))
     assert plan_scoring(project, MODELS).class_counts == (1.0, 2.0)
 
 

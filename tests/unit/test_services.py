@@ -1,4 +1,5 @@
-"""Unit tests of `loop.services` and the pure/offline parts of `loop.labelstudio`."""
+"""Unit tests of `loop.services`, the Label Studio gateway without a server (retries, pull on a
+canned export) and the pure Label Studio conversions (`loop.formats.labelstudio*`)."""
 
 from __future__ import annotations
 
@@ -11,10 +12,19 @@ from pathlib import Path
 import numpy as np
 import pytest
 from label_studio_sdk.core.api_error import ApiError
+from ls_json import poly as _poly
+from ls_json import rect as _rect
+from ls_json import verdict as _verdict
 
-from loop import labelstudio as lsmod
 from loop.errors import ConfigError, ConversionError, LabelStudioError, ServiceError
-from loop.labelstudio import LabelStudioGateway, classes_from_label_config, label_config_xml
+from loop.formats.labelstudio import UnsafeImagePathError, check_image_url, parse_time
+from loop.formats.labelstudio_config import (
+    classes_from_label_config,
+    instructions_html,
+    label_config_xml,
+)
+from loop.labelstudio import LabelStudioGateway
+from loop.labelstudio import transport as ls_transport
 from loop.services import (
     LabelStudioService,
     free_port,
@@ -188,7 +198,7 @@ def _gateway() -> LabelStudioGateway:
 
 
 def test_gateway_retries_5xx_then_succeeds(monkeypatch):
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 0.0)
     calls = []
 
     def flaky():
@@ -202,7 +212,7 @@ def test_gateway_retries_5xx_then_succeeds(monkeypatch):
 
 
 def test_gateway_does_not_retry_4xx(monkeypatch):
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 0.0)
     calls = []
 
     def bad():
@@ -215,7 +225,7 @@ def test_gateway_does_not_retry_4xx(monkeypatch):
 
 
 def test_gateway_unreachable_server_is_a_service_error(monkeypatch):
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 0.0)
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 0.0)
     with pytest.raises(ServiceError, match="unreachable"):
         _gateway().ensure_project("some project", CLASSES, "")
 
@@ -233,25 +243,6 @@ def test_failed_install_names_the_pip_log(tmp_path):
 
 
 # --- pull selection logic on a canned export (no server) ---------------------------------------
-def _rect(x, y, w, h, label, ow=200, oh=100):
-    return {
-        "id": "r",
-        "type": "rectanglelabels",
-        "from_name": "label",
-        "to_name": "image",
-        "original_width": ow,
-        "original_height": oh,
-        "value": {
-            "x": x,
-            "y": y,
-            "width": w,
-            "height": h,
-            "rotation": 0,
-            "rectanglelabels": [label],
-        },
-    }
-
-
 def _ann(aid, result, updated, gt=False, cancelled=False):
     return {
         "id": aid,
@@ -334,7 +325,7 @@ def test_label_config_polygons_verdict_and_instructions():
     assert [c.get("value") for c in choices.iter("Choice")] == ["defect-free"]
     assert classes_from_label_config(xml) == CLASSES
     assert not list(ET.fromstring(label_config_xml(CLASSES)).iter("PolygonLabels"))
-    page = lsmod.instructions_html(["a<b", "dent"], "Line one.\n\nLine <two>.")
+    page = instructions_html(["a<b", "dent"], "Line one.\n\nLine <two>.")
     assert "<p>Line one.</p>" in page and "Line &lt;two&gt;." in page
     assert "a&lt;b" in page and "NO regions" in page and "not used as negatives" in page
 
@@ -349,8 +340,8 @@ def test_label_config_polygons_verdict_and_instructions():
     ],
 )
 def test_image_paths_escaping_the_root_are_refused(url):
-    with pytest.raises(lsmod.UnsafeImagePathError):
-        lsmod.check_image_url(url)
+    with pytest.raises(UnsafeImagePathError):
+        check_image_url(url)
 
 
 def test_image_path_symlink_outside_root_is_refused(tmp_path):
@@ -358,40 +349,19 @@ def test_image_path_symlink_outside_root_is_refused(tmp_path):
     (root / "images").mkdir(parents=True)
     (root / "images" / "ok.png").write_bytes(b"x")
     (root / "images" / "link.png").symlink_to(tmp_path / "elsewhere.png")
-    lsmod.check_image_url("/data/local-files/?d=images/ok.png", root)
-    lsmod.check_image_url("/data/local-files/?d=images%2Fok.png", root)
-    lsmod.check_image_url("https://example.com/a.png", root)  # not a local file: not checked
-    with pytest.raises(lsmod.UnsafeImagePathError, match="symlink"):
-        lsmod.check_image_url("/data/local-files/?d=images/link.png", root)
+    check_image_url("/data/local-files/?d=images/ok.png", root)
+    check_image_url("/data/local-files/?d=images%2Fok.png", root)
+    check_image_url("https://example.com/a.png", root)  # not a local file: not checked
+    with pytest.raises(UnsafeImagePathError, match="symlink"):
+        check_image_url("/data/local-files/?d=images/link.png", root)
     with pytest.raises(ConversionError, match="no image URL"):
-        lsmod.check_image_url(None, root)
+        check_image_url(None, root)
 
 
 def test_backoff_has_bounded_jitter(monkeypatch):
-    monkeypatch.setattr(lsmod, "_BACKOFF_S", 1.0)
-    waits = {round(lsmod._backoff(2), 6) for _ in range(50)}
+    monkeypatch.setattr(ls_transport, "_BACKOFF_S", 1.0)
+    waits = {round(ls_transport._backoff(2), 6) for _ in range(50)}
     assert len(waits) > 1 and all(2.0 <= w <= 6.0 for w in waits)
-
-
-def _poly(points, label):
-    return {
-        "id": "p",
-        "type": "polygonlabels",
-        "from_name": "polygon",
-        "to_name": "image",
-        "original_width": 200,
-        "original_height": 100,
-        "value": {"points": points, "polygonlabels": [label]},
-    }
-
-
-def _verdict():
-    return {
-        "type": "choices",
-        "from_name": "verdict",
-        "to_name": "image",
-        "value": {"choices": ["defect-free"]},
-    }
 
 
 def test_pull_rules_on_canned_export(monkeypatch):
@@ -435,7 +405,7 @@ def test_pull_rules_on_canned_export(monkeypatch):
     rejected = {r.task_id: r for r in res.rejected}
     assert sorted(rejected) == [3, 4, 5, 6, 7]
     assert "defect-free" in rejected[3].reason
-    assert isinstance(rejected[4].__cause__, lsmod.UnsafeImagePathError)
+    assert isinstance(rejected[4].__cause__, UnsafeImagePathError)
     assert "UnsafeImagePathError" in str(rejected[4])
     assert "rotated" in rejected[5].reason and "outside the image" in rejected[6].reason
     assert "outside the image" in rejected[7].reason
@@ -450,8 +420,8 @@ def test_incremental_pull_exports_changed_ids_and_reconciles_deletions(monkeypat
     gw = _gateway()
     calls = {}
     changed = [
-        (3, lsmod._parse_time("2026-01-05T00:00:00.5Z")),
-        (4, lsmod._parse_time("2026-01-06T00:00:00Z")),
+        (3, parse_time("2026-01-05T00:00:00.5Z")),
+        (4, parse_time("2026-01-06T00:00:00Z")),
     ]
 
     def export(pid, ids=None, all_tasks=False):

@@ -140,7 +140,7 @@ def test_log_training_round_trip(tmp_path: Path, db_uri: str):
     import mlflow
 
     cfg = make_cfg(tmp_path, db_uri)
-    store = DatasetStore(cfg.datasets_dir)
+    store = DatasetStore(cfg.paths.datasets)
     version = synthetic_version()
     store.save(version)
     tracker = Tracker(cfg)
@@ -222,7 +222,7 @@ def test_log_training_refuses_an_unsaved_version(tmp_path: Path, db_uri: str):
     with pytest.raises(DatasetError, match=r"DatasetStore.save"):
         tracker.log_training(
             version=synthetic_version(3),
-            store=DatasetStore(cfg.datasets_dir),
+            store=DatasetStore(cfg.paths.datasets),
             result=fake_train(tmp_path),
             test=None,
             params={},
@@ -232,7 +232,7 @@ def test_log_training_refuses_an_unsaved_version(tmp_path: Path, db_uri: str):
 
 def test_load_dataset_version_detects_tampering_and_foreign_runs(tmp_path: Path, db_uri: str):
     cfg = make_cfg(tmp_path, db_uri)
-    store = DatasetStore(cfg.datasets_dir)
+    store = DatasetStore(cfg.paths.datasets)
     version = synthetic_version(6, seed=3)
     store.save(version)
     tracker = Tracker(cfg)

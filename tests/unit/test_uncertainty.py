@@ -3,10 +3,12 @@ import math
 import numpy as np
 import pytest
 
+from loop.config import SelectConfig
 from loop.detections import Detections
 from loop.errors import StrategyError
 from loop.selection import random_k, rank, top_k
 from loop.uncertainty import (
+    REDUCTIONS,
     STRATEGIES,
     binary_entropy,
     box_entropy,
@@ -60,6 +62,14 @@ def test_entropy_ranks_known_order():
 )
 def test_reductions(reduction, expected):
     assert reduce_boxes([1.0, 2.0, 3.0], reduction, k=2) == pytest.approx(expected)
+
+
+def test_every_reduction_name_is_tested_and_has_a_reducer():
+    # One list of names (the `Reduction` type): the table above covers it, the config accepts it.
+    assert REDUCTIONS == ("max", "mean", "sum", "topk_mean")
+    assert SelectConfig(reduction="topk_mean").reduction == "topk_mean"
+    with pytest.raises(ValueError, match="reduction"):
+        SelectConfig(reduction="median")  # type: ignore[arg-type]
 
 
 def test_reduction_changes_ranking():
@@ -142,7 +152,7 @@ def test_top_k_and_random_k():
 # every strategy: known answers, shapes, edge cases
 # ----------------------------------------------------------------------------------------------
 
-from loop.model import _parse_augmentation, _unflip  # noqa: E402  (pure helpers, no ultralytics)
+from loop.model.prediction import _parse_augmentation, _unflip  # noqa: E402  (pure helpers, no ultralytics)
 from loop.uncertainty import (  # noqa: E402
     NEEDS,
     ScoringInputs,

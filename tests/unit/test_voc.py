@@ -132,7 +132,7 @@ def test_missing_folders_are_explained(tmp_path):
 def test_cli_import_voc_writes_yolo(tmp_path):
     import typer
 
-    from loop.cli_sim import import_app
+    from loop.cli.sim import import_app
 
     app = typer.Typer()
     app.add_typer(import_app, name="import")
@@ -148,7 +148,7 @@ def test_cli_import_voc_writes_yolo(tmp_path):
 def test_cli_import_voc_into_a_project(tmp_path):
     import typer
 
-    from loop.cli_sim import import_app
+    from loop.cli.sim import import_app
     from loop.config import load_config, write_default_config
     from loop.project import Project
 

@@ -1,6 +1,7 @@
 """What every `defect-loop` command module shares: the console, the --config option, error
-handling and the process environment for Prefect. Kept apart from `loop.cli` so that the
-command modules (`cli_datasets`, `cli_report`, ...) can import it without an import cycle.
+handling, the process environment for Prefect, the local Label Studio service and how a cycle's
+outcome is printed. The command modules (`loop.cli.datasets`, `loop.cli.demo`, ...) import it;
+it imports none of them.
 
 Failures are clean: `run` turns any exception into one line on the console and a non-zero exit
 code, and appends the traceback to the log file (``<workspace>/logs/defect-loop.log``, or
@@ -29,7 +30,14 @@ from rich.markup import escape
 
 from loop.config import ProjectConfig, load_config
 from loop.errors import ConfigError, DefectLoopError, ServiceError, printable
-from loop.services import PrefectService, TemporaryPrefectServer
+from loop.services import (
+    Credentials,
+    LabelStudioService,
+    PrefectService,
+    TemporaryPrefectServer,
+    load_or_create_credentials,
+)
+from loop.workspace import LOG_NAME
 
 T = TypeVar("T")
 
@@ -40,7 +48,6 @@ ConfigOpt = Annotated[
     typer.Option("--config", "-c", help="project YAML file", envvar="DEFECT_LOOP_CONFIG"),
 ]
 
-LOG_NAME = "defect-loop.log"
 _log_path: Path | None = None  # the workspace's log file, once a config is loaded
 _PREFLIGHT_TIMEOUT_S = 5.0
 
@@ -64,7 +71,7 @@ def log_path() -> Path:
 
 def _use_workspace_log(cfg: ProjectConfig) -> None:
     global _log_path
-    path = cfg.workspace / "logs" / LOG_NAME
+    path = cfg.paths.log_file
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         with path.open("a"):
@@ -197,7 +204,7 @@ def prepare(cfg: ProjectConfig, *, labelstudio: bool = False, mlflow: bool = Fal
 
 def prefect_service(cfg: ProjectConfig) -> PrefectService:
     """The project's local Prefect server: home ``<workspace>/prefect-server``, ``prefect.port``."""
-    return PrefectService(home=cfg.workspace / "prefect-server", port=cfg.prefect.port)
+    return PrefectService(home=cfg.paths.prefect_server, port=cfg.prefect.port)
 
 
 def local_api_url(cfg: ProjectConfig) -> str | None:
@@ -218,7 +225,7 @@ def prefect_env(cfg: ProjectConfig) -> None:
     ``kill -9``; see `TemporaryPrefectServer`). Prefect's console output then shows no
     tracebacks: they go to the log file (`log_path`)."""
     global _temporary_server
-    os.environ.setdefault("PREFECT_HOME", str(cfg.workspace / "prefect"))
+    os.environ.setdefault("PREFECT_HOME", str(cfg.paths.prefect_home))
     os.environ.setdefault("DO_NOT_TRACK", "true")
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
@@ -292,3 +299,64 @@ def jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     return obj
+
+
+# --------------------------------------------------------------------------------------------
+# the local Label Studio, and what a cycle printed
+# --------------------------------------------------------------------------------------------
+
+
+def labelstudio_service(cfg: ProjectConfig) -> tuple[LabelStudioService, Credentials]:
+    """The local Label Studio server of ``cfg`` (data in ``<workspace>/labelstudio``, the
+    workspace as its document root) and its credentials (created on first use). Raises
+    `DefectLoopError` when ``labelstudio.url`` is not on this machine."""
+    from urllib.parse import urlparse
+
+    url = urlparse(cfg.labelstudio.url)
+    if url.hostname not in {"127.0.0.1", "localhost"}:
+        raise DefectLoopError(
+            f"labelstudio.url {cfg.labelstudio.url} is not local: `services` only manages a "
+            "Label Studio on 127.0.0.1; manage a remote one yourself"
+        )
+    creds = load_or_create_credentials(
+        cfg.paths.labelstudio_credentials, username=cfg.labelstudio.username
+    )
+    return LabelStudioService(
+        data_dir=cfg.paths.labelstudio,
+        document_root=cfg.workspace,
+        port=url.port or 8080,
+        username=creds.username,
+        password=creds.password,
+        api_token=creds.api_token,
+    ), creds
+
+
+def _fmt(v: float | None) -> str:
+    return "n/a" if v is None else f"{v:.3f}"
+
+
+def print_cycle(out: Any) -> None:
+    """One line per step of a cycle's outcome (a `flows.cycle.CycleOutcome`), or why it was
+    skipped."""
+    if getattr(out, "skipped", None):
+        console.print(f"[yellow]{out.skipped}[/]")
+        return
+    if out.pull is not None:
+        console.print(
+            f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}, "
+            f"{out.pull.open_rejections} tasks rejected (`defect-loop rejections`)"
+        )
+    if out.train is not None:
+        t = out.train
+        console.print(
+            f"train: model v{t.model_version} val mAP50 {t.val_map50:.3f} "
+            f"test mAP50 {_fmt(t.test_map50)} mAP50-95 {_fmt(t.test_map50_95)}; "
+            f"{'promoted' if t.promoted else 'not promoted'} ({t.reason})"
+        )
+    s = out.push
+    console.print(
+        f"push: {s.created} created, {s.refreshed} refreshed, {s.skipped} skipped, "
+        f"{s.failed} failed"
+    )
+    if getattr(out, "report", None):
+        console.print(f"report: {out.report[0]}")

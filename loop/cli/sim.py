@@ -1,11 +1,7 @@
 """`defect-loop simulate` (oracle replay) and `defect-loop import voc` (Pascal VOC folders).
 
-Registered on the main app in `loop.cli`::
-
-    from loop.cli_sim import import_app, simulate
-
-    app.command("simulate")(simulate)
-    app.add_typer(import_app, name="import")
+Registered on the main app in `loop.cli.main` by ``app.command("simulate")(simulate)`` and
+``app.add_typer(import_app, name="import")``.
 """
 
 from __future__ import annotations
@@ -17,8 +13,7 @@ from typing import Annotated
 import typer
 from pydantic import ValidationError
 
-from loop.cli_common import ConfigOpt, console
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, console, run
 from loop.config import (
     DEFAULT_CONFIG_NAME,
     SelectConfig,
@@ -100,7 +95,7 @@ def import_voc(
         if version is not None:
             console.print(f"labels: dataset version {version.short} ({len(version)} images)")
 
-    _run(go)
+    run(go)
 
 
 def simulate(
@@ -222,4 +217,4 @@ def simulate(
                     + ("n/a" if mean is None else f"{mean:+.1%} (min {s['savings_min']:+.1%})")
                 )
 
-    _run(go)
+    run(go)

@@ -1,7 +1,6 @@
 """`defect-loop report`: the model-improvement report for leads.
 
-Registered on the main app by ``app.command("report")(report)`` in `loop.cli` (late import: this
-module takes the CLI helpers from there).
+Registered on the main app by ``app.command("report")(report)`` in `loop.cli.main`.
 """
 
 from __future__ import annotations
@@ -11,10 +10,7 @@ from typing import Annotated
 
 import typer
 
-from loop.cli_common import ConfigOpt, console
-from loop.cli_common import load as _load
-from loop.cli_common import prefect_env as _prefect_env
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, console, load, prefect_env, run
 from loop.config import DEFAULT_CONFIG_NAME
 
 
@@ -34,8 +30,8 @@ def report(
     log both to that round's MLflow training run under report/."""
 
     def go() -> None:
-        cfg = _load(config)
-        _prefect_env(cfg)
+        cfg = load(config)
+        prefect_env(cfg)
         from flows.report import report_flow
 
         html_path, md_path = report_flow(
@@ -44,4 +40,4 @@ def report(
         console.print(f"report: {html_path}")
         console.print(f"summary: {md_path}")
 
-    _run(go)
+    run(go)

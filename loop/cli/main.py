@@ -1,19 +1,41 @@
-"""The `defect-loop` command line."""
+"""The root `defect-loop` app: the commands of one cycle (init, ingest, train, score, push, pull,
+cycle, status, rejections, label-from-truth) and the registration of every command group.
+
+The groups live in their own modules of this package (`loop.cli.datasets`, `loop.cli.deploy`,
+...); what they share is in `loop.cli.common`. This package is the only part of `loop` that may
+import `flows` (and with it Prefect): each command checks its preconditions, then runs a flow.
+"""
 
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from loop.cli_common import ConfigOpt, console, jsonable, load, prefect_env, prepare, run, safe
-from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, write_default_config
-from loop.errors import DefectLoopError
+from loop.cli.common import (
+    ConfigOpt,
+    console,
+    jsonable,
+    load,
+    prepare,
+    print_cycle,
+    require_writable,
+    run,
+    safe,
+)
+from loop.cli.datasets import datasets_app
+from loop.cli.demo import demo
+from loop.cli.deploy import deploy_app, monitor_app
+from loop.cli.labelstudio import ls_app
+from loop.cli.report import report
+from loop.cli.serve import prefect_server_app, serve
+from loop.cli.services import services_app
+from loop.cli.sim import import_app, simulate
+from loop.config import DEFAULT_CONFIG_NAME, write_default_config
 
 app = typer.Typer(
     help="defect-loop: an active-learning labeling loop for surface-defect detection.\n\n"
@@ -23,10 +45,6 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-services_app = typer.Typer(help="Start, stop and inspect the local Label Studio server.")
-app.add_typer(services_app, name="services")
-# Shared with the command modules; the underscore names are kept for `loop.demo`.
-_load, _run, _prefect_env, _jsonable = load, run, prefect_env, jsonable
 
 
 @app.command()
@@ -45,7 +63,7 @@ def init(
 ) -> None:
     """Write a starter project YAML."""
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    train = _run(lambda: write_default_config(config, names, name, weights))
+    train = run(lambda: write_default_config(config, names, name, weights))
     console.print(f"wrote {config}; classes: {names}")
     if weights is None:
         console.print(
@@ -78,9 +96,7 @@ def ingest(
     from loop.project import Project
 
     def go() -> None:
-        from loop.cli_common import require_writable
-
-        cfg = _load(config)
+        cfg = load(config)
         require_writable(cfg)
         project = Project(cfg)
         project.on_wait = lambda holder: console.print(
@@ -101,7 +117,7 @@ def ingest(
         if version is not None:
             console.print(f"labels: dataset version {version.short} ({len(version)} images)")
 
-    _run(go)
+    run(go)
 
 
 def _progress() -> Progress:
@@ -120,13 +136,13 @@ def train(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     """Train on the current dataset version, evaluate on the test split, log to MLflow."""
 
     def go() -> None:
-        prepare(_load(config), mlflow=True)
+        prepare(load(config), mlflow=True)
         from flows.train import train_flow
 
         out = train_flow(str(config))
-        console.print_json(json.dumps(_jsonable(out)))
+        console.print_json(json.dumps(jsonable(out)))
 
-    _run(go)
+    run(go)
 
 
 @app.command()
@@ -143,7 +159,7 @@ def score(
     """
 
     def go() -> None:
-        prepare(_load(config), mlflow=True)
+        prepare(load(config), mlflow=True)
         from flows.score import score_flow
 
         ranked = score_flow(str(config))
@@ -152,7 +168,7 @@ def score(
             table.add_row(str(i), s.sha256[:12], f"{s.score:.4f}", str(len(s.detections)))
         console.print(table)
 
-    _run(go)
+    run(go)
 
 
 @app.command()
@@ -160,7 +176,7 @@ def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     """Score the pool and push the top batch to Label Studio with pre-annotations."""
 
     def go() -> None:
-        prepare(_load(config), labelstudio=True, mlflow=True)
+        prepare(load(config), labelstudio=True, mlflow=True)
         from flows.sync import push_flow
 
         summary = push_flow(str(config))
@@ -168,7 +184,7 @@ def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
             f"push: {summary.created} created, {summary.skipped} skipped, {summary.failed} failed"
         )
 
-    _run(go)
+    run(go)
 
 
 @app.command()
@@ -179,7 +195,7 @@ def pull(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     reason, and stay listed (`defect-loop rejections`, `status`) until they change."""
 
     def go() -> None:
-        prepare(_load(config), labelstudio=True)
+        prepare(load(config), labelstudio=True)
         from flows.sync import pull_flow
 
         out = pull_flow(str(config))
@@ -192,7 +208,7 @@ def pull(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         for r in out.rejected:
             console.print(f"  [yellow]review[/] {safe(r)}")
 
-    _run(go)
+    run(go)
 
 
 @app.command()
@@ -208,42 +224,13 @@ def cycle(
     """One cycle: pull -> train -> promote -> score -> push."""
 
     def go() -> None:
-        prepare(_load(config), labelstudio=True, mlflow=True)
+        prepare(load(config), labelstudio=True, mlflow=True)
         from flows.cycle import cycle_flow
 
         out = cycle_flow(str(config), pull=not no_pull, force_train=force_train)
-        _print_cycle(out)
+        print_cycle(out)
 
-    _run(go)
-
-
-def _print_cycle(out: Any) -> None:
-    if getattr(out, "skipped", None):
-        console.print(f"[yellow]{out.skipped}[/]")
-        return
-    if out.pull is not None:
-        console.print(
-            f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}, "
-            f"{out.pull.open_rejections} tasks rejected (`defect-loop rejections`)"
-        )
-    if out.train is not None:
-        t = out.train
-        console.print(
-            f"train: model v{t.model_version} val mAP50 {t.val_map50:.3f} "
-            f"test mAP50 {_fmt(t.test_map50)} mAP50-95 {_fmt(t.test_map50_95)}; "
-            f"{'promoted' if t.promoted else 'not promoted'} ({t.reason})"
-        )
-    s = out.push
-    console.print(
-        f"push: {s.created} created, {s.refreshed} refreshed, {s.skipped} skipped, "
-        f"{s.failed} failed"
-    )
-    if getattr(out, "report", None):
-        console.print(f"report: {out.report[0]}")
-
-
-def _fmt(v: float | None) -> str:
-    return "n/a" if v is None else f"{v:.3f}"
+    run(go)
 
 
 @app.command()
@@ -253,9 +240,9 @@ def status(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     from loop.project import Project
 
     def go() -> None:
-        console.print_json(json.dumps(Project(_load(config)).status()))
+        console.print_json(json.dumps(Project(load(config)).status()))
 
-    _run(go)
+    run(go)
 
 
 @app.command()
@@ -266,7 +253,7 @@ def rejections(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     from loop.project import Project
 
     def go() -> None:
-        cfg = _load(config)
+        cfg = load(config)
         rows = Project(cfg).rejections()
         if not rows:
             console.print("no rejected Label Studio tasks")
@@ -279,75 +266,7 @@ def rejections(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         console.print(table)
         console.print(f"{len(rows)} rejected tasks")
 
-    _run(go)
-
-
-def _service(cfg: ProjectConfig) -> Any:
-    from urllib.parse import urlparse
-
-    from loop.services import LabelStudioService, load_or_create_credentials
-
-    url = urlparse(cfg.labelstudio.url)
-    if url.hostname not in {"127.0.0.1", "localhost"}:
-        raise DefectLoopError(
-            f"labelstudio.url {cfg.labelstudio.url} is not local: `services` only manages a "
-            "Label Studio on 127.0.0.1; manage a remote one yourself"
-        )
-    data_dir = cfg.workspace / "labelstudio"
-    creds = load_or_create_credentials(
-        data_dir / "credentials.json", username=cfg.labelstudio.username
-    )
-    return LabelStudioService(
-        data_dir=data_dir,
-        document_root=cfg.workspace,
-        port=url.port or 8080,
-        username=creds.username,
-        password=creds.password,
-        api_token=creds.api_token,
-    ), creds
-
-
-@services_app.command("up")
-def services_up(
-    timeout: Annotated[float, typer.Option(help="seconds to wait for /health")] = 240.0,
-    config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
-) -> None:
-    """Install (first time, ~1 min) and start Label Studio on 127.0.0.1."""
-
-    def go() -> None:
-        svc, creds = _service(_load(config))
-        svc.ensure_installed()
-        t0 = time.monotonic()
-        svc.start(timeout_s=timeout)
-        console.print(
-            f"Label Studio up at {svc.url} in {time.monotonic() - t0:.1f}s "
-            f"(login {creds.username} / password in {svc.data_dir / 'credentials.json'})"
-        )
-
-    _run(go)
-
-
-@services_app.command("down")
-def services_down(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
-    """Stop the local Label Studio."""
-
-    def go() -> None:
-        svc, _ = _service(_load(config))
-        svc.stop()
-        console.print("Label Studio stopped")
-
-    _run(go)
-
-
-@services_app.command("status")
-def services_status(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
-    """Is the local Label Studio running and healthy?"""
-
-    def go() -> None:
-        svc, _ = _service(_load(config))
-        console.print_json(json.dumps(_jsonable(svc.status())))
-
-    _run(go)
+    run(go)
 
 
 @app.command("label-from-truth")
@@ -361,73 +280,24 @@ def label_from_truth(
     from loop.simulate import answer_open_tasks, truth_from_yolo_dir
 
     def go() -> None:
-        project = Project(_load(config))
+        project = Project(load(config))
         gw = project.gateway()
         pid = project.ensure_ls_project(gw)
         gt = truth_from_yolo_dir(project.pool, truth, len(project.cfg.classes))
         n = answer_open_tasks(gw, pid, gt, list(project.cfg.classes), limit=limit)
         console.print(f"simulated labeler answered {n} tasks")
 
-    _run(go)
+    run(go)
 
 
-@app.command()
-def demo(
-    auto: Annotated[
-        bool, typer.Option(help="a simulated labeler answers; run two full cycles unattended")
-    ] = False,
-    directory: Annotated[Path, typer.Option("--dir", help="where the demo project lives")] = Path(
-        "demo"
-    ),
-    images: Annotated[int, typer.Option(help="synthetic images to generate")] = 300,
-    seed_labels: Annotated[int, typer.Option(help="images labeled before the first cycle")] = 120,
-    port: Annotated[int, typer.Option(help="Label Studio port")] = 8080,
-    weights: Annotated[
-        Path | None,
-        typer.Option(
-            help="checkpoint to start from (default: ../shared/models/yolov8n.pt beside the "
-            "repository, when present)"
-        ),
-    ] = None,
-) -> None:
-    """Generate a synthetic defect dataset, start Label Studio and run the loop on it."""
-    from loop.demo import run_demo
-
-    _run(
-        lambda: run_demo(
-            directory,
-            auto=auto,
-            n_images=images,
-            n_seed=seed_labels,
-            port=port,
-            console=console,
-            weights=weights,
-        )
-    )
-
-
-def _register_subcommands() -> None:
-    # Sub-apps live in their own modules; they import helpers from this one, hence the late import.
-    from loop.cli_datasets import datasets_app
-    from loop.cli_deploy import deploy_app, monitor_app
-    from loop.cli_ls import ls_app
-    from loop.cli_report import report
-    from loop.cli_serve import prefect_server_app, serve
-    from loop.cli_sim import import_app, simulate
-
-    app.add_typer(datasets_app, name="datasets")
-    app.command("report")(report)
-    app.add_typer(ls_app, name="labelstudio")
-    app.command("serve")(serve)
-    app.add_typer(prefect_server_app, name="prefect-server")
-    app.command("simulate")(simulate)
-    app.add_typer(import_app, name="import")
-    app.add_typer(deploy_app, name="deploy")
-    app.add_typer(monitor_app, name="monitor")
-
-
-_register_subcommands()
-
-
-def main() -> None:  # pragma: no cover - console script entry
-    app()
+app.add_typer(services_app, name="services")
+app.command("demo")(demo)
+app.add_typer(datasets_app, name="datasets")
+app.command("report")(report)
+app.add_typer(ls_app, name="labelstudio")
+app.command("serve")(serve)
+app.add_typer(prefect_server_app, name="prefect-server")
+app.command("simulate")(simulate)
+app.add_typer(import_app, name="import")
+app.add_typer(deploy_app, name="deploy")
+app.add_typer(monitor_app, name="monitor")

@@ -1,10 +1,7 @@
 """`defect-loop deploy` and `defect-loop monitor`: ship the champion, watch the line.
 
-Registered on the main app in `loop.cli` by::
-
-    from loop.cli_deploy import deploy_app, monitor_app
-    app.add_typer(deploy_app, name="deploy")
-    app.add_typer(monitor_app, name="monitor")
+Registered on the main app in `loop.cli.main` by ``app.add_typer(deploy_app, name="deploy")``
+and ``app.add_typer(monitor_app, name="monitor")``.
 """
 
 from __future__ import annotations
@@ -18,10 +15,7 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from loop.cli_common import ConfigOpt, console, jsonable
-from loop.cli_common import load as _load
-from loop.cli_common import prefect_env as _prefect_env
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, console, jsonable, load, prefect_env, run
 from loop.config import DEFAULT_CONFIG_NAME
 from loop.errors import DefectLoopError
 
@@ -79,7 +73,7 @@ def deploy(
         from loop.project import Project
         from loop.tracking import Tracker
 
-        cfg = _load(config)
+        cfg = load(config)
         outcome = deploy(
             Project(cfg),
             Tracker(cfg),
@@ -100,7 +94,7 @@ def deploy(
                 f"production unchanged; move it with `defect-loop deploy promote {outcome.bundle_version}`"
             )
 
-    _run(go)
+    run(go)
 
 
 @deploy_app.command("promote")
@@ -116,12 +110,12 @@ def promote(
         from loop.deploy import current_user
         from loop.tracking import Tracker
 
-        move = Tracker(_load(config)).move_production(
+        move = Tracker(load(config)).move_production(
             version, by or current_user(), "promote", reason
         )
         console.print(_move_line(move))
 
-    _run(go)
+    run(go)
 
 
 @deploy_app.command("rollback")
@@ -134,10 +128,10 @@ def rollback(
         from loop.deploy import current_user
         from loop.tracking import Tracker
 
-        move = Tracker(_load(config)).rollback_production(by or current_user(), reason)
+        move = Tracker(load(config)).rollback_production(by or current_user(), reason)
         console.print(_move_line(move))
 
-    _run(go)
+    run(go)
 
 
 @deploy_app.command("history")
@@ -147,7 +141,7 @@ def history(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     def go() -> None:
         from loop.tracking import Tracker
 
-        tracker = Tracker(_load(config))
+        tracker = Tracker(load(config))
         moves = tracker.production_history()
         if not moves:
             console.print("nothing deployed yet: run `defect-loop deploy`")
@@ -165,7 +159,7 @@ def history(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         console.print(table)
         console.print(f"production now: bundle v{tracker.production_version()}")
 
-    _run(go)
+    run(go)
 
 
 @deploy_app.command("verify")
@@ -173,7 +167,7 @@ def verify(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> Non
     """Check a bundle's files against the sha256 in its model card."""
 
     def go() -> None:
-        from loop.deploy import load_bundle
+        from loop.bundle import load_bundle
 
         b = load_bundle(bundle, verify=True)
         console.print(
@@ -181,7 +175,7 @@ def verify(bundle: Annotated[Path, typer.Argument(help="bundle folder")]) -> Non
             f"(bundle sha256 {b.digest[:12]}, classes {b.classes}, {b.spec.imgsz} px)"
         )
 
-    _run(go)
+    run(go)
 
 
 @deploy_app.command("score")
@@ -199,14 +193,14 @@ def score_images(
     """
 
     def go() -> None:
-        from loop.deploy import load_bundle
+        from loop.bundle import load_bundle
 
         b = load_bundle(bundle, verify=True)
         with tempfile.TemporaryDirectory(prefix="defect-loop-runtime-") as tmp:
             runtime = Path(tmp) if workdir is None else workdir.resolve()
             _score_lines(b, images, runtime)
 
-    _run(go)
+    run(go)
 
 
 def _score_lines(b: Any, images: list[Path], runtime: Path) -> None:
@@ -275,8 +269,8 @@ def monitor(
     """Check new production images in windows; alert on drift; queue new patterns."""
     if ctx.invoked_subcommand is not None:
         return
-    cfg = _load(config)
-    _prefect_env(cfg)
+    cfg = load(config)
+    prefect_env(cfg)
 
     def once() -> None:
         from flows.monitor import monitor_flow
@@ -304,7 +298,7 @@ def monitor(
         except KeyboardInterrupt:
             console.print("stopped")
 
-    _run(go)
+    run(go)
 
 
 @monitor_app.command("status")
@@ -314,9 +308,9 @@ def monitor_status_cmd(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
     def go() -> None:
         from loop.monitor import monitor_status
 
-        console.print_json(json.dumps(jsonable(monitor_status(_load(config).monitor_dir))))
+        console.print_json(json.dumps(jsonable(monitor_status(load(config).paths.monitor))))
 
-    _run(go)
+    run(go)
 
 
 @monitor_app.command("alerts")
@@ -329,13 +323,13 @@ def monitor_alerts(
     def go() -> None:
         from loop.monitor import read_windows
 
-        alerts = [w for w in read_windows(_load(config).monitor_dir) if w.alert]
+        alerts = [w for w in read_windows(load(config).paths.monitor) if w.alert]
         if not alerts:
             console.print("no alerts")
         for w in alerts[-last:]:
             console.print(f"{w.created_at}  {w.message}")
 
-    _run(go)
+    run(go)
 
 
 @monitor_app.command("queue")
@@ -348,7 +342,7 @@ def monitor_queue(
     def go() -> None:
         from loop.review_queue import ReviewQueue
 
-        entries = ReviewQueue(_load(config).monitor_dir).entries(None if all_ else "queued")
+        entries = ReviewQueue(load(config).paths.monitor).entries(None if all_ else "queued")
         table = Table("image", "priority", "reason", "window", "status", "in pool", "source")
         for e in entries:
             table.add_row(
@@ -362,4 +356,4 @@ def monitor_queue(
             )
         console.print(table)
 
-    _run(go)
+    run(go)

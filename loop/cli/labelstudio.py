@@ -1,9 +1,6 @@
 """`defect-loop labelstudio ...`: set up the labelers' project and serve the webhook trigger.
 
-Registered on the main app in `loop.cli` (inside ``_register_subcommands``) by::
-
-    from loop.cli_ls import ls_app
-    app.add_typer(ls_app, name="labelstudio")
+Registered on the main app in `loop.cli.main` by ``app.add_typer(ls_app, name="labelstudio")``.
 
 Commands:
 
@@ -27,8 +24,7 @@ from typing import Annotated, Literal
 
 import typer
 
-from loop.cli_common import ConfigOpt, console
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, console, run
 from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, load_config
 
 ls_app = typer.Typer(
@@ -53,7 +49,7 @@ def setup(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
             f"{project.cfg.labelstudio.url.rstrip('/')}/projects/{pid}"
         )
 
-    _run(go)
+    run(go)
 
 
 def make_callback(cfg_path: Path, action: Literal["cycle", "pull"]) -> Callable[[list[int]], None]:
@@ -76,7 +72,7 @@ def make_callback(cfg_path: Path, action: Literal["cycle", "pull"]) -> Callable[
             else:
                 # Prefect reads these when it is imported (as `defect-loop cycle` sets them).
                 cfg = load_config(cfg_path)
-                os.environ.setdefault("PREFECT_HOME", str(cfg.workspace / "prefect"))
+                os.environ.setdefault("PREFECT_HOME", str(cfg.paths.prefect_home))
                 for key in ("DO_NOT_TRACK", "MLFLOW_DISABLE_TELEMETRY"):
                     os.environ.setdefault(key, "true")
                 os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
@@ -143,4 +139,4 @@ def webhook_serve(
                 if not keep_webhook:
                     gw.delete_webhook(hook)
 
-    _run(go)
+    run(go)

@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
+import typer
 import yaml
 
+from loop.cli.common import console, labelstudio_service, prefect_env, print_cycle, run
 from loop.config import TrainConfig, load_config
 from loop.project import Project
 from loop.synth import SYNTH_CLASSES, write_dataset
@@ -16,7 +18,7 @@ from loop.synth import SYNTH_CLASSES, write_dataset
 DEMO_SEED = 7
 # The demo (and only the demo) looks for the COCO checkpoint where this workplace keeps it:
 # ../shared/models beside the repository. Users name their own checkpoint in train.weights.
-SHARED_WEIGHTS = Path(__file__).resolve().parents[2] / "shared" / "models" / "yolov8n.pt"
+SHARED_WEIGHTS = Path(__file__).resolve().parents[3] / "shared" / "models" / "yolov8n.pt"
 
 
 def demo_weights(given: Path | None) -> Path | None:
@@ -78,7 +80,6 @@ def run_demo(
     weights: Path | None = None,
 ) -> None:
     """Everything `make demo` does. Re-running reuses what exists (data, labels, server)."""
-    from loop.cli import _prefect_env, _print_cycle, _service
     from loop.simulate import answer_open_tasks, truth_from_yolo_dir
 
     t0 = time.monotonic()
@@ -101,7 +102,7 @@ def run_demo(
             console.print(f"models start from the COCO-pretrained checkpoint {start}")
         write_demo_config(cfg_path, port, start)
     cfg = load_config(cfg_path)
-    svc, creds = _service(cfg)
+    svc, creds = labelstudio_service(cfg)
     console.print("starting Label Studio (the first start installs it and migrates: ~1-2 min)")
     svc.ensure_installed()
     svc.start(timeout_s=300)
@@ -113,12 +114,12 @@ def run_demo(
             synth / "images", synth / "labels", label_limit=n_seed, seed=DEMO_SEED
         )
         console.print(f"ingest: {report.summary}; seed labels: {version and len(version)} images")
-    _prefect_env(cfg)
+    prefect_env(cfg)
     from flows.cycle import cycle_flow
 
     console.print("cycle 1: train -> score -> push")
     out = cycle_flow(str(cfg_path), pull=True)
-    _print_cycle(out)
+    print_cycle(out)
     if auto:
         for i in (2, 3):
             project = Project(load_config(cfg_path))
@@ -129,7 +130,7 @@ def run_demo(
             console.print(f"simulated labeler answered {n} tasks")
             console.print(f"cycle {i}: pull -> train -> score -> push")
             out = cycle_flow(str(cfg_path), pull=True)
-            _print_cycle(out)
+            print_cycle(out)
     project = Project(load_config(cfg_path))
     queued = len(project.state.pending)
     console.rule("defect-loop demo ready")
@@ -149,4 +150,36 @@ def run_demo(
     )
     console.print(
         f"  stop Label Studio:                     .venv/bin/defect-loop services down -c {cfg_path}"
+    )
+
+
+def demo(
+    auto: Annotated[
+        bool, typer.Option(help="a simulated labeler answers; run two full cycles unattended")
+    ] = False,
+    directory: Annotated[Path, typer.Option("--dir", help="where the demo project lives")] = Path(
+        "demo"
+    ),
+    images: Annotated[int, typer.Option(help="synthetic images to generate")] = 300,
+    seed_labels: Annotated[int, typer.Option(help="images labeled before the first cycle")] = 120,
+    port: Annotated[int, typer.Option(help="Label Studio port")] = 8080,
+    weights: Annotated[
+        Path | None,
+        typer.Option(
+            help="checkpoint to start from (default: ../shared/models/yolov8n.pt beside the "
+            "repository, when present)"
+        ),
+    ] = None,
+) -> None:
+    """Generate a synthetic defect dataset, start Label Studio and run the loop on it."""
+    run(
+        lambda: run_demo(
+            directory,
+            auto=auto,
+            n_images=images,
+            n_seed=seed_labels,
+            port=port,
+            console=console,
+            weights=weights,
+        )
     )

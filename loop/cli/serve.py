@@ -1,12 +1,9 @@
 """`defect-loop serve` and `defect-loop prefect-server start|stop|status`.
 
-Registered on the main app in `loop.cli` by::
+Registered on the main app in `loop.cli.main` by ``app.command("serve")(serve)`` and
+``app.add_typer(prefect_server_app, name="prefect-server")``.
 
-    from loop.cli_serve import prefect_server_app, serve
-    app.command("serve")(serve)
-    app.add_typer(prefect_server_app, name="prefect-server")
-
-Standalone (same commands): ``python -m loop.cli_serve serve --config defect-loop.yaml``.
+Standalone (same commands): ``python -m loop.cli.serve serve --config defect-loop.yaml``.
 Nothing here imports Prefect at module level: `serve` sets PREFECT_API_URL first.
 """
 
@@ -15,18 +12,14 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Annotated, TypeVar
+from typing import Annotated
 
 import httpx
 import typer
 
-from loop.cli_common import ConfigOpt, local_api_url, prefect_service
-from loop.cli_common import prefect_env as _prefect_env
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, local_api_url, prefect_env, prefect_service, run
 from loop.config import DEFAULT_CONFIG_NAME, ProjectConfig, load_config
 from loop.errors import ServiceError
-
-T = TypeVar("T")
 
 prefect_server_app = typer.Typer(
     help="Start, stop and inspect a local Prefect server on 127.0.0.1 (SQLite): its UI shows "
@@ -105,7 +98,7 @@ def serve(
         check_api(url)
         # Before any Prefect import: the flows and their runs report to this server.
         os.environ["PREFECT_API_URL"] = url
-        _prefect_env(cfg)
+        prefect_env(cfg)
         from flows.deployments import build_deployments, serve_deployments
         from loop.scheduling import deployment_name
 
@@ -118,7 +111,7 @@ def serve(
         typer.echo(f"trigger one with: prefect deployment run 'cycle/{name}' --watch")
         serve_deployments(config, limit=limit)
 
-    _run(go)
+    run(go)
 
 
 @prefect_server_app.command("start")
@@ -133,7 +126,7 @@ def prefect_server_start(
         svc.start(timeout_s=timeout)
         typer.echo(f"Prefect server up: UI {svc.url}; export PREFECT_API_URL={svc.api_url}")
 
-    _run(go)
+    run(go)
 
 
 @prefect_server_app.command("stop")
@@ -144,7 +137,7 @@ def prefect_server_stop(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         stopped = prefect_service(load_config(config)).stop()
         typer.echo("Prefect server stopped" if stopped else "no Prefect server was running")
 
-    _run(go)
+    run(go)
 
 
 @prefect_server_app.command("status")
@@ -154,11 +147,11 @@ def prefect_server_status(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None
     def go() -> None:
         typer.echo(json.dumps(prefect_service(load_config(config)).status(), indent=1))
 
-    _run(go)
+    run(go)
 
 
 def standalone_app() -> typer.Typer:
-    """``serve`` and ``prefect-server`` as an app of their own (``python -m loop.cli_serve``)."""
+    """``serve`` and ``prefect-server`` as an app of their own (``python -m loop.cli.serve``)."""
     app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False)
     app.command("serve")(serve)
     app.add_typer(prefect_server_app, name="prefect-server")

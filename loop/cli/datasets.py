@@ -1,7 +1,8 @@
 """`defect-loop datasets ...`: list, show, diff and export the project's dataset versions;
 ``add-test`` grows the test split with labeled images.
 
-Registered on the main app by ``app.add_typer(datasets_app, name="datasets")`` in `loop.cli`.
+Registered on the main app by ``app.add_typer(datasets_app, name="datasets")`` in
+`loop.cli.main`.
 Reads only the workspace's dataset store (no MLflow, no Label Studio); ``add-test`` also adds
 images to the pool and writes a new version.
 """
@@ -11,12 +12,11 @@ from __future__ import annotations
 import json
 from collections import Counter
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any
 
 import typer
 
-from loop.cli_common import ConfigOpt
-from loop.cli_common import run as _run
+from loop.cli.common import ConfigOpt, run
 from loop.config import DEFAULT_CONFIG_NAME, load_config
 from loop.datasets import SPLITS, DatasetStore, diff_versions, export_yolo
 from loop.errors import DatasetError
@@ -28,8 +28,6 @@ datasets_app = typer.Typer(
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print JSON instead of text")]
 VersionArg = Annotated[str, typer.Argument(help="digest or a unique prefix (>= 6 hex characters)")]
-
-T = TypeVar("T")
 
 
 def _store(config: Path) -> tuple[Any, DatasetStore]:
@@ -70,7 +68,7 @@ def list_versions(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME), as_json: JsonOp
                 f"{_splits(m['splits'])} (train/val/test)"
             )
 
-    _run(go)
+    run(go)
 
 
 @datasets_app.command()
@@ -118,7 +116,7 @@ def show(
             typer.echo(f"{c:<{width}}  {counts[c]:>7}")
         typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
 
-    _run(go)
+    run(go)
 
 
 @datasets_app.command()
@@ -135,7 +133,7 @@ def diff(
         d = diff_versions(store.load(a), store.load(b))
         typer.echo(json.dumps(d.to_dict(), indent=1) if as_json else d.to_text().rstrip("\n"))
 
-    _run(go)
+    run(go)
 
 
 @datasets_app.command()
@@ -159,7 +157,7 @@ def export(
                 f"{out_dir} exists and is not an empty folder; "
                 "export into a new folder so no stale labels mix in"
             )
-        data_yaml = export_yolo(v, project.cfg.images_dir, dest)
+        data_yaml = export_yolo(v, project.cfg.paths.images, dest)
         splits = v.split_counts()
         typer.echo(
             f"exported {v.short}: "
@@ -167,7 +165,7 @@ def export(
             + f" images -> {data_yaml}"
         )
 
-    _run(go)
+    run(go)
 
 
 @datasets_app.command("add-test")
@@ -217,4 +215,4 @@ def add_test(
                 "images; the next `defect-loop train` measures the models on it"
             )
 
-    _run(go)
+    run(go)

@@ -1,0 +1,127 @@
+"""The Label Studio labeling config defect-loop sets up: XML, instructions and class colours.
+
+Pure text in, text out. The config (`label_config_xml`): an ``Image`` named ``image`` (value
+``$image``), one ``RectangleLabels`` named ``label`` with one ``Label`` per class in config order
+(class id = position), optionally a ``PolygonLabels`` named ``polygon`` with the same labels (a
+polygon becomes its bounding box on pull), and a ``Choices`` named ``verdict`` with one choice
+``defect-free``. An annotation submitted with no regions is a defect-free image (a negative
+example), with or without that choice; the labeling instructions say so.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import html
+import xml.etree.ElementTree as ET
+
+from loop.errors import ConfigError, LabelStudioError
+from loop.formats.labelstudio import DEFECT_FREE, FROM_NAME, POLYGON_NAME, TO_NAME, VERDICT_NAME
+
+# Distinct, readable colours (tab10 + a few extra); more classes get evenly spaced hues.
+_PALETTE = [
+    "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#7f7f7f",
+    "#bcbd22", "#17becf", "#393b79", "#ad494a", "#637939", "#8c6d31", "#7b4173", "#3182bd",
+]  # fmt: skip
+
+
+def _colour(i: int, n: int) -> str:
+    if n <= len(_PALETTE):
+        return _PALETTE[i]
+    r, g, b = colorsys.hsv_to_rgb(i / n, 0.75, 0.85)
+    return f"#{int(r * 255):02x}{int(g * 255):02x}{int(b * 255):02x}"
+
+
+def check_class_names(class_names: list[str]) -> None:
+    """Raise `ConfigError` unless ``class_names`` is a non-empty list of unique, non-blank
+    strings."""
+    if not class_names:
+        raise ConfigError("class_names must list at least one class")
+    if any(not isinstance(c, str) or not c.strip() for c in class_names):
+        raise ConfigError(f"class names must be non-empty strings, got {class_names}")
+    if len(set(class_names)) != len(class_names):
+        raise ConfigError(f"class names must be unique, got {class_names}")
+
+
+def label_config_xml(class_names: list[str], instructions: str = "", polygons: bool = False) -> str:
+    """Label Studio labeling config: rectangles (``RectangleLabels`` named ``label``), and with
+    ``polygons`` also ``PolygonLabels`` named ``polygon``, on an ``Image`` named ``image`` (value
+    ``$image``); one ``Label`` per class in the given order, each with its own colour; a
+    ``Choices`` named ``verdict`` offering ``defect-free``; ``instructions`` (plain text) appear
+    as a header above the image.
+
+    Raises `ConfigError` for an empty, blank or duplicate class list.
+    """
+    check_class_names(class_names)
+    view = ET.Element("View")
+    if instructions.strip():
+        ET.SubElement(view, "Header", value=instructions.strip())
+    ET.SubElement(view, "Image", name=TO_NAME, value="$" + TO_NAME, zoom="true")
+    controls = [("RectangleLabels", FROM_NAME)]
+    if polygons:
+        controls.append(("PolygonLabels", POLYGON_NAME))
+    for tag, name in controls:
+        el = ET.SubElement(view, tag, name=name, toName=TO_NAME)
+        for i, cls in enumerate(class_names):
+            ET.SubElement(el, "Label", value=cls, background=_colour(i, len(class_names)))
+    verdict = ET.SubElement(
+        view, "Choices", name=VERDICT_NAME, toName=TO_NAME, choice="single", showInline="true"
+    )
+    ET.SubElement(verdict, "Choice", value=DEFECT_FREE)
+    ET.indent(view)
+    return ET.tostring(view, encoding="unicode")
+
+
+def instructions_html(
+    class_names: list[str], instructions: str = "", polygons: bool = False
+) -> str:
+    """The labeling instructions shown to labelers (project ``expert_instruction``, HTML): the
+    guidelines, the classes with their colours, and how to submit a defect-free image."""
+    paragraphs = [p.strip() for p in instructions.split("\n\n") if p.strip()]
+    parts = [f"<p>{html.escape(p)}</p>" for p in paragraphs]
+    items = "".join(
+        f'<li><span style="color:{_colour(i, len(class_names))}">&#9632;</span> '
+        f"{html.escape(c)}</li>"
+        for i, c in enumerate(class_names)
+    )
+    shape = "a tight box (or a polygon)" if polygons else "a tight box"
+    parts.append(f"<p>Classes (draw {shape} per defect):</p><ul>{items}</ul>")
+    parts.append(
+        "<p><b>Defect-free image:</b> submit it with NO regions (you may tick "
+        f"&quot;{DEFECT_FREE}&quot;): it becomes a negative example for training. Use "
+        "<i>Skip</i> only when you cannot decide: skipped images are not used as negatives.</p>"
+    )
+    return "\n".join(parts)
+
+
+def _labels_of(root: ET.Element, tag: str, name: str) -> list[str] | None:
+    for el in root.iter(tag):
+        if el.get("name") == name:
+            return [str(lbl.get("value")) for lbl in el.iter("Label")]
+    return None
+
+
+def classes_from_label_config(xml: str) -> list[str]:
+    """Class names of the ``RectangleLabels`` named ``label`` in a labeling config, in order.
+
+    Raises `LabelStudioError` when the config has no such control.
+    """
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError as exc:
+        raise LabelStudioError(f"project labeling config is not valid XML: {exc}") from exc
+    labels = _labels_of(root, "RectangleLabels", FROM_NAME)
+    if labels is None:
+        raise LabelStudioError(
+            f"project labeling config has no <RectangleLabels name={FROM_NAME!r}>; it was not "
+            "created by defect-loop: choose another project title"
+        )
+    return labels
+
+
+def has_polygons(xml: str) -> bool:
+    """Whether a labeling config offers the ``PolygonLabels`` named ``polygon`` (False for XML
+    that does not parse)."""
+    try:
+        return _labels_of(ET.fromstring(xml), "PolygonLabels", POLYGON_NAME) is not None
+    except ET.ParseError:
+        return False

@@ -1,0 +1,96 @@
+"""The point-estimate promotion rule on two runs' metric dicts, and metric names (pure: no
+MLflow)."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loop.model import EvalResult
+
+
+@dataclass(frozen=True)
+class Promotion:
+    """The gate's decision; ``class_drops``: class -> AP50-95 drop (champion - candidate) of the
+    classes that failed the per-class check (empty when none did)."""
+
+    promoted: bool
+    reason: str
+    class_drops: Mapping[str, float] = field(default_factory=dict)
+
+
+def metric_name(text: str, keep: str = "-_.") -> str:
+    """``text`` with every character MLflow refuses in a metric key replaced by ``_``."""
+    return "".join(ch if ch.isalnum() or ch in keep else "_" for ch in text)
+
+
+def class_metric(prefix: str, kind: str, class_name: str) -> str:
+    """Key of a per-class metric, e.g. ``class_metric("test", "ap50_95", "pit")`` ->
+    ``test_ap50_95_pit``."""
+    return f"{prefix}_{kind}_{metric_name(class_name)}"
+
+
+def metric_dict(prefix: str, ev: EvalResult, classes: list[str]) -> dict[str, float]:
+    out = {
+        f"{prefix}_map50": ev.map50,
+        f"{prefix}_map50_95": ev.map50_95,
+        f"{prefix}_precision": ev.precision,
+        f"{prefix}_recall": ev.recall,
+    }
+    for c in classes:
+        out[class_metric(prefix, "ap50", c)] = float(ev.per_class_ap50.get(c, 0.0))
+        out[class_metric(prefix, "ap50_95", c)] = float(ev.per_class_ap50_95.get(c, 0.0))
+        out[class_metric(prefix, "instances", c)] = float(ev.n_instances.get(c, 0))
+    return out
+
+
+def gate(
+    candidate: Mapping[str, float],
+    champion: Mapping[str, float] | None,
+    classes: list[str],
+    tolerance: float,
+    max_class_drop: float,
+    champion_version: str = "?",
+) -> Promotion:
+    """The promotion rule on two runs' metric dicts (pure; see `PromotionConfig`).
+
+    Promote when there is no champion, when the champion has no test mAP50-95, or when the
+    candidate's ``test_map50_95 >= champion's - tolerance`` and, for every class both runs have a
+    ``test_ap50_95_<class>`` for, ``champion's - candidate's <= max_class_drop``.
+    """
+    if champion is None:
+        return Promotion(True, "first model: no champion yet")
+    new = candidate.get("test_map50_95")
+    old = champion.get("test_map50_95")
+    if new is None:
+        return Promotion(False, "candidate has no test metrics (no labeled test images)")
+    if old is None:
+        return Promotion(True, f"champion v{champion_version} has no test metrics to beat")
+    drops: dict[str, float] = {}
+    for c in classes:
+        key = class_metric("test", "ap50_95", c)
+        if key in candidate and key in champion:
+            drop = champion[key] - candidate[key]
+            if drop > max_class_drop + 1e-12:
+                drops[c] = round(drop, 6)
+    overall_ok = new >= old - tolerance - 1e-12
+    if overall_ok and not drops:
+        return Promotion(
+            True,
+            f"test mAP50-95 {new:.4f} >= champion v{champion_version} {old:.4f} - {tolerance:g} "
+            f"and no class AP50-95 dropped by more than {max_class_drop:g}",
+        )
+    parts = []
+    if not overall_ok:
+        parts.append(
+            f"test mAP50-95 {new:.4f} < champion v{champion_version} {old:.4f} - {tolerance:g}"
+        )
+    for c, d in sorted(drops.items(), key=lambda kv: -kv[1]):
+        key = class_metric("test", "ap50_95", c)
+        parts.append(
+            f"class {c!r} test AP50-95 {candidate[key]:.4f} < champion v{champion_version} "
+            f"{champion[key]:.4f} - {max_class_drop:g} (drop {d:.4f})"
+        )
+    return Promotion(False, "; ".join(parts), drops)

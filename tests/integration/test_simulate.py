@@ -306,6 +306,7 @@ def test_simulation_resumes_and_refuses_other_settings(simulated: dict[str, Any]
 def test_tta_and_onnx_paths_on_the_replay_model(simulated: dict[str, Any], synth: Path) -> None:
     """`predict_tta` views map back onto the image; ONNX Runtime gives the same Detections."""
     from loop import model
+    from loop.model.prediction import _candidate_floor
 
     weights = next((simulated["out"] / "replay-work" / "round0").glob("*/best.pt"))
     ycd = simulated["out"] / "replay-work" / "ultralytics"
@@ -315,7 +316,7 @@ def test_tta_and_onnx_paths_on_the_replay_model(simulated: dict[str, Any], synth
     # The candidate floor equals NMS over every anchor (threshold 0) followed by the floor.
     everything = model.predict(weights, images, 64, 0.0, ycd, nc, min_candidates=0)
     for got, full in zip(ref, everything, strict=True):
-        want = model._candidate_floor(full, 0.01, 3)
+        want = _candidate_floor(full, 0.01, 3)
         assert got.same_boxes(want) and np.allclose(got.class_probs, want.class_probs)
         assert len(got) >= 3
     views = list(model.predict_tta(weights, images, 64, 0.01, ycd, nc, ["hflip", "scale:1.5"]))

@@ -72,6 +72,11 @@ class EvaluationError(DefectLoopError, ValueError):
     """Match statistics, a bootstrap or a paired comparison got inconsistent input."""
 
 
+class LabelQualityError(DefectLoopError, ValueError):
+    """Label-error finding or annotator quality got inconsistent input (duplicate images,
+    predictions that are not out-of-sample, mismatched image sizes)."""
+
+
 def printable(text: object) -> str:
     """``text`` from outside (a file name, a label) with control characters (newlines, terminal
     escapes) written as ``\\n``, ``\\x1b``, ...: safe to put on one line of a log or console."""

@@ -23,11 +23,13 @@ imported inside `find_label_errors` (it loads scikit-learn and pandas).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
 
 import numpy as np
 
+from loop.datasets import DatasetVersion
 from loop.detections import Detections
 from loop.errors import LabelQualityError
 from loop.formats.cleanlab import (
@@ -127,3 +129,48 @@ def find_label_errors(items: Sequence[LabelCheck], num_classes: int) -> list[Lab
         )
         for r, i in enumerate(order, start=1)
     ]
+
+
+def label_checks(
+    version: DatasetVersion, predictions: Mapping[str, Detections]
+) -> list[LabelCheck]:
+    """One `LabelCheck` per train and val image of ``version`` (sha256 order), its labels
+    paired with ``predictions[sha256]`` (out-of-sample, e.g. from `loop.crossfit`). Test images
+    are left out: they judge models and are never relabeled from a model's opinion.
+
+    Raises `LabelQualityError` when an image has no prediction or a prediction is for an image
+    that is not a train or val image of ``version`` (stale predictions of another version).
+    """
+    rows = [r for r in version.rows if r.split != "test"]
+    wanted = {r.sha256 for r in rows}
+    missing = sorted(wanted - set(predictions))
+    if missing:
+        raise LabelQualityError(
+            f"{len(missing)} labeled images of version {version.short} have no out-of-sample "
+            f"prediction (first: {missing[0]}); cross-fit the current version again"
+        )
+    extra = sorted(set(predictions) - wanted)
+    if extra:
+        raise LabelQualityError(
+            f"{len(extra)} predictions are for images that are not train or val images of "
+            f"version {version.short} (first: {extra[0]}); cross-fit the current version again"
+        )
+    return [LabelCheck(r.sha256, r.boxes, predictions[r.sha256]) for r in rows]
+
+
+def suspects_to_json(
+    suspects: Sequence[LabelSuspect], version: DatasetVersion
+) -> list[dict[str, Any]]:
+    """JSON-ready rows, one per suspect in rank order: the `LabelSuspect` fields plus ``issue``
+    and the image's ``path`` (relative to the pool's images folder) and ``split`` in
+    ``version``."""
+    rows = version.by_sha()
+    out: list[dict[str, Any]] = []
+    for s in suspects:
+        row = rows.get(s.sha256)
+        if row is None:
+            raise LabelQualityError(
+                f"suspect {s.sha256} is not an image of version {version.short}"
+            )
+        out.append({**asdict(s), "issue": s.issue, "path": row.path, "split": row.split})
+    return out

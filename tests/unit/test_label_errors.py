@@ -16,9 +16,16 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from loop.datasets import DatasetVersion, LabeledImage
 from loop.detections import Detections, box_iou
 from loop.errors import ConversionError, LabelQualityError, UnknownLabelError
-from loop.label_errors import LabelCheck, LabelSuspect, find_label_errors
+from loop.label_errors import (
+    LabelCheck,
+    LabelSuspect,
+    find_label_errors,
+    label_checks,
+    suspects_to_json,
+)
 from loop.synth import SYNTH_CLASSES, generate
 
 C = len(SYNTH_CLASSES)
@@ -203,3 +210,47 @@ def test_unknown_class_is_refused() -> None:
 def test_issue_names_the_lowest_subtype() -> None:
     s = LabelSuspect("x", 1, 0.2, overlooked=0.9, swap=0.1, badloc=0.5, flagged=True)
     assert s.issue == "swap"
+
+
+def _version() -> DatasetVersion:
+    gt = Detections(np.array([[1.0, 1, 9, 9]]), np.array([0]), (32, 32))
+    rows = [
+        LabeledImage(sha, f"{split}.png", 32, 32, split, gt)
+        for sha, split in (("a" * 64, "train"), ("b" * 64, "val"), ("c" * 64, "test"))
+    ]
+    return DatasetVersion.create(list(SYNTH_CLASSES), rows)
+
+
+def _pred() -> Detections:
+    return Detections(np.array([[1.0, 1, 9, 9]]), np.array([0]), (32, 32), confidence=[0.9])
+
+
+def test_label_checks_pair_train_and_val_labels_with_predictions() -> None:
+    version = _version()
+    checks = label_checks(version, {"a" * 64: _pred(), "b" * 64: _pred()})
+    assert [c.sha256 for c in checks] == ["a" * 64, "b" * 64]  # the test image stays out
+    assert checks[0].labels.same_boxes(version.by_sha()["a" * 64].boxes)
+    assert checks[1].predictions.confidence is not None
+
+
+@pytest.mark.parametrize(
+    ("shas", "match"),
+    [(["a" * 64], "have no out-of-sample prediction"), (["a", "b", "c"], "not train or val")],
+)
+def test_label_checks_refuse_missing_or_stale_predictions(shas: list[str], match: str) -> None:
+    shas = [s * 64 if len(s) == 1 else s for s in shas]
+    with pytest.raises(LabelQualityError, match=match):
+        label_checks(_version(), dict.fromkeys(shas, _pred()))
+
+
+def test_suspects_to_json_adds_path_split_and_issue() -> None:
+    version = _version()
+    suspects = find_label_errors(label_checks(version, {"a" * 64: _pred(), "b" * 64: _pred()}), C)
+    rows = suspects_to_json(suspects, version)
+    assert [r["rank"] for r in rows] == [1, 2]
+    by = {r["sha256"]: r for r in rows}
+    assert by["a" * 64]["path"] == "train.png" and by["a" * 64]["split"] == "train"
+    assert by["b" * 64]["split"] == "val"
+    assert set(rows[0]) >= {"quality", "overlooked", "swap", "badloc", "flagged", "issue"}
+    with pytest.raises(LabelQualityError, match="not an image of version"):
+        suspects_to_json([replace(suspects[0], sha256="d" * 64)], version)

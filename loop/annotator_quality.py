@@ -15,7 +15,8 @@ same-class pair beats an other-class pair). Then, per annotator over all tasks:
   that a number in a report links to the tasks that make it.
 
 `class_agreement` is the per-class agreement between annotators (no reference needed): the
-mean `loop.corrections.pairwise_f1` of their boxes of that class.
+mean `loop.corrections.pairwise_f1` of their boxes of that class. `quality_metrics` flattens
+both for MLflow.
 
 Boxes are pixel xyxy (`loop.detections`); images keyed by sha256, tasks by Label Studio id;
 lead times in seconds.
@@ -23,6 +24,7 @@ lead times in seconds.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -180,3 +182,37 @@ def class_agreement(
                     if len(da) or len(db):
                         scores[k].append(pairwise_f1(da, db, min_iou))
     return {class_names[k]: float(np.mean(v)) if v else None for k, v in scores.items()}
+
+
+def _metric_key(text: str) -> str:
+    # MLflow metric names allow alphanumerics, _ - . / and spaces (as in loop.corrections).
+    return re.sub(r"[^0-9A-Za-z_\-./ ]", "_", text)
+
+
+def quality_metrics(
+    annotators: Mapping[str, AnnotatorQuality],
+    agreement: Mapping[str, float | None] | None = None,
+    prefix: str = "label_quality",
+) -> dict[str, float]:
+    """Flat ``{name: value}`` for MLflow: per annotator ``<prefix>.annotator.<name>.`` +
+    ``tasks``, ``precision``, ``recall``, ``missed``, ``extra``, ``confused`` (box counts) and
+    ``lead_time_mean_s``; per class ``<prefix>.agreement.<class>``. Figures that are None are
+    left out (never logged as 0)."""
+    out: dict[str, float] = {}
+    for name, q in annotators.items():
+        c = q.confusion.shape[0] - 1
+        key = f"{prefix}.annotator.{_metric_key(name)}"
+        values: dict[str, float | None] = {
+            "tasks": float(q.tasks),
+            "precision": q.precision,
+            "recall": q.recall,
+            "missed": float(q.confusion[:c, c].sum()),
+            "extra": float(q.confusion[c, :c].sum()),
+            "confused": float(q.confusion[:c, :c].sum() - np.trace(q.confusion[:c, :c])),
+            "lead_time_mean_s": q.lead_time_mean_s,
+        }
+        out.update({f"{key}.{k}": float(v) for k, v in values.items() if v is not None})
+    for cls, value in (agreement or {}).items():
+        if value is not None:
+            out[f"{prefix}.agreement.{_metric_key(cls)}"] = float(value)
+    return out

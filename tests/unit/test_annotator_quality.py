@@ -5,7 +5,12 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from loop.annotator_quality import AnnotatedTask, annotator_quality, class_agreement
+from loop.annotator_quality import (
+    AnnotatedTask,
+    annotator_quality,
+    class_agreement,
+    quality_metrics,
+)
 from loop.detections import Detections
 from loop.errors import LabelQualityError, UnknownLabelError
 from loop.synth import SYNTH_CLASSES, generate
@@ -175,3 +180,28 @@ def test_unknown_class_is_refused() -> None:
     bad = AnnotatedTask(1, "f" * 64, det([A], [0]), {"x": det([A], [7])})
     with pytest.raises(UnknownLabelError, match="x's annotation of task 1"):
         annotator_quality([bad], CLASSES)
+
+
+def test_quality_metrics_known_answer() -> None:
+    q = annotator_quality(TASKS, CLASSES)
+    m = quality_metrics(q, class_agreement(TASKS, CLASSES))
+    assert m["label_quality.annotator.ann.precision"] == pytest.approx(0.4)
+    assert m["label_quality.annotator.ann.recall"] == pytest.approx(0.5)
+    assert m["label_quality.annotator.ann.missed"] == 1.0
+    assert m["label_quality.annotator.ann.extra"] == 2.0
+    assert m["label_quality.annotator.ann.confused"] == 1.0
+    assert m["label_quality.annotator.ann.lead_time_mean_s"] == pytest.approx(15.0)
+    assert m["label_quality.annotator.bob.confused"] == 0.0
+    assert m["label_quality.agreement.scratch"] == pytest.approx(1 / 3)
+    assert "label_quality.agreement.dent" not in m  # None is left out, never 0
+
+
+def test_quality_metrics_leave_out_undefined_figures_and_clean_names() -> None:
+    empty = AnnotatedTask(1, "d" * 64, det([], []), {"eve@lab:1": det([], [])})
+    m = quality_metrics(annotator_quality([empty], CLASSES))
+    assert m == {
+        "label_quality.annotator.eve_lab_1.tasks": 1.0,
+        "label_quality.annotator.eve_lab_1.missed": 0.0,
+        "label_quality.annotator.eve_lab_1.extra": 0.0,
+        "label_quality.annotator.eve_lab_1.confused": 0.0,
+    }

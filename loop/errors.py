@@ -73,8 +73,9 @@ class EvaluationError(DefectLoopError, ValueError):
 
 
 class LabelQualityError(DefectLoopError, ValueError):
-    """Label-error finding or annotator quality got inconsistent input (duplicate images,
-    predictions that are not out-of-sample, mismatched image sizes)."""
+    """Label-error finding, cross-fitting or annotator quality got inconsistent input (an image
+    or task given twice, missing or stale predictions, boxes of different image sizes, too few
+    images for the folds)."""
 
 
 def printable(text: object) -> str:

@@ -72,6 +72,12 @@ class EvaluationError(DefectLoopError, ValueError):
     """Match statistics, a bootstrap or a paired comparison got inconsistent input."""
 
 
+class LabelQualityError(DefectLoopError, ValueError):
+    """Label-error finding, cross-fitting or annotator quality got inconsistent input (an image
+    or task given twice, missing or stale predictions, boxes of different image sizes, too few
+    images for the folds)."""
+
+
 def printable(text: object) -> str:
     """``text`` from outside (a file name, a label) with control characters (newlines, terminal
     escapes) written as ``\\n``, ``\\x1b``, ...: safe to put on one line of a log or console."""

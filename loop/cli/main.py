@@ -32,6 +32,7 @@ from loop.cli.demo import demo
 from loop.cli.deploy import deploy_app, monitor_app
 from loop.cli.labelstudio import ls_app
 from loop.cli.report import report
+from loop.cli.review import review_labels
 from loop.cli.serve import prefect_server_app, serve
 from loop.cli.services import services_app
 from loop.cli.sim import import_app, simulate
@@ -294,6 +295,7 @@ app.add_typer(services_app, name="services")
 app.command("demo")(demo)
 app.add_typer(datasets_app, name="datasets")
 app.command("report")(report)
+app.command("review-labels")(review_labels)
 app.add_typer(ls_app, name="labelstudio")
 app.command("serve")(serve)
 app.add_typer(prefect_server_app, name="prefect-server")

@@ -35,6 +35,7 @@ from loop.errors import (
     DatasetError,
     ImageError,
     ModelError,
+    TaskTypeChangedError,
     UnknownLabelError,
 )
 from loop.formats.labelstudio import local_file_url
@@ -82,6 +83,9 @@ class ProjectState:
     # and the "<project id>:<classes>" it belongs to (another project or class list: pull all).
     pull_cursor: str | None = None
     pull_cursor_scope: str | None = None
+    # The project's task type (`loop.config.TaskType`), fixed when the state is first written. A
+    # state.json written before task types existed holds boxes only: "detect".
+    task: str = "detect"
 
 
 @dataclass(frozen=True)
@@ -149,18 +153,30 @@ class Project:
         ``schedule.wait_timeout_s`` for another holder. When this call took the lock, the pool
         and state are re-read first, so nothing another command wrote meanwhile is overwritten.
         Re-entrant: inside a flow or method that already holds the lock it only runs the block.
+        The first write to a workspace records the config's task type in ``state.json``.
         """
         with workspace_lock(
             self.cfg.workspace, what, self.cfg.schedule.wait_timeout_s, on_wait=self.on_wait
         ) as took:
             if took:
                 self.reload()
+            if not self.cfg.paths.state.exists():
+                self.save_state()  # the first write fixes the project's task type
             yield
 
     def _load_state(self) -> ProjectState:
-        if self.cfg.paths.state.exists():
-            return ProjectState(**json.loads(self.cfg.paths.state.read_text()))
-        return ProjectState()
+        """``state.json``, or a fresh state for the config's task; refuses a changed task type."""
+        if not self.cfg.paths.state.exists():
+            return ProjectState(task=self.cfg.task)
+        state = ProjectState(**json.loads(self.cfg.paths.state.read_text()))
+        if state.task != self.cfg.task:
+            raise TaskTypeChangedError(
+                f"the workspace {self.cfg.workspace} was made for task {state.task!r} but the "
+                f"config says task: {self.cfg.task}; the task type is chosen once per project: "
+                f"set task: {state.task} again, or start a new project (another workspace) "
+                f"for {self.cfg.task}"
+            )
+        return state
 
     def save_state(self) -> None:
         atomic_write_text(self.cfg.paths.state, json.dumps(asdict(self.state), indent=1))

@@ -35,7 +35,7 @@ from loop.cli.report import report
 from loop.cli.serve import prefect_server_app, serve
 from loop.cli.services import services_app
 from loop.cli.sim import import_app, simulate
-from loop.config import DEFAULT_CONFIG_NAME, write_default_config
+from loop.config import DEFAULT_CONFIG_NAME, TaskType, write_default_config
 
 app = typer.Typer(
     help="defect-loop: an active-learning labeling loop for surface-defect detection.\n\n"
@@ -60,11 +60,15 @@ def init(
             envvar="DEFECT_LOOP_TRAIN__WEIGHTS",
         ),
     ] = None,
+    task: Annotated[
+        TaskType,
+        typer.Option(help="detect (boxes) or segment (instance polygons); chosen once per project"),
+    ] = "detect",
 ) -> None:
     """Write a starter project YAML."""
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    train = run(lambda: write_default_config(config, names, name, weights))
-    console.print(f"wrote {config}; classes: {names}")
+    train = run(lambda: write_default_config(config, names, name, weights, task))
+    console.print(f"wrote {config}; task: {task}; classes: {names}")
     if weights is None:
         console.print(
             "[yellow]no --weights given:[/] models will train from yolov8n.yaml with random "

@@ -126,7 +126,8 @@ def diff(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     as_json: JsonOpt = False,
 ) -> None:
-    """What changed from A to B: images added/removed/relabeled, boxes per class."""
+    """What changed from A to B: images added/removed/relabeled, boxes per class, and (with
+    polygons) masks per class and the images whose masks changed."""
 
     def go() -> None:
         _, store = _store(config)

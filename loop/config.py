@@ -54,7 +54,8 @@ class LabelStudioConfig(_Section):
     document_root: Path | None = None
     batch_size: int = Field(500, ge=1, description="tasks per bulk import call")
     timeout_s: float = Field(30.0, gt=0)
-    # Labelers may also draw polygons (PolygonLabels); a polygon becomes its bounding box.
+    # Labelers may also draw polygons (PolygonLabels). In a detect project a polygon becomes its
+    # bounding box; in a segment project (always on there) it is kept as a polygon instance.
     polygons: bool = False
     # Progress bars for push (shown only when stderr is a terminal).
     progress: bool = True
@@ -530,6 +531,17 @@ class ProjectConfig(BaseSettings):
         if len(set(stripped)) != len(stripped):
             raise ValueError(f"class names must be unique, got {stripped}")
         return stripped
+
+    @model_validator(mode="after")
+    def _segment_draws_polygons(self) -> ProjectConfig:
+        if self.task == "segment":
+            if "polygons" in self.labelstudio.model_fields_set and not self.labelstudio.polygons:
+                raise ValueError(
+                    "task: segment needs polygons in Label Studio; remove "
+                    "labelstudio.polygons: false (a segment project always offers PolygonLabels)"
+                )
+            self.labelstudio.polygons = True
+        return self
 
     @model_validator(mode="after")
     def _check_onnx_size(self) -> ProjectConfig:

@@ -29,7 +29,8 @@ def as_ring(points: Sequence[Sequence[float]] | FloatArray) -> FloatArray:
     """``points`` as a read-only ``(k, 2)`` float64 ring; a repeated closing vertex is dropped.
 
     Raises `ConversionError` for another shape, fewer than 3 distinct vertices, NaN or infinity,
-    or zero area (all vertices on one line).
+    or zero area (all vertices on one line). A ring that crosses itself passes: see
+    `ring_self_intersects`.
     """
     ring = np.array(points, dtype=np.float64, copy=True)
     if ring.ndim != 2 or ring.shape[1] != 2:
@@ -40,7 +41,8 @@ def as_ring(points: Sequence[Sequence[float]] | FloatArray) -> FloatArray:
         raise ConversionError("a polygon ring holds NaN or infinite coordinates")
     if len(np.unique(ring, axis=0)) < 3:
         raise ConversionError(f"a polygon needs at least 3 distinct points, got {len(ring)}")
-    if ring_area(ring) == 0.0:
+    centred = ring - ring.mean(axis=0)
+    if np.linalg.matrix_rank(centred, tol=1e-12 * max(1.0, float(np.abs(ring).max()))) < 2:
         raise ConversionError("a polygon ring has zero area (its points lie on one line)")
     ring.setflags(write=False)
     return ring
@@ -50,6 +52,55 @@ def ring_area(ring: FloatArray) -> float:
     """Absolute area (pixels squared) of one ring by the shoelace formula."""
     x, y = ring[:, 0], ring[:, 1]
     return float(abs(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1))) / 2.0)
+
+
+def ring_self_intersects(ring: FloatArray) -> bool:
+    """Whether two edges of one ring cross or touch, other than neighbours at their shared
+    vertex (a bow-tie, a loop, a repeated vertex). O(k**2) edge pairs, vectorised per edge."""
+    a = ring
+    b = np.roll(ring, -1, axis=0)
+    k = len(ring)
+
+    def orient(p: FloatArray, q: FloatArray, r: FloatArray) -> FloatArray:
+        return np.sign(
+            (q[..., 0] - p[..., 0]) * (r[..., 1] - p[..., 1])
+            - (q[..., 1] - p[..., 1]) * (r[..., 0] - p[..., 0])
+        )
+
+    def on_segment(p: FloatArray, q: FloatArray, r: FloatArray) -> BoolArray:
+        # r collinear with p-q lies within the box of p-q
+        return (
+            (np.minimum(p[..., 0], q[..., 0]) <= r[..., 0])
+            & (r[..., 0] <= np.maximum(p[..., 0], q[..., 0]))
+            & (np.minimum(p[..., 1], q[..., 1]) <= r[..., 1])
+            & (r[..., 1] <= np.maximum(p[..., 1], q[..., 1]))
+        )
+
+    for i in range(k):
+        # edges j > i that are not i's neighbours (j == i + 1, and the last edge for i == 0)
+        js = np.arange(i + 2, k - 1 if i == 0 else k)
+        if len(js) == 0:
+            continue
+        p1, p2 = a[i], b[i]
+        q1, q2 = a[js], b[js]
+        o1, o2 = orient(p1, p2, q1), orient(p1, p2, q2)
+        o3, o4 = orient(q1, q2, p1), orient(q1, q2, p2)
+        crossing = (o1 * o2 < 0) & (o3 * o4 < 0)
+        touching = (
+            ((o1 == 0) & on_segment(p1, p2, q1))
+            | ((o2 == 0) & on_segment(p1, p2, q2))
+            | ((o3 == 0) & on_segment(q1, q2, p1))
+            | ((o4 == 0) & on_segment(q1, q2, p2))
+        )
+        if np.any(crossing | touching):
+            return True
+    # neighbouring edges folding back onto each other (a spike of zero width)
+    prev = np.roll(ring, 1, axis=0)
+    nxt = b
+    d1, d2 = prev - ring, nxt - ring
+    cross = d1[:, 0] * d2[:, 1] - d1[:, 1] * d2[:, 0]
+    dot = (d1 * d2).sum(axis=1)
+    return bool(np.any((cross == 0) & (dot > 0)))
 
 
 def rings_bbox(rings: Rings) -> tuple[float, float, float, float]:

@@ -46,10 +46,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loop.config import SplitConfig
+from loop.config import SplitConfig, TaskType
 from loop.detections import Detections
 from loop.errors import ConversionError, DatasetError
-from loop.formats.yolo import detections_to_yolo_lines
+from loop.formats.yolo import detections_to_yolo_lines, polygons_to_yolo_seg_lines
 from loop.polygons import Rings, as_ring, instance_key, rings_bbox
 
 Split = Literal["train", "val", "test"]
@@ -456,11 +456,15 @@ class DatasetStore:
         return sorted(metas, key=lambda m: (str(m["created_at"]), str(m["digest"])))
 
 
-def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Path:
+def export_yolo(
+    version: DatasetVersion, images_dir: Path, out_dir: Path, task: TaskType = "detect"
+) -> Path:
     """Write a YOLO folder (``<split>/images``, ``<split>/labels``, ``data.yaml``); returns data.yaml.
 
     Images are hard-linked from the pool (copied across file systems) and named by sha256.
-    Re-exporting the same version gives byte-identical files.
+    Re-exporting the same version gives byte-identical files. ``task``: ``detect`` writes box
+    lines; ``segment`` writes Ultralytics segmentation lines (`polygons_to_yolo_seg_lines`: a box
+    without a polygon as its rectangle).
     """
     counts = version.split_counts()
     if counts["train"] == 0 or counts["val"] == 0:
@@ -480,7 +484,10 @@ def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Pat
                 os.link(src, dst)
             except OSError:
                 dst.write_bytes(src.read_bytes())
-        lines = detections_to_yolo_lines(r.boxes)
+        if task == "segment":
+            lines = polygons_to_yolo_seg_lines(r.boxes, r.polygons)
+        else:
+            lines = detections_to_yolo_lines(r.boxes)
         (lbl_dir / f"{r.sha256}.txt").write_text("".join(f"{ln}\n" for ln in lines))
     data_yaml = out_dir / "data.yaml"
     names = "\n".join(f"  {i}: {json.dumps(c)}" for i, c in enumerate(version.classes))

@@ -296,7 +296,9 @@ class Project:
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:
-        return export_yolo(version, self.cfg.paths.images, self.cfg.paths.exports / version.digest)
+        return export_yolo(
+            version, self.cfg.paths.images, self.cfg.paths.exports / version.digest, self.cfg.task
+        )
 
     def fit(
         self, tracker: ChampionSource, progress: Callable[[str], None] | None = None

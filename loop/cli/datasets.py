@@ -145,6 +145,9 @@ def export(
 ) -> None:
     """Write a version as a YOLO folder (<split>/images, <split>/labels, data.yaml).
 
+    Detect projects get box lines (cls cx cy w h); segment projects Ultralytics segmentation
+    lines (cls x1 y1 x2 y2 ..., normalised; a box without a polygon as its rectangle).
+
     Images are hard-linked from the pool and named by sha256; exporting the same version twice
     gives byte-identical files apart from the absolute paths in data.yaml.
     """
@@ -158,7 +161,7 @@ def export(
                 f"{out_dir} exists and is not an empty folder; "
                 "export into a new folder so no stale labels mix in"
             )
-        data_yaml = export_yolo(v, project.cfg.paths.images, dest)
+        data_yaml = export_yolo(v, project.cfg.paths.images, dest, project.cfg.task)
         splits = v.split_counts()
         typer.echo(
             f"exported {v.short}: "

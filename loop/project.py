@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -293,6 +293,125 @@ class Project:
                 )
             )
         return labeled, problems
+
+    def ingest_masks(
+        self,
+        source: Path,
+        folder_classes: Mapping[str, str] | None = None,
+        threshold: float = 128,
+        min_area: int = 4,
+        on_progress: Callable[[Path], None] | None = None,
+    ) -> tuple[IngestReport, DatasetVersion | None]:
+        """Add the images below ``source`` to the pool and import their mask PNGs as labels
+        (layout and classes: `loop.mask_import`; masks to polygons: `loop.formats.masks`).
+
+        Each 8-connected region of at least ``min_area`` pixels (value >= ``threshold``)
+        becomes one instance of the image folder's class: polygon and box in a ``segment``
+        project, its box only in a ``detect`` one. An all-zero mask labels the image
+        defect-free. Regions dropped as too small are recorded in the row's provenance
+        (``dropped_regions``) and listed in ``report.label_problems``; a mask that cannot be
+        used (unreadable, another size, no class for its folder, values only below the
+        threshold) leaves its image unlabeled and is listed there too. Holds the workspace lock.
+        """
+        from loop.formats.masks import mask_to_polygons
+        from loop.mask_import import class_of_image, pair_mask_files, read_mask
+        from loop.polygons import polygons_to_detections
+
+        if not source.exists():
+            raise ImageError(f"{source} does not exist; pass a folder of images and masks")
+        pairs = pair_mask_files(iter_image_files(source))
+        classes = list(self.cfg.classes)
+        with self.writing("ingest"):
+            report = self.pool.ingest(pairs.images, self.cfg.ingest, on_progress)
+            problems: list[Rejected] = list(pairs.problems)
+            labeled: dict[str, LabeledImage] = {}
+            conflicted: set[str] = set()
+            for image, mask_path in sorted(pairs.masks.items()):
+                entry = report.accepted.get(str(image))
+                if entry is None:
+                    continue  # the image itself was rejected (and is listed as such)
+                try:
+                    mask = read_mask(mask_path, (entry.width, entry.height))
+                except ConversionError as exc:
+                    problems.append(Rejected(str(mask_path), f"{exc}; {image.name} unlabeled"))
+                    continue
+                found = mask_to_polygons(mask, threshold, min_area)
+                cls = class_of_image(image, source, folder_classes or {}, classes)
+                if cls is None and (found.instances or found.dropped):
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"its folder {image.relative_to(source).parts[0]!r} names no class "
+                            f"of {classes}; pass --folder-class FOLDER=CLASS. "
+                            f"{image.name} unlabeled",
+                        )
+                    )
+                    continue
+                if not found.instances and not found.dropped and mask.any():
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"values up to {int(mask.max())}, all below the threshold "
+                            f"{threshold:g}; pass a lower --mask-threshold. {image.name} unlabeled",
+                        )
+                    )
+                    continue
+                cid = classes.index(cls) if cls is not None else 0
+                det, polys = polygons_to_detections(
+                    [(cid, rings) for rings in found.instances], (entry.width, entry.height)
+                )
+                prov = {"source": "import-masks", "file": str(mask_path)}
+                if found.dropped:
+                    prov["dropped_regions"] = "; ".join(
+                        f"{d.area_px} px at {d.bbox}: {d.reason}" for d in found.dropped
+                    )
+                    problems.extend(
+                        Rejected(
+                            str(mask_path),
+                            f"region of {d.area_px} px at {d.bbox} dropped: {d.reason}",
+                        )
+                        for d in found.dropped
+                    )
+                row = LabeledImage(
+                    entry.sha256,
+                    entry.path,
+                    entry.width,
+                    entry.height,
+                    assign_split(entry.sha256, self.cfg.split),
+                    det,
+                    prov,
+                    polys if self.cfg.task == "segment" else (),
+                )
+                earlier = labeled.get(entry.sha256)
+                if earlier is not None and earlier.canonical(classes) != row.canonical(classes):
+                    conflicted.add(entry.sha256)
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"conflicting masks for one image ({entry.sha256[:12]}, under two "
+                            f"names): {earlier.provenance['file']} differs; neither was imported",
+                        )
+                    )
+                labeled.setdefault(entry.sha256, row)
+            for sha in conflicted:
+                del labeled[sha]
+            if problems:
+                report.label_problems.extend(problems)
+                self.pool.record_rejected(problems)
+                self.pool.save()
+            if not labeled:
+                return report, None
+            current = self.current_version()
+            rows = list(labeled.values())
+            version = (
+                DatasetVersion.create(classes, rows)
+                if current is None
+                else current.with_labels(rows)
+            )
+            if current is not None and version.digest == current.digest:
+                return report, current
+            self.set_version(version)
+            return report, version
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:

@@ -309,8 +309,8 @@ class Project:
         becomes one instance of the image folder's class: polygon and box in a ``segment``
         project, its box only in a ``detect`` one. An all-zero mask labels the image
         defect-free. Regions dropped as too small are recorded in the row's provenance
-        (``dropped_regions``) and listed in ``report.label_problems``; a mask that cannot be
-        used (unreadable, another size, no class for its folder, values only below the
+        (``dropped_regions``, kept in the manifest) and listed in ``report.dropped_regions``; a
+        mask that cannot be used (unreadable, another size, no class for its folder, values only below the
         threshold) leaves its image unlabeled and is listed there too. Holds the workspace lock.
         """
         from loop.formats.masks import mask_to_polygons
@@ -365,10 +365,9 @@ class Project:
                     prov["dropped_regions"] = "; ".join(
                         f"{d.area_px} px at {d.bbox}: {d.reason}" for d in found.dropped
                     )
-                    problems.extend(
+                    report.dropped_regions.extend(
                         Rejected(
-                            str(mask_path),
-                            f"region of {d.area_px} px at {d.bbox} dropped: {d.reason}",
+                            str(mask_path), f"region of {d.area_px} px at {d.bbox}: {d.reason}"
                         )
                         for d in found.dropped
                     )

@@ -150,7 +150,11 @@ def ingest(
                     source, labels, label_limit, seed, on_progress=lambda _p: prog.advance(bar)
                 )
         console.print(f"ingest: {report.summary}; pool now {len(project.pool)} images")
-        for what, problems in (("skipped", report.rejected), ("label", report.label_problems)):
+        for what, problems in (
+            ("skipped", report.rejected),
+            ("label", report.label_problems),
+            ("dropped", report.dropped_regions),
+        ):
             for r in problems[:20]:
                 console.print(f"  [yellow]{what}[/] {safe(r.source)}: {safe(r.reason)}")
             if len(problems) > 20:

@@ -142,7 +142,11 @@ def test_ingest_masks_in_a_segment_project(tmp_path: Path):
     assert np.array_equal(rebuilt, expected)  # holes and the 1-px crack exactly
     assert "1 px at (39, 0, 40, 1)" in row_a.provenance["dropped_regions"]
     reasons = {Path(p.source).name: p.reason for p in report.label_problems}
-    assert "dropped" in reasons["a.png"]
+    assert "a.png" not in reasons  # imported; only its tiny region was left out
+    assert [(Path(d.source).name, d.reason) for d in report.dropped_regions] == [
+        ("a.png", "region of 1 px at (39, 0, 40, 1): 1 px, smaller than the minimum of 4 px")
+    ]
+    assert "1 mask regions dropped" in report.summary
     assert "names no class" in reasons["c.png"] and "--folder-class" in reasons["c.png"]
     assert "10x10 px but its image is 40x30 px" in reasons["d.png"]
     assert "below the threshold 128" in reasons["e.png"]

@@ -39,7 +39,7 @@ from loop.errors import (
     UnknownLabelError,
 )
 from loop.formats.labelstudio import local_file_url
-from loop.formats.yolo import yolo_lines_to_detections
+from loop.formats.yolo import yolo_lines_to_detections, yolo_lines_to_instances
 from loop.images import (
     ImagePool,
     IngestReport,
@@ -51,6 +51,7 @@ from loop.images import (
 from loop.labelfiles import match_label_files
 from loop.labeling import LabelingBackend, PushSummary
 from loop.ledger import RejectionLog, TaskRejection
+from loop.polygons import Rings
 from loop.quality import gate_and_record, split_status
 from loop.scheduling import workspace_lock
 from loop.sync import PullOutcome
@@ -252,10 +253,16 @@ class Project:
         found: dict[str, list[tuple[Path, Path, LabeledImage]]] = {}
         for image, txt in sorted(match.labels.items()):
             entry = report.accepted[str(image)]
+            polys: tuple[Rings, ...] = ()
             try:
-                det = yolo_lines_to_detections(
-                    txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
-                )
+                if self.cfg.task == "segment":
+                    det, polys = yolo_lines_to_instances(
+                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+                    )
+                else:
+                    det = yolo_lines_to_detections(
+                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+                    )
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append(Rejected(str(txt), f"unreadable label file: {exc}"))
                 continue
@@ -272,6 +279,7 @@ class Project:
                 assign_split(entry.sha256, self.cfg.split),
                 det,
                 {"source": "import", "file": str(txt)},
+                polys,
             )
             found.setdefault(entry.sha256, []).append((image, txt, row))
         labeled: list[LabeledImage] = []
@@ -279,7 +287,7 @@ class Project:
         for sha, rows in sorted(found.items()):
             first = rows[0]
             other = next(
-                (r for r in rows if r[2].box_keys(classes) != first[2].box_keys(classes)), None
+                (r for r in rows if r[2].canonical(classes) != first[2].canonical(classes)), None
             )
             if other is None:
                 labeled.append(first[2])
@@ -706,12 +714,18 @@ class Project:
         rejections = self.rejections()
         return {
             "workspace": str(self.cfg.workspace),
+            "task": self.cfg.task,
             "pool_images": len(self.pool),
             "rejected_files": [asdict(r) for r in self.pool.rejected],
             "dataset_version": None if version is None else version.digest,
             "labeled_images": 0 if version is None else len(version),
             "splits": None if version is None else version.split_counts(),
             "class_counts": None if version is None else version.class_counts(),
+            **(
+                {"mask_counts": None if version is None else version.mask_counts()}
+                if self.cfg.task == "segment"
+                else {}
+            ),
             "round": self.state.round,
             "pending_in_label_studio": len(self.state.pending),
             "label_studio_project": self.state.ls_project_id,

@@ -165,3 +165,30 @@ def yolo_seg_lines_to_polygons(
             raise ConversionError(f"line {lineno}: {exc}") from None
         instances.append((int(cls_f), (ring,)))
     return polygons_to_detections(instances, image_wh)
+
+
+def yolo_lines_to_instances(
+    lines: list[str] | str, image_wh: tuple[int, int], num_classes: int
+) -> tuple[Detections, tuple[Rings, ...]]:
+    """A label file that may mix box lines (``cls cx cy w h``) and segmentation lines
+    (``cls x1 y1 x2 y2 x3 y3 ...``) -> pixel boxes and, parallel to them, the rings (``()`` for a
+    box line); ``()`` altogether when every line is a box. Errors name the line as
+    `yolo_lines_to_detections` and `yolo_seg_lines_to_polygons` do."""
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    # Blank the other kind's lines, so that each parser numbers lines as in the file.
+    is_box = [len(raw.split()) == 5 for raw in lines]
+    boxes = yolo_lines_to_detections(
+        [raw if box else "" for raw, box in zip(lines, is_box, strict=True)], image_wh, num_classes
+    )
+    segs, rings = yolo_seg_lines_to_polygons(
+        ["" if box else raw for raw, box in zip(lines, is_box, strict=True)], image_wh, num_classes
+    )
+    if not len(segs):
+        return boxes, ()
+    det = Detections(
+        np.concatenate([boxes.xyxy, segs.xyxy]),
+        np.concatenate([boxes.class_id, segs.class_id]),
+        image_wh,
+    )
+    return det, tuple(() for _ in range(len(boxes))) + rings

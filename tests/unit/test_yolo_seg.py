@@ -16,6 +16,7 @@ from loop.errors import ConversionError, UnknownLabelError
 from loop.formats.yolo import (
     merge_rings,
     polygons_to_yolo_seg_lines,
+    yolo_lines_to_instances,
     yolo_seg_lines_to_polygons,
 )
 from loop.polygons import as_ring, mask_iou, polygons_to_detections, rings_to_mask
@@ -134,3 +135,89 @@ def test_segment_export_writes_polygon_lines_and_detect_export_boxes(tmp_path: P
     again = tmp_path / "seg2"
     export_yolo(v, images, again, task="segment")
     assert (again / r.split / "labels" / f"{r.sha256}.txt").read_text() == "\n".join(seg) + "\n"
+
+
+# ------------------------------------------------------------------ import (YOLO-seg folders)
+
+
+def test_mixed_box_and_segmentation_lines():
+    text = "1 0.2 0.25 0.2 0.3\n\n2 0.100 0.100 0.300 0.050 0.200 0.400\n"
+    det, polys = yolo_lines_to_instances(text, (W, H), 3)
+    assert det.class_id.tolist() == [1, 2]
+    assert np.allclose(det.xyxy, [[20, 10, 60, 40], [20, 5, 60, 40]])
+    assert polys[0] == () and np.allclose(polys[1][0], TRI)
+    boxes_only, none = yolo_lines_to_instances("0 0.5 0.5 0.2 0.2", (W, H), 3)
+    assert none == () and len(boxes_only) == 1
+    with pytest.raises(ConversionError, match="line 3"):
+        yolo_lines_to_instances("0 0.5 0.5 0.2 0.2\n\n0 0.1 0.1 0.2", (W, H), 3)
+    with pytest.raises(UnknownLabelError, match="line 2"):
+        yolo_lines_to_instances("0 0.5 0.5 0.2 0.2\n7 0.1 0.1 0.2 0.2 0.3 0.1", (W, H), 3)
+
+
+def _seg_project(root: Path, task: str = "segment"):
+    import yaml
+
+    from loop.config import load_config
+    from loop.project import Project
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "defect-loop.yaml").write_text(
+        yaml.safe_dump({"task": task, "classes": ["crack", "blowhole"]})
+    )
+    return Project(load_config(root / "defect-loop.yaml"))
+
+
+def test_segment_export_then_ingest_gives_back_the_polygons(tmp_path: Path):
+    """Export a segment version as a YOLO-seg folder and ingest it into a new segment project:
+    the same images, classes and masks (IoU above 0.99 per instance; exact boxes to 1e-4 px)."""
+    import cv2
+
+    from loop.formats.masks import mask_to_polygons
+
+    rng = np.random.default_rng(5)
+    src = tmp_path / "src"
+    images = src / "images"
+    images.mkdir(parents=True)
+    instances = {}
+    for i in range(8):
+        m = np.zeros((48, 64), np.uint8)
+        m[5 + i : 20 + i, 4:30] = 255
+        m[10 + i : 13 + i, 10:14] = 0  # a hole
+        m[30:32, 20 + i : 60] = 255  # a thin crack
+        name = f"img{i}.png"
+        cv2.imwrite(str(images / name), rng.integers(0, 255, (48, 64), dtype=np.uint8))
+        instances[name] = mask_to_polygons(m).instances
+    first = _seg_project(tmp_path / "a")
+    report, _ = first.ingest(images)
+    rows = []
+    for name, rings_list in instances.items():
+        entry = report.accepted[str(images / name)]
+        det, polys = polygons_to_detections(
+            [(i % 2, r) for i, r in enumerate(rings_list)], (64, 48)
+        )
+        rows.append(LabeledImage(entry.sha256, entry.path, 64, 48, "train", det, {}, polys))
+    rows[0] = LabeledImage(
+        rows[0].sha256, rows[0].path, 64, 48, "val", rows[0].boxes, {}, rows[0].polygons
+    )
+    version = DatasetVersion.create(first.cfg.classes, rows)
+    first.set_version(version)
+    data_yaml = first.export(version)
+    out = data_yaml.parent
+    second = _seg_project(tmp_path / "b")
+    rep2, v2 = second.ingest(out / "train" / "images", out / "train" / "labels")
+    assert rep2.label_problems == [] and v2 is not None and v2.has_polygons
+    back = v2.by_sha()
+    for r in version.rows:
+        if r.split != "train":
+            continue
+        b = back[r.sha256]
+        assert b.boxes.class_id.tolist() == r.boxes.class_id.tolist()
+        assert np.allclose(b.boxes.xyxy, r.boxes.xyxy, atol=1e-4)
+        for rings_a, rings_b in zip(r.polygons, b.polygons, strict=True):
+            iou = mask_iou(rings_to_mask(rings_a, (64, 48)), rings_to_mask(rings_b, (64, 48)))
+            assert iou > 0.99
+    # a detect project reads only box lines: the segmentation lines are listed, not guessed
+    third = _seg_project(tmp_path / "c", "detect")
+    rep3, v3 = third.ingest(out / "train" / "images", out / "train" / "labels")
+    assert v3 is None and len(rep3.label_problems) == 7
+    assert all("expected 5 fields" in p.reason for p in rep3.label_problems)

@@ -77,7 +77,8 @@ def show(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one version: digest, parent, classes, splits, boxes per class, provenance."""
+    """Show one version: digest, parent, classes, splits, boxes (and polygons) per class,
+    provenance."""
 
     def go() -> None:
         _, store = _store(config)
@@ -97,6 +98,9 @@ def show(
             "label_sources": dict(sorted(sources.items())),
             "path": str(store.path(v.digest)),
         }
+        masks = v.mask_counts() if v.has_polygons else None
+        if masks is not None:
+            info["mask_counts"] = masks
         if as_json:
             typer.echo(json.dumps(info, indent=1))
             return
@@ -111,10 +115,16 @@ def show(
         typer.echo(f"stored in:   {info['path']}")
         counts = v.class_counts()
         width = max([5, *(len(c) for c in v.classes)])
-        typer.echo(f"\n{'class':<{width}}  {'boxes':>7}")
-        for c in v.classes:
-            typer.echo(f"{c:<{width}}  {counts[c]:>7}")
-        typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
+        if masks is None:
+            typer.echo(f"\n{'class':<{width}}  {'boxes':>7}")
+            for c in v.classes:
+                typer.echo(f"{c:<{width}}  {counts[c]:>7}")
+            typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
+        else:
+            typer.echo(f"\n{'class':<{width}}  {'boxes':>7}  {'masks':>7}")
+            for c in v.classes:
+                typer.echo(f"{c:<{width}}  {counts[c]:>7}  {masks[c]:>7}")
+            typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}  {sum(masks.values()):>7}")
 
     run(go)
 

@@ -260,6 +260,13 @@ def test_datasets_diff_command_shows_changed_masks(tmp_path: Path):
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.output)["masks"]["changed_images"] == [sha(1)]
+    r = runner.invoke(app, ["datasets", "show", b.digest[:8], "-c", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "masks" in r.output and any(
+        line.split() == ["scratch", "1", "1"] for line in r.output.splitlines()
+    )
+    r = runner.invoke(app, ["datasets", "show", b.digest[:8], "--json", "-c", str(cfg)])
+    assert json.loads(r.output)["mask_counts"] == {"scratch": 1, "pit": 0}
 
 
 def test_a_box_only_diff_has_no_masks_part():

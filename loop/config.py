@@ -32,6 +32,11 @@ from loop.workspace import Workspace
 
 DEFAULT_CONFIG_NAME = "defect-loop.yaml"
 
+# What the labels and models of a project are: boxes (``detect``) or instance polygons with their
+# boxes (``segment``). Chosen once per workspace (`loop.project.Project` records it).
+TaskType = Literal["detect", "segment"]
+TASK_TYPES: tuple[TaskType, ...] = ("detect", "segment")
+
 
 class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
@@ -49,7 +54,8 @@ class LabelStudioConfig(_Section):
     document_root: Path | None = None
     batch_size: int = Field(500, ge=1, description="tasks per bulk import call")
     timeout_s: float = Field(30.0, gt=0)
-    # Labelers may also draw polygons (PolygonLabels); a polygon becomes its bounding box.
+    # Labelers may also draw polygons (PolygonLabels). In a detect project a polygon becomes its
+    # bounding box; in a segment project (always on there) it is kept as a polygon instance.
     polygons: bool = False
     # Progress bars for push (shown only when stderr is a terminal).
     progress: bool = True
@@ -480,6 +486,7 @@ class ProjectConfig(BaseSettings):
     )
 
     name: str = "defect-loop"
+    task: TaskType = "detect"
     classes: list[str]
     workspace: Path = Path(".defect-loop")
     guidelines: str = (
@@ -524,6 +531,17 @@ class ProjectConfig(BaseSettings):
         if len(set(stripped)) != len(stripped):
             raise ValueError(f"class names must be unique, got {stripped}")
         return stripped
+
+    @model_validator(mode="after")
+    def _segment_draws_polygons(self) -> ProjectConfig:
+        if self.task == "segment":
+            if "polygons" in self.labelstudio.model_fields_set and not self.labelstudio.polygons:
+                raise ValueError(
+                    "task: segment needs polygons in Label Studio; remove "
+                    "labelstudio.polygons: false (a segment project always offers PolygonLabels)"
+                )
+            self.labelstudio.polygons = True
+        return self
 
     @model_validator(mode="after")
     def _check_onnx_size(self) -> ProjectConfig:
@@ -615,9 +633,16 @@ def load_config(path: Path | str, **overrides: Any) -> ProjectConfig:
 
 
 def write_default_config(
-    path: Path, classes: list[str], name: str = "defect-loop", weights: Path | None = None
+    path: Path,
+    classes: list[str],
+    name: str = "defect-loop",
+    weights: Path | None = None,
+    task: TaskType = "detect",
 ) -> TrainConfig:
     """Write a starter YAML for ``classes``; refuses to overwrite an existing file.
+
+    ``task``: ``detect`` (boxes) or ``segment`` (instance polygons); fixed once the workspace
+    holds anything.
 
     ``weights``: a local checkpoint to start every training from; it must exist, and its sha256
     is pinned in the YAML (``train.weights_sha256``). Without it training starts from the
@@ -625,6 +650,8 @@ def write_default_config(
     """
     if path.exists():
         raise ConfigError(f"{path} already exists; edit it or choose another path")
+    if task not in TASK_TYPES:
+        raise ConfigError(f"task must be one of {', '.join(TASK_TYPES)}, got {task!r}")
     train: dict[str, Any] = {"model": "yolov8n.yaml", "imgsz": 256, "epochs": 30}
     if weights is not None:
         start = TrainConfig(weights=Path(weights).expanduser().resolve()).start_checkpoint()
@@ -642,6 +669,7 @@ def write_default_config(
         )
     doc = {
         "name": name,
+        "task": task,
         "classes": classes,
         "workspace": ".defect-loop",
         "labelstudio": {"url": "http://127.0.0.1:8080"},

@@ -13,6 +13,13 @@ digest and any change to a box, a class, a split or the class list gives a new o
   (Python's round-half-even of the binary float; ``-0.000`` stays as written) and the boxes of an
   image are sorted as strings. A defect-free image has an empty box list (line ends in ``|``).
 
+  An image with polygons (`loop.polygons`; a ``segment`` project) adds one field to its line,
+  ``|<instance>;<instance>;...``, each instance written ``<box>=<ring>/<ring>`` (its box as
+  above, then its rings as ``x,y x,y ...`` with ``"{:.3f}"``, vertices in stored order, the rings
+  of an instance and the instances sorted as strings); a box without a polygon is not listed.
+  Lines without polygons are exactly the box-only lines above, so a detect project's digests are
+  what they were before polygons existed, and a moved vertex gives a new digest.
+
 So row order in the manifest, box order within an image and sub-millipixel float noise do not
 change the digest. Provenance (who labeled, which Label Studio task) is stored but not hashed: it
 describes the labels, it is not the labels.
@@ -39,10 +46,11 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from loop.config import SplitConfig
+from loop.config import SplitConfig, TaskType
 from loop.detections import Detections
-from loop.errors import DatasetError
-from loop.formats.yolo import detections_to_yolo_lines
+from loop.errors import ConversionError, DatasetError
+from loop.formats.yolo import detections_to_yolo_lines, polygons_to_yolo_seg_lines
+from loop.polygons import Rings, as_ring, instance_key, rings_bbox
 
 Split = Literal["train", "val", "test"]
 SPLITS: tuple[Split, ...] = ("train", "val", "test")
@@ -67,7 +75,12 @@ def assign_split(sha256: str, ratios: SplitConfig) -> Split:
 
 @dataclass(frozen=True)
 class LabeledImage:
-    """One image's labels. ``path`` is relative to the pool's images folder; boxes in pixels."""
+    """One image's labels. ``path`` is relative to the pool's images folder; boxes in pixels.
+
+    ``polygons``: empty (boxes only), or one `loop.polygons.Rings` per box, in the boxes' order;
+    an instance with rings has its box equal to their bounding box, one with ``()`` is a box
+    without a polygon. Raises `DatasetError` when the two disagree.
+    """
 
     sha256: str
     path: str
@@ -76,6 +89,31 @@ class LabeledImage:
     split: Split
     boxes: Detections
     provenance: Mapping[str, str] = field(default_factory=dict)
+    polygons: tuple[Rings, ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.polygons:
+            return
+        if len(self.polygons) != len(self.boxes):
+            raise DatasetError(
+                f"image {self.sha256[:12]} has {len(self.boxes)} boxes but "
+                f"{len(self.polygons)} polygon instances; give one (possibly empty) per box"
+            )
+        polys: list[Rings] = []
+        for i, rings in enumerate(self.polygons):
+            try:
+                checked = tuple(as_ring(r) for r in rings)
+            except ConversionError as exc:
+                raise DatasetError(f"image {self.sha256[:12]} instance {i}: {exc}") from None
+            if checked and not np.allclose(rings_bbox(checked), self.boxes.xyxy[i], atol=1e-6):
+                raise DatasetError(
+                    f"image {self.sha256[:12]} instance {i}: its box "
+                    f"{self.boxes.xyxy[i].tolist()} is not its polygon's bounding box "
+                    f"{list(rings_bbox(checked))}; derive boxes with polygons_to_detections"
+                )
+            polys.append(checked)
+        # Boxes only, written as polygons: the same labels, so the same (box-only) form.
+        object.__setattr__(self, "polygons", tuple(polys) if any(polys) else ())
 
     def box_keys(self, classes: Iterable[str]) -> list[str]:
         """Sorted ``"<class>:<x1>,<y1>,<x2>,<y2>"`` strings, pixels with 3 decimals (see module)."""
@@ -87,10 +125,25 @@ class LabeledImage:
             )
         )
 
+    def mask_keys(self, classes: Iterable[str]) -> list[str]:
+        """Sorted ``"<box>=<ring>/<ring>"`` strings of the instances with a polygon (see module)."""
+        names = list(classes)
+        return sorted(
+            f"{names[int(c)]}:{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}={instance_key(rings)}"
+            for (x1, y1, x2, y2), c, rings in zip(
+                self.boxes.xyxy.tolist(), self.boxes.class_id.tolist(), self.polygons, strict=True
+            )
+            if rings
+        )
+
     def canonical(self, classes: list[str]) -> str:
-        """This image's line of the digest input: ``sha|WxH|split|box;box;...``."""
+        """This image's line of the digest input: ``sha|WxH|split|box;box;...`` and, with
+        polygons, ``|instance;instance;...``."""
         boxes = self.box_keys(classes)
-        return f"{self.sha256}|{self.width}x{self.height}|{self.split}|{';'.join(boxes)}"
+        line = f"{self.sha256}|{self.width}x{self.height}|{self.split}|{';'.join(boxes)}"
+        if self.polygons:
+            line += "|" + ";".join(self.mask_keys(classes))
+        return line
 
 
 @dataclass(frozen=True)
@@ -140,6 +193,22 @@ class DatasetVersion:
         for r in self.rows:
             for c in r.boxes.class_id:
                 counts[self.classes[int(c)]] += 1
+        return counts
+
+    @property
+    def has_polygons(self) -> bool:
+        """Whether any image holds a polygon (a segmentation version)."""
+        return any(r.polygons for r in self.rows)
+
+    def mask_counts(self) -> dict[str, int]:
+        """Instances with a polygon, per class name."""
+        counts = dict.fromkeys(self.classes, 0)
+        for r in self.rows:
+            if not r.polygons:
+                continue
+            for c, rings in zip(r.boxes.class_id.tolist(), r.polygons, strict=True):
+                if rings:
+                    counts[self.classes[int(c)]] += 1
         return counts
 
     def with_labels(self, new_rows: Iterable[LabeledImage]) -> DatasetVersion:
@@ -199,11 +268,16 @@ _SCHEMA = pa.schema(
         ("provenance", pa.map_(pa.string(), pa.string())),
     ]
 )
+# Only in versions with polygons (a box-only manifest keeps `_SCHEMA`): per box, its rings, each
+# ring flat pixel ``[x0, y0, x1, y1, ...]``; ``[]`` for a box without a polygon.
+_POLYGONS_FIELD = pa.field("polygons", pa.list_(pa.list_(pa.list_(pa.float64()))))
 
 
 def version_to_table(version: DatasetVersion) -> pa.Table:
-    """The manifest: one row per image in digest order; boxes as float64 pixels, class by name."""
-    cols: dict[str, list[object]] = {name: [] for name in _SCHEMA.names}
+    """The manifest: one row per image in digest order; boxes as float64 pixels, class by name;
+    a ``polygons`` column (parallel to ``boxes``) only when the version has polygons."""
+    schema = _SCHEMA.append(_POLYGONS_FIELD) if version.has_polygons else _SCHEMA
+    cols: dict[str, list[object]] = {name: [] for name in schema.names}
     for r in version.rows:
         cols["sha256"].append(r.sha256)
         cols["path"].append(r.path)
@@ -223,7 +297,12 @@ def version_to_table(version: DatasetVersion) -> pa.Table:
             ]
         )
         cols["provenance"].append(sorted(r.provenance.items()))
-    return pa.table(cols, schema=_SCHEMA)
+        if version.has_polygons:
+            polys = r.polygons or tuple(() for _ in range(len(r.boxes)))
+            cols["polygons"].append(
+                [[ring.reshape(-1).tolist() for ring in rings] for rings in polys]
+            )
+    return pa.table(cols, schema=schema)
 
 
 def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
@@ -242,6 +321,10 @@ def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
             np.array(ids, dtype=np.int64),
             (rec["width"], rec["height"]),
         )
+        polygons = tuple(
+            tuple(np.array(flat, dtype=np.float64).reshape(-1, 2) for flat in rings)
+            for rings in rec.get("polygons") or []
+        )
         rows.append(
             LabeledImage(
                 rec["sha256"],
@@ -251,14 +334,15 @@ def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
                 rec["split"],
                 det,
                 dict(rec["provenance"] or []),
+                polygons,
             )
         )
     return rows
 
 
 def version_meta(version: DatasetVersion) -> dict[str, Any]:
-    """The ``meta.json`` content of ``version`` (JSON-ready)."""
-    return {
+    """The ``meta.json`` content of ``version`` (JSON-ready); ``mask_counts`` only with polygons."""
+    meta: dict[str, Any] = {
         "digest": version.digest,
         "parent": version.parent,
         "classes": list(version.classes),
@@ -267,6 +351,9 @@ def version_meta(version: DatasetVersion) -> dict[str, Any]:
         "splits": version.split_counts(),
         "class_counts": version.class_counts(),
     }
+    if version.has_polygons:
+        meta["mask_counts"] = version.mask_counts()
+    return meta
 
 
 def write_version_dir(version: DatasetVersion, dest: Path) -> Path:
@@ -369,11 +456,15 @@ class DatasetStore:
         return sorted(metas, key=lambda m: (str(m["created_at"]), str(m["digest"])))
 
 
-def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Path:
+def export_yolo(
+    version: DatasetVersion, images_dir: Path, out_dir: Path, task: TaskType = "detect"
+) -> Path:
     """Write a YOLO folder (``<split>/images``, ``<split>/labels``, ``data.yaml``); returns data.yaml.
 
     Images are hard-linked from the pool (copied across file systems) and named by sha256.
-    Re-exporting the same version gives byte-identical files.
+    Re-exporting the same version gives byte-identical files. ``task``: ``detect`` writes box
+    lines; ``segment`` writes Ultralytics segmentation lines (`polygons_to_yolo_seg_lines`: a box
+    without a polygon as its rectangle).
     """
     counts = version.split_counts()
     if counts["train"] == 0 or counts["val"] == 0:
@@ -393,7 +484,10 @@ def export_yolo(version: DatasetVersion, images_dir: Path, out_dir: Path) -> Pat
                 os.link(src, dst)
             except OSError:
                 dst.write_bytes(src.read_bytes())
-        lines = detections_to_yolo_lines(r.boxes)
+        if task == "segment":
+            lines = polygons_to_yolo_seg_lines(r.boxes, r.polygons)
+        else:
+            lines = detections_to_yolo_lines(r.boxes)
         (lbl_dir / f"{r.sha256}.txt").write_text("".join(f"{ln}\n" for ln in lines))
     data_yaml = out_dir / "data.yaml"
     names = "\n".join(f"  {i}: {json.dumps(c)}" for i, c in enumerate(version.classes))
@@ -413,6 +507,12 @@ class VersionDiff:
     class and its coordinates rounded to 3 decimals (the digest's form) are equal, so moving a box
     counts as one removed plus one added. ``before``/``after``: boxes per class in ``a``/``b``;
     for every class ``after - before == boxes_added - boxes_removed``.
+
+    Masks (when either version has polygons, ``has_masks``): an instance's mask is "the same" when
+    its class, box and rings to 3 decimals are equal, so moving one vertex counts as one mask
+    removed plus one added, and its image is listed in ``remasked`` (and in ``relabeled``, which
+    holds every image whose boxes or masks changed). ``masks_before``/``masks_after``: instances
+    with a polygon per class.
     """
 
     a: str
@@ -429,14 +529,20 @@ class VersionDiff:
     after: Mapping[str, int]
     splits_before: Mapping[str, int]
     splits_after: Mapping[str, int]
+    has_masks: bool = False
+    remasked: tuple[str, ...] = ()
+    masks_added: Mapping[str, int] = field(default_factory=dict)
+    masks_removed: Mapping[str, int] = field(default_factory=dict)
+    masks_before: Mapping[str, int] = field(default_factory=dict)
+    masks_after: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
         return self.a == self.b
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; image lists in full."""
-        return {
+        """JSON-ready form; image lists in full; a ``masks`` part only when ``has_masks``."""
+        out: dict[str, Any] = {
             "a": self.a,
             "b": self.b,
             "classes": list(self.classes),
@@ -460,6 +566,20 @@ class VersionDiff:
                 s: {"before": self.splits_before[s], "after": self.splits_after[s]} for s in SPLITS
             },
         }
+        if self.has_masks:
+            out["masks"] = {
+                "changed_images": list(self.remasked),
+                "classes": {
+                    c: {
+                        "before": self.masks_before[c],
+                        "after": self.masks_after[c],
+                        "added": self.masks_added[c],
+                        "removed": self.masks_removed[c],
+                    }
+                    for c in self.classes
+                },
+            }
+        return out
 
     def to_text(self, max_listed: int = 10) -> str:
         """A plain-text report: image counts, splits, a per-class box table, changed images
@@ -484,11 +604,23 @@ class VersionDiff:
             sum(d.values()) for d in (self.before, self.after, self.boxes_added, self.boxes_removed)
         ]
         lines.append(f"{'total':<{width}}  {tot[0]:>7}  {tot[1]:>7}  {tot[2]:>7}  {tot[3]:>7}")
+        if self.has_masks:
+            header = (
+                f"{'masks':<{width}}  {'before':>7}  {'after':>7}  {'+masks':>7}  {'-masks':>7}"
+            )
+            lines += ["", header, "-" * len(header)]
+            for c in self.classes:
+                lines.append(
+                    f"{c:<{width}}  {self.masks_before[c]:>7}  {self.masks_after[c]:>7}  "
+                    f"{self.masks_added[c]:>7}  {self.masks_removed[c]:>7}"
+                )
+            lines.append(f"images with changed masks: {len(self.remasked)}")
         for title, shas in (
             ("added", self.added),
             ("removed", self.removed),
             ("relabeled", self.relabeled),
             ("changed split", self.resplit),
+            *((("masks changed", self.remasked),) if self.has_masks else ()),
         ):
             if shas:
                 shown = " ".join(x[:12] for x in shas[:max_listed])
@@ -509,11 +641,24 @@ def _box_counter(r: LabeledImage | None, classes: tuple[str, ...]) -> Counter[tu
     )
 
 
+def _mask_counter(r: LabeledImage | None, classes: tuple[str, ...]) -> Counter[tuple[str, str]]:
+    """Multiset of (class name, "<box>=<rings>" to 3 decimals) of one image's polygons."""
+    if r is None or not r.polygons:
+        return Counter()
+    return Counter(
+        (classes[int(c)], f"{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}={instance_key(rings)}")
+        for (x1, y1, x2, y2), c, rings in zip(
+            r.boxes.xyxy.tolist(), r.boxes.class_id.tolist(), r.polygons, strict=True
+        )
+        if rings
+    )
+
+
 def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
     """Compare two versions image by image and box by box (pure; no I/O).
 
     Images are matched by sha256: in ``b`` only -> added, in ``a`` only -> removed, in both with a
-    different box multiset -> relabeled, with a different split -> resplit (can overlap with
+    different box or mask multiset -> relabeled (masks: also remasked), with a different split -> resplit (can overlap with
     relabeled), otherwise unchanged. Boxes are matched by class name + coordinates to 3 decimals.
     Classes: ``a``'s, then any only ``b`` has.
     """
@@ -526,6 +671,9 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
     unchanged = 0
     plus: Counter[str] = Counter()
     minus: Counter[str] = Counter()
+    mask_plus: Counter[str] = Counter()
+    mask_minus: Counter[str] = Counter()
+    remasked: list[str] = []
     for sha in sorted(rows_a.keys() | rows_b.keys()):
         ra, rb = rows_a.get(sha), rows_b.get(sha)
         keys_a = _box_counter(ra, a.classes)
@@ -534,9 +682,18 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
             plus[cls_name] += n
         for (cls_name, _), n in (keys_a - keys_b).items():
             minus[cls_name] += n
+        masks_a = _mask_counter(ra, a.classes)
+        masks_b = _mask_counter(rb, b.classes)
+        for (cls_name, _), n in (masks_b - masks_a).items():
+            mask_plus[cls_name] += n
+        for (cls_name, _), n in (masks_a - masks_b).items():
+            mask_minus[cls_name] += n
         if ra is None or rb is None:
             continue
-        changed = keys_a != keys_b
+        mask_changed = masks_a != masks_b
+        if mask_changed:
+            remasked.append(sha)
+        changed = keys_a != keys_b or mask_changed
         if changed:
             relabeled.append(sha)
         if ra.split != rb.split:
@@ -544,6 +701,7 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
         elif not changed:
             unchanged += 1
     before, after = a.class_counts(), b.class_counts()
+    m_before, m_after = a.mask_counts(), b.mask_counts()
     return VersionDiff(
         a=a.digest,
         b=b.digest,
@@ -559,4 +717,10 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
         after={c: after.get(c, 0) for c in classes},
         splits_before=a.split_counts(),
         splits_after=b.split_counts(),
+        has_masks=a.has_polygons or b.has_polygons,
+        remasked=tuple(remasked),
+        masks_added={c: mask_plus[c] for c in classes},
+        masks_removed={c: mask_minus[c] for c in classes},
+        masks_before={c: m_before.get(c, 0) for c in classes},
+        masks_after={c: m_after.get(c, 0) for c in classes},
     )

@@ -11,6 +11,10 @@ class ConfigError(DefectLoopError):
     """The project configuration is missing, malformed or inconsistent."""
 
 
+class TaskTypeChangedError(ConfigError):
+    """The config's ``task`` (detect / segment) differs from the one the workspace was made for."""
+
+
 class InvalidDetectionsError(DefectLoopError, ValueError):
     """Arrays handed to `Detections` have wrong shapes, types or values."""
 

@@ -49,13 +49,16 @@ class Rejected:
 class IngestReport:
     """``accepted`` maps every readable input path (new or duplicate) to its pool entry.
     ``label_problems``: label files that were not imported (unreadable, a bad line, ambiguous,
-    conflicting with another name of the same image, or without an image), with the reason."""
+    conflicting with another name of the same image, or without an image), with the reason.
+    ``dropped_regions``: regions of imported masks left out (too small), per mask file with the
+    region's size, place and reason; the rest of the mask was imported."""
 
     added: list[PoolImage]
     duplicates: list[str]
     rejected: list[Rejected]
     accepted: dict[str, PoolImage]
     label_problems: list[Rejected] = field(default_factory=list)
+    dropped_regions: list[Rejected] = field(default_factory=list)
 
     @property
     def summary(self) -> str:
@@ -65,6 +68,8 @@ class IngestReport:
         )
         if self.label_problems:
             text += f", {len(self.label_problems)} label files not imported"
+        if self.dropped_regions:
+            text += f", {len(self.dropped_regions)} mask regions dropped"
         return text
 
 

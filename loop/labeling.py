@@ -17,6 +17,7 @@ from typing import Protocol
 
 from loop.detections import Detections
 from loop.errors import TaskRejectedError
+from loop.polygons import Rings
 
 
 @dataclass(frozen=True)
@@ -68,6 +69,8 @@ class PulledLabel:
     task; ``annotators`` their names; ``agreement``: mean pairwise F1 (same class, IoU >= 0.5)
     between them, None with a single annotator. ``image_url``: the task's ``data.image`` as
     Label Studio holds it now (compare it with what was pushed: task data can be edited).
+    ``polygons``: empty, or one `loop.polygons.Rings` per box of ``detections`` (pixels; ``()``
+    for a rectangle), when the pull kept polygons (``segment`` projects).
     """
 
     task_id: int
@@ -84,6 +87,7 @@ class PulledLabel:
     agreement: float | None = None
     per_annotator: dict[str, Detections] = field(default_factory=dict)
     image_url: str | None = None
+    polygons: tuple[Rings, ...] = ()
 
 
 @dataclass
@@ -159,6 +163,8 @@ class LabelingBackend(Protocol):
         document_root: Path | None = None,
         full_export_above: int = 2000,
         max_regions: int | None = None,
+        polygons: bool = False,
     ) -> PullResult:
-        """The labels of the tasks annotated (or un-annotated) since the cursor ``since``."""
+        """The labels of the tasks annotated (or un-annotated) since the cursor ``since``;
+        ``polygons``: keep polygon regions as polygons (else each becomes its bounding box)."""
         ...

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -35,10 +35,11 @@ from loop.errors import (
     DatasetError,
     ImageError,
     ModelError,
+    TaskTypeChangedError,
     UnknownLabelError,
 )
 from loop.formats.labelstudio import local_file_url
-from loop.formats.yolo import yolo_lines_to_detections
+from loop.formats.yolo import yolo_lines_to_detections, yolo_lines_to_instances
 from loop.images import (
     ImagePool,
     IngestReport,
@@ -50,6 +51,7 @@ from loop.images import (
 from loop.labelfiles import match_label_files
 from loop.labeling import LabelingBackend, PushSummary
 from loop.ledger import RejectionLog, TaskRejection
+from loop.polygons import Rings
 from loop.quality import gate_and_record, split_status
 from loop.scheduling import workspace_lock
 from loop.sync import PullOutcome
@@ -82,6 +84,9 @@ class ProjectState:
     # and the "<project id>:<classes>" it belongs to (another project or class list: pull all).
     pull_cursor: str | None = None
     pull_cursor_scope: str | None = None
+    # The project's task type (`loop.config.TaskType`), fixed when the state is first written. A
+    # state.json written before task types existed holds boxes only: "detect".
+    task: str = "detect"
 
 
 @dataclass(frozen=True)
@@ -149,18 +154,30 @@ class Project:
         ``schedule.wait_timeout_s`` for another holder. When this call took the lock, the pool
         and state are re-read first, so nothing another command wrote meanwhile is overwritten.
         Re-entrant: inside a flow or method that already holds the lock it only runs the block.
+        The first write to a workspace records the config's task type in ``state.json``.
         """
         with workspace_lock(
             self.cfg.workspace, what, self.cfg.schedule.wait_timeout_s, on_wait=self.on_wait
         ) as took:
             if took:
                 self.reload()
+            if not self.cfg.paths.state.exists():
+                self.save_state()  # the first write fixes the project's task type
             yield
 
     def _load_state(self) -> ProjectState:
-        if self.cfg.paths.state.exists():
-            return ProjectState(**json.loads(self.cfg.paths.state.read_text()))
-        return ProjectState()
+        """``state.json``, or a fresh state for the config's task; refuses a changed task type."""
+        if not self.cfg.paths.state.exists():
+            return ProjectState(task=self.cfg.task)
+        state = ProjectState(**json.loads(self.cfg.paths.state.read_text()))
+        if state.task != self.cfg.task:
+            raise TaskTypeChangedError(
+                f"the workspace {self.cfg.workspace} was made for task {state.task!r} but the "
+                f"config says task: {self.cfg.task}; the task type is chosen once per project: "
+                f"set task: {state.task} again, or start a new project (another workspace) "
+                f"for {self.cfg.task}"
+            )
+        return state
 
     def save_state(self) -> None:
         atomic_write_text(self.cfg.paths.state, json.dumps(asdict(self.state), indent=1))
@@ -236,10 +253,16 @@ class Project:
         found: dict[str, list[tuple[Path, Path, LabeledImage]]] = {}
         for image, txt in sorted(match.labels.items()):
             entry = report.accepted[str(image)]
+            polys: tuple[Rings, ...] = ()
             try:
-                det = yolo_lines_to_detections(
-                    txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
-                )
+                if self.cfg.task == "segment":
+                    det, polys = yolo_lines_to_instances(
+                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+                    )
+                else:
+                    det = yolo_lines_to_detections(
+                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
+                    )
             except (OSError, UnicodeDecodeError) as exc:
                 problems.append(Rejected(str(txt), f"unreadable label file: {exc}"))
                 continue
@@ -256,6 +279,7 @@ class Project:
                 assign_split(entry.sha256, self.cfg.split),
                 det,
                 {"source": "import", "file": str(txt)},
+                polys,
             )
             found.setdefault(entry.sha256, []).append((image, txt, row))
         labeled: list[LabeledImage] = []
@@ -263,7 +287,7 @@ class Project:
         for sha, rows in sorted(found.items()):
             first = rows[0]
             other = next(
-                (r for r in rows if r[2].box_keys(classes) != first[2].box_keys(classes)), None
+                (r for r in rows if r[2].canonical(classes) != first[2].canonical(classes)), None
             )
             if other is None:
                 labeled.append(first[2])
@@ -278,9 +302,129 @@ class Project:
             )
         return labeled, problems
 
+    def ingest_masks(
+        self,
+        source: Path,
+        folder_classes: Mapping[str, str] | None = None,
+        threshold: float = 128,
+        min_area: int = 4,
+        on_progress: Callable[[Path], None] | None = None,
+    ) -> tuple[IngestReport, DatasetVersion | None]:
+        """Add the images below ``source`` to the pool and import their mask PNGs as labels
+        (layout and classes: `loop.mask_import`; masks to polygons: `loop.formats.masks`).
+
+        Each 8-connected region of at least ``min_area`` pixels (value >= ``threshold``)
+        becomes one instance of the image folder's class: polygon and box in a ``segment``
+        project, its box only in a ``detect`` one. An all-zero mask labels the image
+        defect-free. Regions dropped as too small are recorded in the row's provenance
+        (``dropped_regions``, kept in the manifest) and listed in ``report.dropped_regions``; a
+        mask that cannot be used (unreadable, another size, no class for its folder, values only below the
+        threshold) leaves its image unlabeled and is listed there too. Holds the workspace lock.
+        """
+        from loop.formats.masks import mask_to_polygons
+        from loop.mask_import import class_of_image, pair_mask_files, read_mask
+        from loop.polygons import polygons_to_detections
+
+        if not source.exists():
+            raise ImageError(f"{source} does not exist; pass a folder of images and masks")
+        pairs = pair_mask_files(iter_image_files(source))
+        classes = list(self.cfg.classes)
+        with self.writing("ingest"):
+            report = self.pool.ingest(pairs.images, self.cfg.ingest, on_progress)
+            problems: list[Rejected] = list(pairs.problems)
+            labeled: dict[str, LabeledImage] = {}
+            conflicted: set[str] = set()
+            for image, mask_path in sorted(pairs.masks.items()):
+                entry = report.accepted.get(str(image))
+                if entry is None:
+                    continue  # the image itself was rejected (and is listed as such)
+                try:
+                    mask = read_mask(mask_path, (entry.width, entry.height))
+                except ConversionError as exc:
+                    problems.append(Rejected(str(mask_path), f"{exc}; {image.name} unlabeled"))
+                    continue
+                found = mask_to_polygons(mask, threshold, min_area)
+                cls = class_of_image(image, source, folder_classes or {}, classes)
+                if cls is None and (found.instances or found.dropped):
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"its folder {image.relative_to(source).parts[0]!r} names no class "
+                            f"of {classes}; pass --folder-class FOLDER=CLASS. "
+                            f"{image.name} unlabeled",
+                        )
+                    )
+                    continue
+                if not found.instances and not found.dropped and mask.any():
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"values up to {int(mask.max())}, all below the threshold "
+                            f"{threshold:g}; pass a lower --mask-threshold. {image.name} unlabeled",
+                        )
+                    )
+                    continue
+                cid = classes.index(cls) if cls is not None else 0
+                det, polys = polygons_to_detections(
+                    [(cid, rings) for rings in found.instances], (entry.width, entry.height)
+                )
+                prov = {"source": "import-masks", "file": str(mask_path)}
+                if found.dropped:
+                    prov["dropped_regions"] = "; ".join(
+                        f"{d.area_px} px at {d.bbox}: {d.reason}" for d in found.dropped
+                    )
+                    report.dropped_regions.extend(
+                        Rejected(
+                            str(mask_path), f"region of {d.area_px} px at {d.bbox}: {d.reason}"
+                        )
+                        for d in found.dropped
+                    )
+                row = LabeledImage(
+                    entry.sha256,
+                    entry.path,
+                    entry.width,
+                    entry.height,
+                    assign_split(entry.sha256, self.cfg.split),
+                    det,
+                    prov,
+                    polys if self.cfg.task == "segment" else (),
+                )
+                earlier = labeled.get(entry.sha256)
+                if earlier is not None and earlier.canonical(classes) != row.canonical(classes):
+                    conflicted.add(entry.sha256)
+                    problems.append(
+                        Rejected(
+                            str(mask_path),
+                            f"conflicting masks for one image ({entry.sha256[:12]}, under two "
+                            f"names): {earlier.provenance['file']} differs; neither was imported",
+                        )
+                    )
+                labeled.setdefault(entry.sha256, row)
+            for sha in conflicted:
+                del labeled[sha]
+            if problems:
+                report.label_problems.extend(problems)
+                self.pool.record_rejected(problems)
+                self.pool.save()
+            if not labeled:
+                return report, None
+            current = self.current_version()
+            rows = list(labeled.values())
+            version = (
+                DatasetVersion.create(classes, rows)
+                if current is None
+                else current.with_labels(rows)
+            )
+            if current is not None and version.digest == current.digest:
+                return report, current
+            self.set_version(version)
+            return report, version
+
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:
-        return export_yolo(version, self.cfg.paths.images, self.cfg.paths.exports / version.digest)
+        return export_yolo(
+            version, self.cfg.paths.images, self.cfg.paths.exports / version.digest, self.cfg.task
+        )
 
     def fit(
         self, tracker: ChampionSource, progress: Callable[[str], None] | None = None
@@ -570,12 +714,18 @@ class Project:
         rejections = self.rejections()
         return {
             "workspace": str(self.cfg.workspace),
+            "task": self.cfg.task,
             "pool_images": len(self.pool),
             "rejected_files": [asdict(r) for r in self.pool.rejected],
             "dataset_version": None if version is None else version.digest,
             "labeled_images": 0 if version is None else len(version),
             "splits": None if version is None else version.split_counts(),
             "class_counts": None if version is None else version.class_counts(),
+            **(
+                {"mask_counts": None if version is None else version.mask_counts()}
+                if self.cfg.task == "segment"
+                else {}
+            ),
             "round": self.state.round,
             "pending_in_label_studio": len(self.state.pending),
             "label_studio_project": self.state.ls_project_id,

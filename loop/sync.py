@@ -223,6 +223,7 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
         known_labeled=_ls_labeled_tasks(project, current, pid),
         document_root=project.cfg.ls_document_root,
         max_regions=project.cfg.labelstudio.max_regions,
+        polygons=project.cfg.task == "segment",
     )
     found: dict[int, str] = {r.task_id: r.reason for r in result.rejected}
     ledger = _ledger(project, pid)
@@ -260,6 +261,7 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
                 _split_of(project, entry.sha256, current_rows),
                 lab.detections,
                 prov,
+                lab.polygons,
             )
         )
         if lab.prediction is not None:

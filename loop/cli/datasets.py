@@ -77,7 +77,8 @@ def show(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     as_json: JsonOpt = False,
 ) -> None:
-    """Show one version: digest, parent, classes, splits, boxes per class, provenance."""
+    """Show one version: digest, parent, classes, splits, boxes (and polygons) per class,
+    provenance."""
 
     def go() -> None:
         _, store = _store(config)
@@ -97,6 +98,9 @@ def show(
             "label_sources": dict(sorted(sources.items())),
             "path": str(store.path(v.digest)),
         }
+        masks = v.mask_counts() if v.has_polygons else None
+        if masks is not None:
+            info["mask_counts"] = masks
         if as_json:
             typer.echo(json.dumps(info, indent=1))
             return
@@ -111,10 +115,16 @@ def show(
         typer.echo(f"stored in:   {info['path']}")
         counts = v.class_counts()
         width = max([5, *(len(c) for c in v.classes)])
-        typer.echo(f"\n{'class':<{width}}  {'boxes':>7}")
-        for c in v.classes:
-            typer.echo(f"{c:<{width}}  {counts[c]:>7}")
-        typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
+        if masks is None:
+            typer.echo(f"\n{'class':<{width}}  {'boxes':>7}")
+            for c in v.classes:
+                typer.echo(f"{c:<{width}}  {counts[c]:>7}")
+            typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}")
+        else:
+            typer.echo(f"\n{'class':<{width}}  {'boxes':>7}  {'masks':>7}")
+            for c in v.classes:
+                typer.echo(f"{c:<{width}}  {counts[c]:>7}  {masks[c]:>7}")
+            typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}  {sum(masks.values()):>7}")
 
     run(go)
 
@@ -126,7 +136,8 @@ def diff(
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
     as_json: JsonOpt = False,
 ) -> None:
-    """What changed from A to B: images added/removed/relabeled, boxes per class."""
+    """What changed from A to B: images added/removed/relabeled, boxes per class, and (with
+    polygons) masks per class and the images whose masks changed."""
 
     def go() -> None:
         _, store = _store(config)
@@ -144,6 +155,9 @@ def export(
 ) -> None:
     """Write a version as a YOLO folder (<split>/images, <split>/labels, data.yaml).
 
+    Detect projects get box lines (cls cx cy w h); segment projects Ultralytics segmentation
+    lines (cls x1 y1 x2 y2 ..., normalised; a box without a polygon as its rectangle).
+
     Images are hard-linked from the pool and named by sha256; exporting the same version twice
     gives byte-identical files apart from the absolute paths in data.yaml.
     """
@@ -157,7 +171,7 @@ def export(
                 f"{out_dir} exists and is not an empty folder; "
                 "export into a new folder so no stale labels mix in"
             )
-        data_yaml = export_yolo(v, project.cfg.paths.images, dest)
+        data_yaml = export_yolo(v, project.cfg.paths.images, dest, project.cfg.task)
         splits = v.split_counts()
         typer.echo(
             f"exported {v.short}: "

@@ -36,7 +36,8 @@ from loop.cli.review import review_labels
 from loop.cli.serve import prefect_server_app, serve
 from loop.cli.services import services_app
 from loop.cli.sim import import_app, simulate
-from loop.config import DEFAULT_CONFIG_NAME, write_default_config
+from loop.config import DEFAULT_CONFIG_NAME, TaskType, write_default_config
+from loop.errors import ConfigError
 
 app = typer.Typer(
     help="defect-loop: an active-learning labeling loop for surface-defect detection.\n\n"
@@ -61,11 +62,15 @@ def init(
             envvar="DEFECT_LOOP_TRAIN__WEIGHTS",
         ),
     ] = None,
+    task: Annotated[
+        TaskType,
+        typer.Option(help="detect (boxes) or segment (instance polygons); chosen once per project"),
+    ] = "detect",
 ) -> None:
     """Write a starter project YAML."""
     names = [c.strip() for c in classes.split(",") if c.strip()]
-    train = run(lambda: write_default_config(config, names, name, weights))
-    console.print(f"wrote {config}; classes: {names}")
+    train = run(lambda: write_default_config(config, names, name, weights, task))
+    console.print(f"wrote {config}; task: {task}; classes: {names}")
     if weights is None:
         console.print(
             "[yellow]no --weights given:[/] models will train from yolov8n.yaml with random "
@@ -90,27 +95,67 @@ def ingest(
         int | None, typer.Option(help="import only this many labels (seeded random)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for --label-limit")] = 0,
+    masks: Annotated[
+        bool,
+        typer.Option(
+            "--masks",
+            help="import mask PNGs as labels: <stem>.png beside each image <stem>.<ext> "
+            "(e.g. magnetic-tile); each connected region becomes one instance of the class of "
+            "the image's top folder",
+        ),
+    ] = False,
+    folder_class: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="with --masks: FOLDER=CLASS, the class of the masks under a top folder "
+            "(repeat it; default: the class named like the folder)"
+        ),
+    ] = None,
+    mask_threshold: Annotated[
+        float, typer.Option(help="with --masks: a pixel is defect at this value or above")
+    ] = 128,
+    min_area: Annotated[
+        int, typer.Option(min=1, help="with --masks: smaller regions (pixels) are dropped, listed")
+    ] = 4,
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
 ) -> None:
-    """Add images to the pool (bad files are skipped with a reason); optionally import labels."""
+    """Add images to the pool (bad files are skipped with a reason); optionally import labels
+    (YOLO .txt with --labels, or mask PNGs with --masks)."""
     from loop.images import iter_image_files
+    from loop.mask_import import pair_mask_files, parse_folder_classes
     from loop.project import Project
 
     def go() -> None:
         cfg = load(config)
         require_writable(cfg)
+        if masks and (labels is not None or label_limit is not None):
+            raise ConfigError("--masks imports the masks beside the images: drop --labels")
         project = Project(cfg)
         project.on_wait = lambda holder: console.print(
             f"[yellow]waiting[/] for the workspace: {safe(holder)} is writing it"
         )
-        total = sum(1 for _ in iter_image_files(source)) if source.exists() else 0
+        files = list(iter_image_files(source)) if source.exists() else []
+        total = len(pair_mask_files(files).images) if masks else len(files)
         with _progress() as prog:
             bar = prog.add_task("ingest", total=total)
-            report, version = project.ingest(
-                source, labels, label_limit, seed, on_progress=lambda _p: prog.advance(bar)
-            )
+            if masks:
+                report, version = project.ingest_masks(
+                    source,
+                    parse_folder_classes(folder_class or [], cfg.classes),
+                    mask_threshold,
+                    min_area,
+                    on_progress=lambda _p: prog.advance(bar),
+                )
+            else:
+                report, version = project.ingest(
+                    source, labels, label_limit, seed, on_progress=lambda _p: prog.advance(bar)
+                )
         console.print(f"ingest: {report.summary}; pool now {len(project.pool)} images")
-        for what, problems in (("skipped", report.rejected), ("label", report.label_problems)):
+        for what, problems in (
+            ("skipped", report.rejected),
+            ("label", report.label_problems),
+            ("dropped", report.dropped_regions),
+        ):
             for r in problems[:20]:
                 console.print(f"  [yellow]{what}[/] {safe(r.source)}: {safe(r.reason)}")
             if len(problems) > 20:

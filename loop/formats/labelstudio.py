@@ -7,8 +7,10 @@ the JSON; what it means is decided here, so table tests reach every rule without
 A Label Studio rectangle region: ``value.x, value.y`` top-left corner and ``value.width,
 value.height``, all in percent (0-100) of ``original_width`` / ``original_height``, top-left origin,
 with ``value.rotation`` in degrees and ``value.rectanglelabels`` a one-element list of class names.
-A polygon region (``polygonlabels``, points in percent) becomes its bounding box. `Detections`
-hold pixel ``xyxy``.
+A polygon region (``polygonlabels``, ``value.points`` a list of ``[x, y]`` in percent) becomes its
+bounding box, or, when a pull keeps polygons (``segment`` projects), a polygon instance: its ring
+in pixels (`ls_points_to_ring`) with the box derived from it (`ls_results_to_instances`).
+`Detections` hold pixel ``xyxy``; rings are `loop.polygons` pixel arrays.
 
 Task data pushed by defect-loop: ``{"image": url, "sha256": hex digest, "priority": float,
 "width": px, "height": px}``; ``url`` is ``/data/local-files/?d=<path relative to the document
@@ -34,7 +36,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import numpy as np
 
 from loop.corrections import mean_pairwise_f1
-from loop.detections import Detections
+from loop.detections import Detections, FloatArray
 from loop.errors import (
     ConversionError,
     InvalidDetectionsError,
@@ -42,6 +44,7 @@ from loop.errors import (
     UnknownLabelError,
 )
 from loop.labeling import PulledLabel
+from loop.polygons import Rings, as_ring, ring_self_intersects, rings_bbox
 
 RECTANGLE = "rectanglelabels"
 POLYGON = "polygonlabels"
@@ -256,6 +259,73 @@ def _polygon_to_rect(r: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def ls_points_to_ring(points: Any, image_wh: tuple[int, int], region: Any = None) -> FloatArray:
+    """Label Studio polygon ``points`` (``[[x, y], ...]`` in percent of width / height) -> a
+    pixel ring (`loop.polygons.as_ring`). Points within 1e-6 % outside the image are clipped.
+
+    Raises `ConversionError` for non-numeric points, fewer than 3 distinct points, points outside
+    0-100 %, zero area, or a ring that crosses or touches itself.
+    """
+    try:
+        pts = np.asarray(points, dtype=np.float64)
+    except (TypeError, ValueError, OverflowError):
+        raise ConversionError(f"polygon {region!r} has non-numeric points") from None
+    if pts.ndim != 2 or pts.shape[1] != 2 or len(pts) < 3 or not np.all(np.isfinite(pts)):
+        raise ConversionError(f"polygon {region!r} needs at least 3 [x, y] points")
+    if np.any(pts < -_PCT_TOLERANCE) or np.any(pts > 100 + _PCT_TOLERANCE):
+        raise ConversionError(
+            f"polygon {region!r} has points outside the image (coordinates must be 0-100 %)"
+        )
+    w, h = image_wh
+    try:
+        ring = as_ring(np.clip(pts, 0.0, 100.0) / 100.0 * np.array([w, h], dtype=np.float64))
+    except ConversionError as exc:
+        raise ConversionError(f"polygon {region!r}: {exc}; redraw it") from None
+    if ring_self_intersects(ring):
+        raise ConversionError(
+            f"polygon {region!r} crosses or touches itself; redraw it as a simple outline "
+            "(one polygon per part)"
+        )
+    return ring
+
+
+def ring_to_ls_points(ring: FloatArray, image_wh: tuple[int, int]) -> list[list[float]]:
+    """A pixel ring -> Label Studio polygon ``points`` in percent (the inverse of
+    `ls_points_to_ring` for points inside the image)."""
+    w, h = image_wh
+    pct = np.asarray(ring, dtype=np.float64) / np.array([w, h], dtype=np.float64) * 100.0
+    return [[float(x), float(y)] for x, y in pct]
+
+
+def ls_results_to_instances(
+    results: list[dict[str, Any]],
+    class_names: list[str],
+    image_wh: tuple[int, int] | None = None,
+) -> tuple[Detections, tuple[Rings, ...]]:
+    """Label Studio results -> pixel boxes and, parallel to them, each region's rings: a polygon
+    region gives one ring and its box is the ring's bounding box; a rectangle gives ``()`` (and
+    without any polygon region the whole tuple is ``()``: boxes only).
+
+    Validates every region as `ls_results_to_detections` does (polygons: also as
+    `ls_points_to_ring`); other result types are ignored.
+    """
+    if not isinstance(results, list):
+        raise ConversionError(f"results must be a list of regions, got {type(results).__name__}")
+    regions = [r for r in results if isinstance(r, dict) and r.get("type") in (RECTANGLE, POLYGON)]
+    det = ls_results_to_detections(_region_results(results), class_names, image_wh)
+    xyxy = det.xyxy.copy()
+    polygons: list[Rings] = []
+    for i, r in enumerate(regions):
+        if r.get("type") != POLYGON:
+            polygons.append(())
+            continue
+        ring = ls_points_to_ring(r["value"].get("points"), det.image_wh, r.get("id", f"#{i}"))
+        xyxy[i] = rings_bbox((ring,))
+        polygons.append((ring,))
+    # Rectangles only: boxes only (the same labels as without polygons).
+    return Detections(xyxy, det.class_id, det.image_wh), tuple(polygons) if any(polygons) else ()
+
+
 def _region_results(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """Rectangle results, with polygons turned into their bounding rectangles."""
     out = []
@@ -468,6 +538,8 @@ def judge_task(
     users: Mapping[int, str],
     document_root: Path | None = None,
     max_regions: int | None = None,
+    *,
+    polygons: bool = False,
 ) -> TaskVerdict:
     """The verdict on one task of Label Studio's JSON export (see the module docstring).
 
@@ -475,7 +547,9 @@ def judge_task(
     that resolve outside it. Rejected: an unknown label, a rotated box, coordinates outside
     0-100 %, a zero-area box, more than ``max_regions`` regions, an image path escaping the
     document root, defect-free with regions, a missing size or sha256, or any field of any
-    annotation malformed. Never raises for bad input.
+    annotation malformed. With ``polygons`` (``segment`` projects) a polygon region is kept as
+    a polygon instance (`ls_results_to_instances`), and a polygon that crosses itself also
+    rejects the task. Never raises for bad input.
     """
     task_id = task_key(task)
     try:
@@ -490,7 +564,8 @@ def judge_task(
         if not live:
             return TaskVerdict(task_id, skipped=bool(anns))
         check_image_url((task.get("data") or {}).get("image"), document_root)
-        return TaskVerdict(task_id, label=_to_label(task, live, class_names, users, max_regions))
+        label = _to_label(task, live, class_names, users, max_regions, polygons)
+        return TaskVerdict(task_id, label=label)
     except _TASK_ERRORS as exc:
         rejected = TaskRejectedError(task_id, f"{type(exc).__name__}: {exc}")
         rejected.__cause__ = exc
@@ -520,7 +595,9 @@ def _annotation_detections(
     class_names: list[str],
     data_wh: tuple[int, int] | None,
     max_regions: int | None = None,
-) -> Detections:
+    polygons: bool = False,
+) -> tuple[Detections, tuple[Rings, ...]]:
+    """One annotation's boxes and, with ``polygons``, their rings (else ``()``)."""
     raw = ann.get("result") or []
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise ConversionError(f"annotation {ann.get('id')}: result must be a list of objects")
@@ -543,14 +620,19 @@ def _annotation_detections(
             "width/height; push the image again through defect-loop"
         )
     sized = any("original_width" in r or "original_height" in r for r in results)
-    det = ls_results_to_detections(results, class_names, image_wh=None if sized else data_wh)
+    wh = None if sized else data_wh
+    rings: tuple[Rings, ...] = ()
+    if polygons:
+        det, rings = ls_results_to_instances(raw, class_names, image_wh=wh)
+    else:
+        det = ls_results_to_detections(results, class_names, image_wh=wh)
     if data_wh is not None and det.image_wh != data_wh:
         w, h = det.image_wh
         raise ConversionError(
             f"annotation was drawn on a {w}x{h} image but the task's image is "
             f"{data_wh[0]}x{data_wh[1]} px; re-annotate the task"
         )
-    return det
+    return det, rings
 
 
 def _to_label(
@@ -559,6 +641,7 @@ def _to_label(
     class_names: list[str],
     users: Mapping[int, str],
     max_regions: int | None = None,
+    polygons: bool = False,
 ) -> PulledLabel:
     task_id = task_key(task)
     data = task.get("data") or {}
@@ -572,7 +655,7 @@ def _to_label(
         raise ConversionError(f"task data sha256 is not a digest: {str(sha)[:80]!r}")
     data_wh = _task_size(data)
     ann = max(live, key=_sort_key)
-    det = _annotation_detections(ann, class_names, data_wh, max_regions)
+    det, rings = _annotation_detections(ann, class_names, data_wh, max_regions, polygons)
 
     # Several annotators: keep each one's latest annotation and measure their agreement.
     latest: dict[str, dict[str, Any]] = {}
@@ -590,7 +673,7 @@ def _to_label(
             with contextlib.suppress(*_TASK_ERRORS, *_MALFORMED):
                 per_annotator[name] = _annotation_detections(
                     a, class_names, data_wh or det.image_wh, max_regions
-                )
+                )[0]
         agreement = mean_pairwise_f1(list(per_annotator.values()))
 
     pred_det: Detections | None = None
@@ -617,4 +700,5 @@ def _to_label(
         agreement=agreement,
         per_annotator=per_annotator,
         image_url=data.get("image") if isinstance(data.get("image"), str) else None,
+        polygons=rings,
     )

@@ -1,7 +1,12 @@
-"""YOLO label lines <-> `Detections`.
+"""YOLO label lines <-> `Detections`, and Ultralytics segmentation lines <-> polygons.
 
 A YOLO line is ``class_id cx cy w h`` with centre and size normalised to ``[0, 1]`` by the
 image width and height. `Detections` hold pixel ``xyxy``.
+
+An Ultralytics segmentation line is ``class_id x1 y1 x2 y2 ...``: one polygon per instance,
+vertices normalised to ``[0, 1]`` like the boxes. Our instances (`loop.polygons`) are pixel rings,
+possibly several per instance (parts, holes by the even-odd rule); an instance with several rings
+is written as one ring joined by zero-width bridges (`merge_rings`), which fills the same pixels.
 """
 
 from __future__ import annotations
@@ -10,8 +15,9 @@ import math
 
 import numpy as np
 
-from loop.detections import Detections
+from loop.detections import Detections, FloatArray
 from loop.errors import ConversionError, UnknownLabelError
+from loop.polygons import Rings, as_ring, polygons_to_detections
 
 
 def yolo_lines_to_detections(
@@ -69,3 +75,120 @@ def detections_to_yolo_lines(det: Detections, precision: int = 6) -> list[str]:
             f"{int(cls)} {cx:.{precision}f} {cy:.{precision}f} {bw:.{precision}f} {bh:.{precision}f}"
         )
     return out
+
+
+def merge_rings(rings: Rings) -> FloatArray:
+    """The rings of one instance as one ``(k, 2)`` ring: each further ring is joined to the path
+    so far at their closest pair of vertices, walked round once and left by the same bridge.
+
+    Each bridge is traversed twice in opposite directions, so the even-odd fill (and Ultralytics'
+    polygon fill) of the result covers the same pixels as the rings: holes stay holes and parts
+    stay parts. One ring is returned unchanged.
+    """
+    if not rings:
+        raise ConversionError("an instance without rings has no polygon to write")
+    merged = np.asarray(rings[0], dtype=np.float64)
+    for ring in rings[1:]:
+        r = np.asarray(ring, dtype=np.float64)
+        d = ((merged[:, None, :] - r[None, :, :]) ** 2).sum(axis=2)
+        i, j = np.unravel_index(int(np.argmin(d)), d.shape)
+        loop_r = np.concatenate([r[j:], r[: j + 1]])  # from r[j] round to r[j] again
+        merged = np.concatenate([merged[: i + 1], loop_r, merged[i:]])
+    return merged
+
+
+def polygons_to_yolo_seg_lines(
+    det: Detections, polygons: tuple[Rings, ...], precision: int = 6
+) -> list[str]:
+    """Pixel instances -> Ultralytics segmentation lines ``cls x1 y1 x2 y2 ...`` (normalised,
+    fixed ``precision`` decimals, one line per box in ``det``'s order).
+
+    ``polygons``: one `Rings` per box (`loop.datasets.LabeledImage.polygons`), or ``()`` for
+    boxes only. A box without rings is written as its 4-corner rectangle, since Ultralytics reads
+    a label file as all boxes or all polygons. Several rings are joined by `merge_rings`.
+    """
+    if polygons and len(polygons) != len(det):
+        raise ConversionError(f"{len(det)} boxes but {len(polygons)} polygon instances")
+    w, h = det.image_wh
+    scale = np.array([w, h], dtype=np.float64)
+    out = []
+    for i, ((x1, y1, x2, y2), cls) in enumerate(zip(det.xyxy, det.class_id, strict=True)):
+        rings = polygons[i] if polygons else ()
+        if rings:
+            ring = merge_rings(rings)
+        else:
+            ring = np.array([[x1, y1], [x2, y1], [x2, y2], [x1, y2]], dtype=np.float64)
+        norm = np.clip(ring / scale, 0.0, 1.0)
+        coords = " ".join(f"{x:.{precision}f} {y:.{precision}f}" for x, y in norm.tolist())
+        out.append(f"{int(cls)} {coords}")
+    return out
+
+
+def yolo_seg_lines_to_polygons(
+    lines: list[str] | str, image_wh: tuple[int, int], num_classes: int
+) -> tuple[Detections, tuple[Rings, ...]]:
+    """Ultralytics segmentation text (one polygon per line; blank lines ignored) -> pixel boxes
+    and one ring per box, each box its ring's bounding box.
+
+    Raises `ConversionError` for an odd number of coordinates, fewer than 3 points, values
+    outside ``[0, 1]`` or a degenerate ring, and `UnknownLabelError` for class ids outside
+    ``[0, num_classes)``.
+    """
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    scale = np.array(image_wh, dtype=np.float64)
+    instances: list[tuple[int, Rings]] = []
+    for lineno, raw in enumerate(lines, start=1):
+        parts = raw.split()
+        if not parts:
+            continue
+        if len(parts) < 7 or len(parts) % 2 == 0:
+            raise ConversionError(
+                f"line {lineno}: expected 'cls x1 y1 x2 y2 x3 y3 ...' (3 or more points), "
+                f"got {raw[:80]!r}"
+            )
+        try:
+            cls_f = float(parts[0])
+            xy = np.array([float(p) for p in parts[1:]], dtype=np.float64).reshape(-1, 2)
+        except ValueError:
+            raise ConversionError(f"line {lineno}: non-numeric field in {raw[:80]!r}") from None
+        if not math.isfinite(cls_f) or cls_f != int(cls_f) or not 0 <= int(cls_f) < num_classes:
+            raise UnknownLabelError(
+                f"line {lineno}: class id {parts[0]} is not a whole number in [0, {num_classes}); "
+                "the class map is fixed by the project config"
+            )
+        if not np.all(np.isfinite(xy)) or np.any(xy < 0) or np.any(xy > 1):
+            raise ConversionError(f"line {lineno}: coordinates must lie in [0, 1]")
+        try:
+            ring = as_ring(xy * scale)
+        except ConversionError as exc:
+            raise ConversionError(f"line {lineno}: {exc}") from None
+        instances.append((int(cls_f), (ring,)))
+    return polygons_to_detections(instances, image_wh)
+
+
+def yolo_lines_to_instances(
+    lines: list[str] | str, image_wh: tuple[int, int], num_classes: int
+) -> tuple[Detections, tuple[Rings, ...]]:
+    """A label file that may mix box lines (``cls cx cy w h``) and segmentation lines
+    (``cls x1 y1 x2 y2 x3 y3 ...``) -> pixel boxes and, parallel to them, the rings (``()`` for a
+    box line); ``()`` altogether when every line is a box. Errors name the line as
+    `yolo_lines_to_detections` and `yolo_seg_lines_to_polygons` do."""
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    # Blank the other kind's lines, so that each parser numbers lines as in the file.
+    is_box = [len(raw.split()) == 5 for raw in lines]
+    boxes = yolo_lines_to_detections(
+        [raw if box else "" for raw, box in zip(lines, is_box, strict=True)], image_wh, num_classes
+    )
+    segs, rings = yolo_seg_lines_to_polygons(
+        ["" if box else raw for raw, box in zip(lines, is_box, strict=True)], image_wh, num_classes
+    )
+    if not len(segs):
+        return boxes, ()
+    det = Detections(
+        np.concatenate([boxes.xyxy, segs.xyxy]),
+        np.concatenate([boxes.class_id, segs.class_id]),
+        image_wh,
+    )
+    return det, tuple(() for _ in range(len(boxes))) + rings

@@ -144,6 +144,7 @@ class Pulling(Transport):
         document_root: Path | None = None,
         full_export_above: int = 2000,
         max_regions: int | None = None,
+        polygons: bool = False,
     ) -> PullResult:
         """Ground truth from the tasks annotated, changed or un-annotated since the cursor.
 
@@ -152,7 +153,8 @@ class Pulling(Transport):
         with one bulk export). ``known_labeled``: task id -> sha256 of the labels already taken
         from this project; those whose annotations are all gone now are listed in
         ``unlabeled_task_ids``/``unlabeled_sha256``. ``document_root``: refuse image paths that
-        resolve outside it.
+        resolve outside it. ``polygons``: keep polygon regions as pixel polygons (`segment`
+        projects); otherwise each becomes its bounding box.
 
         Each exported task is judged by the pull rules (`loop.formats.labelstudio.judge_task`):
         a usable one goes to ``labels``; one that cannot be used goes to ``rejected`` with its
@@ -188,7 +190,9 @@ class Pulling(Transport):
             if task_key(task) < 0:
                 continue  # not a task (an export always gives ids): nothing to name or report
             out.examined_task_ids.append(task_key(task))
-            verdict = judge_task(task, class_names, users, document_root, max_regions)
+            verdict = judge_task(
+                task, class_names, users, document_root, max_regions, polygons=polygons
+            )
             if verdict.label is not None:
                 out.labels.append(verdict.label)
             elif verdict.rejected is not None:

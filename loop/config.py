@@ -644,8 +644,9 @@ def write_default_config(
     ``task``: ``detect`` (boxes) or ``segment`` (instance polygons); fixed once the workspace
     holds anything.
 
-    ``weights``: a local checkpoint to start every training from; it must exist, and its sha256
-    is pinned in the YAML (``train.weights_sha256``). Without it training starts from the
+    ``weights``: a local checkpoint the first training starts from (later rounds fine-tune the
+    champion: ``init: champion``); it must exist, and its sha256 is pinned in the YAML
+    (``train.weights_sha256``). Without it training starts from the
     ``yolov8n.yaml`` architecture (random weights). Returns the written ``train`` section.
     """
     if path.exists():
@@ -662,8 +663,11 @@ def write_default_config(
             {
                 "weights": os.path.relpath(start.path, folder),
                 "weights_sha256": start.sha256,
-                "init": "pretrained",
+                # Fine-tuning the champion beats restarting from the checkpoint every round at
+                # the same training time per round (README, "Which start production should use").
+                "init": "champion",
                 "epochs": 20,
+                "finetune_epochs": 10,
                 "min_iterations": 300,
             }
         )

@@ -57,7 +57,8 @@ def init(
     weights: Annotated[
         Path | None,
         typer.Option(
-            help="local .pt checkpoint every training starts from, e.g. Ultralytics' "
+            help="local .pt checkpoint the first training starts from (later rounds fine-tune the "
+            "champion), e.g. Ultralytics' "
             "COCO-pretrained yolov8n.pt (its sha256 is pinned in the YAML); nothing is downloaded",
             envvar="DEFECT_LOOP_TRAIN__WEIGHTS",
         ),

@@ -678,7 +678,9 @@ def write_default_config(
         "workspace": ".defect-loop",
         "labelstudio": {"url": "http://127.0.0.1:8080"},
         "train": train,
-        "select": {"strategy": "entropy", "reduction": "max", "batch_size": 20},
+        # Plain entropy starves the classes the model misses (README, Benchmarks: -54 % label
+        # savings on NEU-DET); class-aware diversity kept pace with random there.
+        "select": {"strategy": "class_diversity", "reduction": "max", "batch_size": 20},
     }
     path.write_text(yaml.safe_dump(doc, sort_keys=False))
     return TrainConfig(**{k: v for k, v in train.items() if k != "weights"})

@@ -128,6 +128,7 @@ def test_init_pins_the_checkpoint_it_names(tmp_path, ckpt):
     train = write_default_config(cfg_path, ["scratch"], weights=path)
     assert train.weights_sha256 == sha and train.init == "champion"
     assert (train.epochs, train.finetune_epochs) == (20, 10)
+    assert load_config(cfg_path).select.strategy == "class_diversity"
     cfg = load_config(cfg_path)
     assert cfg.train.weights == path.resolve() and cfg.train.weights_sha256 == sha
     with pytest.raises(ConfigError, match="no checkpoint at"):

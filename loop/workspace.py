@@ -27,6 +27,7 @@ store (``datasets/<digest>/``: manifest and meta, `loop.datasets`), the monitor'
       simulation.json         an oracle replay's random baseline (for the report)
       labelstudio-tasks.json  ledger of every task pushed
       rejected-tasks.json     Label Studio tasks pulls rejected
+      annotation-log.jsonl    every annotator's raw work and what each pull made of it
       labelstudio/            the local Label Studio's data; credentials.json
       prefect/                PREFECT_HOME of the commands
       prefect-server/         the local Prefect server's home
@@ -130,6 +131,11 @@ class Workspace:
     def rejections(self) -> Path:
         """Label Studio tasks that pulls rejected (`loop.ledger.RejectionLog`)."""
         return self.root / "rejected-tasks.json"
+
+    @property
+    def annotation_log(self) -> Path:
+        """Every pulled task's annotations and outcome (`loop.annotation_log`)."""
+        return self.root / "annotation-log.jsonl"
 
     @property
     def labelstudio(self) -> Path:

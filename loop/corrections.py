@@ -15,6 +15,12 @@ and each unmatched final box is ``added`` (a defect the model missed). Per class
 count under the PREDICTED class and ``added`` under the FINAL box's class, so for a class
 ``accepted + adjusted + relabeled + removed`` is the number of its predictions.
 
+In ``segment`` projects an instance may carry polygon rings (`loop.polygons.Rings`, pixels);
+a pair whose two instances both have rings is compared by MASK IoU (`instance_iou`: both
+rasterised on the image's pixel grid by `loop.polygons.rings_to_mask`), any other pair by box
+IoU, with the same thresholds. ``match`` in the document says which (``"mask"`` when any pair
+of the image was compared by mask).
+
 All boxes are pixel ``xyxy`` (see `loop.detections`); lead times are seconds.
 
 The analytics document (`build_corrections`) has the shape stored as
@@ -22,7 +28,7 @@ The analytics document (`build_corrections`) has the shape stored as
 
     {"per_class": {cls: {"accepted", "adjusted", "relabeled", "removed", "added"}},
      "lead_times": [seconds, ...], "tasks": n,
-     "images": [{"sha256", "task_id", "disagreement",
+     "images": [{"sha256", "task_id", "disagreement", "match",
                  "predicted": [[x1, y1, x2, y2, cls, score], ...],
                  "final": [[x1, y1, x2, y2, cls], ...]}]}
 
@@ -43,7 +49,8 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 
 from loop.detections import Detections, box_iou
-from loop.errors import UnknownLabelError
+from loop.errors import InvalidDetectionsError, UnknownLabelError
+from loop.polygons import Rings, mask_iou, rings_to_mask
 
 MATCH_IOU = 0.5
 ACCEPT_IOU = 0.9
@@ -51,17 +58,55 @@ OUTCOMES = ("accepted", "adjusted", "relabeled", "removed", "added")
 _EPS = 1e-9  # IoUs computed from float pixels: 0.9 must count as 0.9
 
 
+def instance_iou(
+    a: Detections,
+    b: Detections,
+    a_rings: Sequence[Rings] = (),
+    b_rings: Sequence[Rings] = (),
+) -> np.ndarray:
+    """``(len(a), len(b))`` IoU matrix: mask IoU for pairs where both instances have rings,
+    box IoU for the rest. ``a_rings``/``b_rings``: empty (boxes only) or one `Rings` per box
+    (``()`` for a box without a polygon). Only pairs whose boxes overlap are rasterised."""
+    for det, rings, name in ((a, a_rings, "a"), (b, b_rings, "b")):
+        if rings and len(rings) != len(det):
+            raise InvalidDetectionsError(
+                f"{name} has {len(det)} boxes but {len(rings)} polygon instances"
+            )
+    iou = box_iou(a.xyxy, b.xyxy)
+    if not a_rings or not b_rings:
+        return iou
+    masks_a: dict[int, np.ndarray] = {}
+    masks_b: dict[int, np.ndarray] = {}
+    for i, j in zip(*np.nonzero(iou > 0), strict=True):
+        if not a_rings[i] or not b_rings[j]:
+            continue
+        if i not in masks_a:
+            masks_a[i] = rings_to_mask(a_rings[i], a.image_wh)
+        if j not in masks_b:
+            masks_b[j] = rings_to_mask(b_rings[j], b.image_wh)
+        iou[i, j] = mask_iou(masks_a[i], masks_b[j])
+    return iou
+
+
 def match_boxes(
-    a: Detections, b: Detections, min_iou: float = MATCH_IOU, same_class_only: bool = False
+    a: Detections,
+    b: Detections,
+    min_iou: float = MATCH_IOU,
+    same_class_only: bool = False,
+    iou: np.ndarray | None = None,
 ) -> list[tuple[int, int, float]]:
     """One-to-one matching of ``a``'s boxes to ``b``'s: ``[(i, j, iou), ...]`` sorted by ``i``.
 
     Maximises the summed IoU over pairs with IoU >= ``min_iou``, where a same-class pair always
     beats an other-class pair (weight IoU + 1). ``same_class_only`` forbids other-class pairs.
+    ``iou``: a precomputed ``(len(a), len(b))`` matrix (e.g. `instance_iou`); box IoU otherwise.
     """
     if len(a) == 0 or len(b) == 0:
         return []
-    iou = box_iou(a.xyxy, b.xyxy)
+    if iou is None:
+        iou = box_iou(a.xyxy, b.xyxy)
+    elif iou.shape != (len(a), len(b)):
+        raise InvalidDetectionsError(f"iou must have shape {(len(a), len(b))}, got {iou.shape}")
     same = a.class_id[:, None] == b.class_id[None, :]
     eligible = iou >= min_iou - _EPS
     if same_class_only:
@@ -100,14 +145,21 @@ def _name(class_names: Sequence[str], cls: int) -> str:
 
 
 def compare(
-    predicted: Detections, final: Detections, class_names: Sequence[str]
+    predicted: Detections,
+    final: Detections,
+    class_names: Sequence[str],
+    predicted_rings: Sequence[Rings] = (),
+    final_rings: Sequence[Rings] = (),
 ) -> TaskCorrections:
     """Classify every predicted and final box of one image (see the module docstring).
 
     ``disagreement`` = 1 - (sum of IoUs of same-class matches) / (predicted + final - same-class
     matches): a soft Jaccard distance between the two box sets; 0.0 when both are empty.
+    With rings on both sides, pairs of polygon instances are compared by mask IoU.
     """
-    pairs = match_boxes(predicted, final)
+    pairs = match_boxes(
+        predicted, final, iou=instance_iou(predicted, final, predicted_rings, final_rings)
+    )
     counts: dict[str, dict[str, int]] = {}
 
     def bump(cls: int, outcome: str) -> None:
@@ -167,6 +219,8 @@ class CorrectionInput:
     predicted: Detections
     final: Detections
     lead_time: float | None = None
+    predicted_rings: tuple[Rings, ...] = ()
+    final_rings: tuple[Rings, ...] = ()
 
 
 def _boxes(det: Detections, class_names: Sequence[str], with_score: bool) -> list[list[Any]]:
@@ -189,7 +243,8 @@ def build_corrections(
     lead_times: list[float] = []
     images: list[dict[str, Any]] = []
     for it in items:
-        tc = compare(it.predicted, it.final, class_names)
+        tc = compare(it.predicted, it.final, class_names, it.predicted_rings, it.final_rings)
+        by_mask = bool(it.predicted_rings) and bool(it.final_rings)
         for cls, outcome_counts in tc.counts.items():
             for outcome, n in outcome_counts.items():
                 per_class[cls][outcome] += n
@@ -200,6 +255,7 @@ def build_corrections(
                 "sha256": it.sha256,
                 "task_id": int(it.task_id),
                 "disagreement": round(tc.disagreement, 6),
+                "match": "mask" if by_mask else "box",
                 "predicted": _boxes(it.predicted, class_names, with_score=True),
                 "final": _boxes(it.final, class_names, with_score=False),
             }

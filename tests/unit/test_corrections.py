@@ -167,7 +167,7 @@ def test_report_shape_metrics_and_round_trip(tmp_path):
     assert rep["per_class"]["dent"]["removed"] == 1
     assert rep["per_class"]["crack"]["added"] == 1
     im0 = rep["images"][0]
-    assert set(im0) == {"sha256", "task_id", "disagreement", "predicted", "final"}
+    assert set(im0) == {"sha256", "task_id", "disagreement", "match", "predicted", "final"}
     assert im0["predicted"] == [
         [0.0, 0.0, 10.0, 10.0, "scratch", 0.9],
         [50, 0, 60, 10, "dent", 0.4],

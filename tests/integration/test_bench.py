@@ -159,6 +159,33 @@ def test_evaluation_noise_smoke_writes_the_result_file(tmp_path: Path) -> None:
     assert again["false_promotion"] == line["false_promotion"]
 
 
+@pytest.mark.skipif(not NEU_DET.is_dir(), reason=f"NEU-DET not found at {NEU_DET}")
+def test_label_quality_smoke_writes_the_result_file(tmp_path: Path) -> None:
+    work, results = tmp_path / "work", tmp_path / "results"
+    args = ("--smoke", "--work", str(work), "--results", str(results))
+    line = run_bench("label_quality.py", *args)
+    doc = json.loads((results / "label_quality_smoke.json").read_text())
+    finder = doc["finder"]
+    # The injected noise is exactly the configured shares of the boxes.
+    counts = doc["noise"]["counts"]
+    assert counts["dropped"] == counts["shifted"] and counts["dropped"] > counts["swapped"] > 0
+    assert finder["corrupted"] == doc["noise"]["corrupted_images"]
+    assert finder["random_precision"] == round(finder["corrupted"] / finder["images"], 4)
+    for key in ("top_5pct", "top_10pct"):
+        top = finder[key]
+        assert top["precision"] == round(top["hits"] / top["k"], 4)
+        assert 0 <= top["hits"] <= top["k"]
+    assert line["precision_at_5pct"] == finder["top_5pct"]["precision"]
+    assert set(doc["test_map50"]) == {"noisy", "fixed_top", "clean"}
+    assert len({doc["training"][n]["version"] for n in doc["training"]}) == 3
+    assert set(doc["annotators"]["annotators"]) == {"careful", "average", "sloppy"}
+    assert "dataset" in line and not line["dataset"].startswith("/")
+    # A second run resumes: nothing is trained again and the figures are the same.
+    again = run_bench("label_quality.py", *args)
+    assert again["test_map50"] == line["test_map50"]
+    assert again["precision_at_5pct"] == line["precision_at_5pct"]
+
+
 def test_reliability_smoke_loses_and_forges_nothing(tmp_path: Path) -> None:
     """~100 random operations against a real Label Studio (a tenth hostile), one restart."""
     line = run_bench("reliability.py", "--smoke", "--results", str(tmp_path / "results"))

@@ -567,7 +567,7 @@ def label_quality_html(section: LabelQualityData | None) -> str:
             q = a.quality
             c = len(classes)
             if q is None:
-                cells = "<td>0</td>" + "<td>—</td>" * 6
+                cells = "<td>0</td>" + "<td>—</td>" * 5 + '<td style="text-align:left">—</td>'
             else:
                 pairs = "; ".join(
                     f"{r} → {x} ×{n}" for r, x, n in most_confused(q, classes, CONFUSED_PAIRS)

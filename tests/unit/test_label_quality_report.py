@@ -429,3 +429,52 @@ def test_report_of_a_project_links_to_its_label_studio_tasks(tmp_path: Path, db_
     assert base == URL
     assert sorted(set(s.links)) == [URL + "101", URL + "103", URL + "105"]
     assert f"[#105]({URL}105)" in md_path.read_text()
+
+
+def test_a_recorded_training_run_gets_the_label_quality(
+    tmp_path: Path, db_uri: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`Project.record` (real MLflow; the paired gate replaced) logs the figures beside the
+    correction metrics of the run."""
+    from types import SimpleNamespace
+
+    from loop import project as project_module
+    from loop.datasets import DatasetVersion, LabeledImage
+    from loop.model import EvalResult, TrainResult
+    from loop.project import FitResult, Project
+    from loop.tracking import LABEL_QUALITY_ARTIFACT, Tracker
+
+    cfg = make_cfg(tmp_path, db_uri)
+    project, tracker = Project(cfg), Tracker(cfg)
+    append_outcomes(cfg.paths.annotation_log, hand_made_log(), CLASSES)
+    rows = [
+        LabeledImage(f"{i:064x}", f"{i}.png", *WH, s, det([A], [S]), {})
+        for i, s in enumerate(["train", "val", "test"])
+    ]
+    version = DatasetVersion.create(CLASSES, rows)
+    project.store.save(version)
+    weights = tmp_path / "w" / "best.pt"
+    weights.parent.mkdir()
+    weights.write_bytes(b"weights")
+    ev = EvalResult(
+        0.5,
+        0.3,
+        0.6,
+        0.5,
+        dict.fromkeys(CLASSES, 0.5),
+        dict.fromkeys(CLASSES, 0.3),
+        dict.fromkeys(CLASSES, 1),
+        [[0] * 4 for _ in range(4)],
+        1,
+    )
+    fit = FitResult(version, TrainResult(weights, weights.parent, [], ev, 1.0), None, None, 1)
+    monkeypatch.setattr(
+        project_module,
+        "gate_and_record",
+        lambda *a, **k: SimpleNamespace(promoted=True, reason="first model"),
+    )
+    out = project.record(tracker, fit)
+    metrics = tracker.run_metrics(out.run_id)
+    assert metrics["label_quality.annotator.ann.precision"] == pytest.approx(0.75)
+    assert metrics["label_quality.review_queue"] == 1.0
+    assert tracker.download_artifact(out.run_id, LABEL_QUALITY_ARTIFACT, tmp_path / "dl")

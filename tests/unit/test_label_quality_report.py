@@ -343,6 +343,20 @@ def test_no_reference_says_so_without_tables(tmp_path: Path) -> None:
     assert "| Annotator |" not in md and "No task has an independent reference yet" in md
 
 
+@pytest.mark.parametrize(("upto", "advice"), [(4, None), (5, "1 task waits in the review queue")])
+def test_the_review_queue_is_advice(upto: int, advice: str | None) -> None:
+    from loop.report.advice import what_to_do_next
+
+    lq = label_quality(hand_made_log()[:upto], CLASSES)
+    data = ReportData(
+        project="p", round=1, classes=CLASSES, label_quality=LabelQualityData(lq, URL)
+    )
+    texts = [a.text for a in what_to_do_next(data) if "review queue" in a.text]
+    assert len(texts) == (0 if advice is None else 1)
+    if advice is not None:
+        assert texts[0].startswith(advice) and "no new label" in texts[0]
+
+
 def test_names_are_escaped(tmp_path: Path) -> None:
     path = tmp_path / "log.jsonl"
     evil = "<b>x</b>"

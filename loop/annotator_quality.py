@@ -330,11 +330,12 @@ def label_quality(
     counts: dict[str, int] = {}
     leads: dict[str, list[float]] = {}
     for o in latest:
-        for name in {a.annotator for a in o.annotations}:
+        # One record per annotator and task: their newest annotation.
+        newest = {a.annotator: a for a in sorted(o.annotations, key=lambda a: a.annotation_id)}
+        for name, a in newest.items():
             counts[name] = counts.get(name, 0) + 1
-        for a in o.annotations:
             if a.lead_time is not None and np.isfinite(a.lead_time):
-                leads.setdefault(a.annotator, []).append(float(a.lead_time))
+                leads.setdefault(name, []).append(float(a.lead_time))
     several = [
         AnnotatedTask(o.task_id, o.sha256, Detections.empty(_image_wh(o)), ann)
         for o in latest

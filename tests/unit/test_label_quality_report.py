@@ -193,6 +193,24 @@ def test_reference_rules() -> None:
     assert label_quality([alone], CLASSES).scored == {}
 
 
+def test_an_annotator_twice_in_a_task_counts_once_with_the_newest_annotation() -> None:
+    o = outcome(
+        5,
+        "merged",
+        [
+            rec("ann", 9, det([A], [S]), 30.0),  # newer: scored
+            rec("ann", 2, det([], []), 10.0),
+            rec("bob", 3, det([A], [S]), 20.0),
+        ],
+        det([A], [S]),
+    )
+    lq = label_quality([o], CLASSES)
+    ann = lq.annotators["ann"]
+    assert ann.tasks_annotated == 1 and ann.lead_times == (30.0,)
+    assert ann.quality is not None and ann.quality.recall == 1.0
+    assert lq.agreement["scratch"] == 1.0
+
+
 def test_empty_or_missing_log(tmp_path: Path) -> None:
     lq = read_label_quality(tmp_path / "none.jsonl", CLASSES)
     assert lq.tasks == 0 and lq.annotators == {} and lq.agreement_tasks == 0

@@ -262,8 +262,8 @@ class ProductionData:
 
 @dataclass(frozen=True)
 class LabelQualityData:
-    """The "Label quality" section: ``quality`` of the annotation log (None while there is no
-    log or it could not be read) and ``task_url``, the Label Studio address a task id is
+    """The "Label quality" section: ``quality`` of the annotation log (no tasks while there is
+    no log; None when it could not be read) and ``task_url``, the Label Studio address a task id is
     appended to (``<labelstudio.url>/projects/<id>/data/?task=``; None while the workspace has
     no Label Studio project)."""
 

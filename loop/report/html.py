@@ -30,6 +30,7 @@ from loop.report.data import (
 from loop.report.plots import confusion_png, drift_png, learning_curve_png
 from loop.report.text import (
     ERROR_KIND_TEXT,
+    LABEL_QUALITY_UNREADABLE,
     NO_LABEL_QUALITY,
     delta_of,
     fmt_ci,
@@ -540,6 +541,8 @@ def _task_links(section: LabelQualityData, task_ids: Sequence[int], limit: int =
 def label_quality_html(section: LabelQualityData | None) -> str:
     """The "Label quality" section's body: task counts, the per-annotator table, the tasks behind
     each error kind (links to Label Studio), the review queue and the per-class agreement."""
+    if section is not None and section.quality is None:
+        return _nodata(LABEL_QUALITY_UNREADABLE)
     lq = None if section is None else section.quality
     if section is None or lq is None or not lq.tasks:
         return _nodata(NO_LABEL_QUALITY)

@@ -18,6 +18,7 @@ from loop.report.data import (
 )
 from loop.report.text import (
     ERROR_KIND_TEXT,
+    LABEL_QUALITY_UNREADABLE,
     NO_LABEL_QUALITY,
     delta_of,
     fmt_ci,
@@ -145,6 +146,8 @@ def label_quality_markdown(section: LabelQualityData | None) -> list[str]:
     """Markdown lines of the "Label quality" section: counts, the per-annotator table, the tasks
     behind each error kind and the review queue as Label Studio links, per-class agreement."""
     lines = ["", "## Label quality", ""]
+    if section is not None and section.quality is None:
+        return [*lines, f"{_md(LABEL_QUALITY_UNREADABLE)}."]
     lq = None if section is None else section.quality
     if section is None or lq is None or not lq.tasks:
         return [*lines, f"{_md(NO_LABEL_QUALITY)}."]

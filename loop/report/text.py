@@ -13,6 +13,8 @@ NO_LABEL_QUALITY = (
     "back labeled tasks"
 )
 
+LABEL_QUALITY_UNREADABLE = "the annotation log could not be read: see the notes at the end"
+
 # What each error kind of `loop.annotator_quality` means, as the report words it.
 ERROR_KIND_TEXT = {
     "missed": "missed reference boxes",

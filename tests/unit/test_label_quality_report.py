@@ -26,7 +26,7 @@ from loop.detections import Detections
 from loop.report.data import LabelQualityData, ReportData
 from loop.report.html import label_quality_html, render_html
 from loop.report.markdown import label_quality_markdown, render_markdown
-from loop.report.text import NO_LABEL_QUALITY
+from loop.report.text import LABEL_QUALITY_UNREADABLE, NO_LABEL_QUALITY
 
 CLASSES = ["scratch", "pit", "crack"]
 S, P, CR = 0, 1, 2
@@ -330,16 +330,23 @@ def test_section_without_a_project_lists_ids_without_links(log: Path) -> None:
     assert "#101, #103" in md and "](" not in md
 
 
-@pytest.mark.parametrize("section", [None, LabelQualityData(None, URL), "empty"])
-def test_no_log_says_so(tmp_path: Path, section: LabelQualityData | str | None) -> None:
+@pytest.mark.parametrize(
+    ("section", "says"),
+    [
+        (None, NO_LABEL_QUALITY),
+        ("empty", NO_LABEL_QUALITY),
+        (LabelQualityData(None, URL), LABEL_QUALITY_UNREADABLE),
+    ],
+)
+def test_no_log_says_so(tmp_path: Path, section: LabelQualityData | str | None, says: str) -> None:
     if section == "empty":
         section = LabelQualityData(read_label_quality(tmp_path / "no.jsonl", CLASSES), URL)
     assert not isinstance(section, str)
     s = section_of(render_html(sample(section)))
     text = " ".join(s.text)
-    assert NO_LABEL_QUALITY in text and s.tables == [] and s.links == []
+    assert says in text and s.tables == [] and s.links == []
     md = render_markdown(sample(section))
-    assert NO_LABEL_QUALITY.replace("`", "\\`") in md
+    assert says.replace("`", "\\`") in md
 
 
 def test_no_reference_says_so_without_tables(tmp_path: Path) -> None:
@@ -461,6 +468,15 @@ def test_report_of_a_project_links_to_its_label_studio_tasks(tmp_path: Path, db_
     assert base == URL
     assert sorted(set(s.links)) == [URL + "101", URL + "103", URL + "105"]
     assert f"[#105]({URL}105)" in md_path.read_text()
+
+    # An unreadable log: a note, and the section says it has nothing (no stale figures).
+    with cfg.paths.annotation_log.open("a") as fh:
+        fh.write('{"task_id": 1}\n')
+    html_path, _ = write_report(project, Tracker(cfg), tmp_path / "out")
+    page = html_path.read_text()
+    s = section_of(page)
+    assert s.tables == [] and s.links == [] and LABEL_QUALITY_UNREADABLE in " ".join(s.text)
+    assert "annotation-log.jsonl is unreadable" in page
 
 
 def test_a_recorded_training_run_gets_the_label_quality(

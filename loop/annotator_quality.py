@@ -1,4 +1,5 @@
-"""Per-annotator and per-class label quality, measured against a reference (pure numpy).
+"""Per-annotator and per-class label quality, measured against a reference (pure numpy;
+`read_label_quality` is the only I/O).
 
 The reference of a task is its consensus or a lead's reviewed ground truth. Each annotator's
 boxes are matched to it one-to-one with the correction analytics' matching
@@ -18,6 +19,12 @@ same-class pair beats an other-class pair). Then, per annotator over all tasks:
 mean `loop.corrections.pairwise_f1` of their boxes of that class. `quality_metrics` flattens
 both for MLflow.
 
+From the annotation log (`loop.annotation_log`, every annotator's work and each task's outcome),
+`label_quality` chooses the reference per task (`scored_tasks`): a ``merged`` task's consensus,
+a ``ground_truth`` task's lead-resolved label (the lead's own annotation is not scored); ``single``
+tasks (no independent reference) and ``review`` tasks (no reference yet) are counted and listed,
+never scored. `label_quality_metrics` and `label_quality_to_json` are what MLflow gets.
+
 Boxes are pixel xyxy (`loop.detections`); images keyed by sha256, tasks by Label Studio id;
 lead times in seconds.
 """
@@ -27,10 +34,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
 
+from loop.annotation_log import STATUSES, TaskOutcome, latest_per_task, read_outcomes
 from loop.corrections import MATCH_IOU, match_boxes, pairwise_f1
 from loop.detections import Detections
 from loop.errors import LabelQualityError, UnknownLabelError
@@ -216,3 +226,233 @@ def quality_metrics(
         if value is not None:
             out[f"{prefix}.agreement.{_metric_key(cls)}"] = float(value)
     return out
+
+
+# ------------------------------------------------------------------ from the annotation log
+
+
+@dataclass(frozen=True)
+class AnnotatorFigures:
+    """One annotator in a `LabelQuality`: ``quality`` against the tasks' references (None when
+    none of their tasks could be scored), ``tasks_annotated`` every task of the log they
+    submitted an annotation for, and their ``lead_times`` (seconds) over those tasks."""
+
+    annotator: str
+    tasks_annotated: int
+    quality: AnnotatorQuality | None
+    lead_times: tuple[float, ...] = ()
+
+    @property
+    def lead_time_median_s(self) -> float | None:
+        return float(np.median(self.lead_times)) if self.lead_times else None
+
+    @property
+    def lead_time_total_s(self) -> float | None:
+        return float(np.sum(self.lead_times)) if self.lead_times else None
+
+    @property
+    def lead_time_mean_s(self) -> float | None:
+        return float(np.mean(self.lead_times)) if self.lead_times else None
+
+
+@dataclass(frozen=True)
+class LabelQuality:
+    """The label quality figures of an annotation log (`label_quality`).
+
+    ``tasks``: tasks in the log (newest outcome of each); ``scored_tasks``, ``review_tasks``,
+    ``single_tasks``: the task ids scored against a reference, waiting in the review queue,
+    and labeled by one annotator only (no independent reference, not scored);
+    ``status_counts``: tasks per outcome status; ``agreement``: `class_agreement` over the
+    ``agreement_tasks`` tasks with at least two annotators."""
+
+    class_names: tuple[str, ...]
+    min_iou: float
+    tasks: int
+    status_counts: Mapping[str, int]
+    scored_tasks: tuple[int, ...]
+    review_tasks: tuple[int, ...]
+    single_tasks: tuple[int, ...]
+    annotators: Mapping[str, AnnotatorFigures]
+    agreement: Mapping[str, float | None]
+    agreement_tasks: int
+
+    @property
+    def scored(self) -> dict[str, AnnotatorQuality]:
+        """Annotator -> figures, for the annotators with at least one scored task."""
+        return {n: a.quality for n, a in self.annotators.items() if a.quality is not None}
+
+
+def _by_annotator(outcome: TaskOutcome, ground_truth: bool) -> dict[str, Detections]:
+    """Annotator -> boxes of the outcome's annotations whose ``ground_truth`` flag is
+    ``ground_truth`` (the newest annotation of an annotator who appears twice)."""
+    out: dict[str, Detections] = {}
+    for a in sorted(outcome.annotations, key=lambda a: a.annotation_id):
+        if a.ground_truth is ground_truth:
+            out[a.annotator] = a.boxes
+    return out
+
+
+def scored_tasks(outcomes: Iterable[TaskOutcome]) -> list[AnnotatedTask]:
+    """The tasks that can be scored, each against the reference its outcome ended with.
+
+    The rule, per task (give the newest outcome of each, `latest_per_task`):
+
+    - ``merged``: every annotator is scored against the consensus (the merged boxes);
+    - ``ground_truth``: the other annotators are scored against the lead's resolved label;
+      the lead's own annotation (``ground_truth=True``) is the reference and is not scored;
+    - ``single``: one annotator and no independent reference: not scored;
+    - ``review``: no reference yet (waiting in the review queue): not scored.
+
+    A lead's ground-truth annotation is never scored, whatever the status. Sorted by task id.
+    """
+    out = []
+    for o in sorted(outcomes, key=lambda o: o.task_id):
+        if o.status not in ("merged", "ground_truth") or o.reference is None:
+            continue
+        annotations = _by_annotator(o, ground_truth=False)
+        if annotations:
+            out.append(AnnotatedTask(o.task_id, o.sha256, o.reference, annotations))
+    return out
+
+
+def label_quality(
+    outcomes: Iterable[TaskOutcome], class_names: Sequence[str], min_iou: float = MATCH_IOU
+) -> LabelQuality:
+    """Per-annotator and per-class figures of a log's outcomes (the newest one of each task
+    counts; the scoring rule is `scored_tasks`'s). Lead times and ``tasks_annotated`` count
+    every task an annotator submitted, scored or not; the lead's review time included. Class
+    agreement is measured between the (non-ground-truth) annotators of every task that has at
+    least two, whatever its status: leaving out the tasks in review would hide exactly the
+    disagreements."""
+    latest = sorted(latest_per_task(outcomes).values(), key=lambda o: o.task_id)
+    tasks = scored_tasks(latest)
+    quality = annotator_quality(tasks, class_names, min_iou)
+    counts: dict[str, int] = {}
+    leads: dict[str, list[float]] = {}
+    for o in latest:
+        # One record per annotator and task: their newest annotation.
+        newest = {a.annotator: a for a in sorted(o.annotations, key=lambda a: a.annotation_id)}
+        for name, a in newest.items():
+            counts[name] = counts.get(name, 0) + 1
+            if a.lead_time is not None and np.isfinite(a.lead_time):
+                leads.setdefault(name, []).append(float(a.lead_time))
+    several = [
+        AnnotatedTask(o.task_id, o.sha256, Detections.empty(_image_wh(o)), ann)
+        for o in latest
+        if len(ann := _by_annotator(o, ground_truth=False)) >= 2
+    ]
+    return LabelQuality(
+        class_names=tuple(class_names),
+        min_iou=min_iou,
+        tasks=len(latest),
+        status_counts={s: sum(o.status == s for o in latest) for s in STATUSES},
+        scored_tasks=tuple(t.task_id for t in tasks),
+        review_tasks=tuple(o.task_id for o in latest if o.status == "review"),
+        single_tasks=tuple(o.task_id for o in latest if o.status == "single"),
+        annotators={
+            name: AnnotatorFigures(
+                name, counts[name], quality.get(name), tuple(leads.get(name, ()))
+            )
+            for name in sorted(counts)
+        },
+        agreement=class_agreement(several, class_names, min_iou),
+        agreement_tasks=len(several),
+    )
+
+
+def _image_wh(outcome: TaskOutcome) -> tuple[int, int]:
+    if outcome.reference is not None:
+        return outcome.reference.image_wh
+    return outcome.annotations[0].boxes.image_wh
+
+
+def read_label_quality(
+    path: Path, class_names: Sequence[str], min_iou: float = MATCH_IOU
+) -> LabelQuality:
+    """`label_quality` of the annotation log at ``path`` (no tasks when there is no log yet).
+    Raises `DatasetError` for a malformed log and `UnknownLabelError` for a class it names
+    that is not in ``class_names``."""
+    return label_quality(read_outcomes(path, class_names), class_names, min_iou)
+
+
+def label_quality_metrics(lq: LabelQuality, prefix: str = "label_quality") -> dict[str, float]:
+    """`quality_metrics` of the scored annotators plus, per annotator,
+    ``<prefix>.annotator.<name>.tasks_annotated`` and ``lead_time_{median,mean,total}_s`` (over
+    every task they annotated), and the task counts ``<prefix>.tasks``, ``.tasks_scored``,
+    ``.review_queue``, ``.tasks_single``. ``...annotator.<name>.tasks`` counts scored tasks."""
+    out = quality_metrics(lq.scored, lq.agreement, prefix)
+    for name, a in lq.annotators.items():
+        key = f"{prefix}.annotator.{_metric_key(name)}"
+        values = {
+            "tasks_annotated": float(a.tasks_annotated),
+            "lead_time_median_s": a.lead_time_median_s,
+            "lead_time_mean_s": a.lead_time_mean_s,
+            "lead_time_total_s": a.lead_time_total_s,
+        }
+        out.update({f"{key}.{k}": float(v) for k, v in values.items() if v is not None})
+    out[f"{prefix}.tasks"] = float(lq.tasks)
+    out[f"{prefix}.tasks_scored"] = float(len(lq.scored_tasks))
+    out[f"{prefix}.review_queue"] = float(len(lq.review_tasks))
+    out[f"{prefix}.tasks_single"] = float(len(lq.single_tasks))
+    return out
+
+
+def most_confused(
+    q: AnnotatorQuality, class_names: Sequence[str], top: int = 3
+) -> list[tuple[str, str, int]]:
+    """The ``top`` most frequent ``(reference class, annotator's class, count)`` swaps, most
+    frequent first (ties by class order)."""
+    pairs = q.confused_pairs(class_names)
+    order = {c: i for i, c in enumerate(class_names)}
+    ranked = sorted(pairs.items(), key=lambda kv: (-kv[1], order[kv[0][0]], order[kv[0][1]]))
+    return [(r, a, n) for (r, a), n in ranked[:top]]
+
+
+def label_quality_to_json(lq: LabelQuality) -> dict[str, Any]:
+    """The full table as a JSON-ready dict (the MLflow artifact): every annotator's figures,
+    confusion matrix (rows reference class, columns annotator's class, last index no box),
+    class swaps, lead times and the task ids behind each error kind; per-class agreement;
+    the scored, review and single task ids."""
+    classes = list(lq.class_names)
+    annotators = []
+    for name, a in lq.annotators.items():
+        q = a.quality
+        row: dict[str, Any] = {
+            "annotator": name,
+            "tasks_annotated": a.tasks_annotated,
+            "lead_time_median_s": a.lead_time_median_s,
+            "lead_time_mean_s": a.lead_time_mean_s,
+            "lead_time_total_s": a.lead_time_total_s,
+            "tasks_scored": 0 if q is None else q.tasks,
+        }
+        if q is not None:
+            c = len(classes)
+            row |= {
+                "boxes": q.boxes,
+                "reference_boxes": q.reference_boxes,
+                "true_positives": q.true_positives,
+                "precision": q.precision,
+                "recall": q.recall,
+                "missed": int(q.confusion[:c, c].sum()),
+                "extra": int(q.confusion[c, :c].sum()),
+                "confused": int(q.confusion[:c, :c].sum() - np.trace(q.confusion[:c, :c])),
+                "confused_pairs": [
+                    {"reference": r, "annotator": x, "count": n}
+                    for r, x, n in most_confused(q, classes, top=c * c)
+                ],
+                "confusion": q.confusion.tolist(),
+                "task_ids": {k: list(v) for k, v in q.task_ids.items()},
+            }
+        annotators.append(row)
+    return {
+        "classes": classes,
+        "min_iou": lq.min_iou,
+        "tasks": lq.tasks,
+        "status_counts": dict(lq.status_counts),
+        "scored_tasks": list(lq.scored_tasks),
+        "review_tasks": list(lq.review_tasks),
+        "single_tasks": list(lq.single_tasks),
+        "annotators": annotators,
+        "agreement": dict(lq.agreement),
+        "agreement_tasks": lq.agreement_tasks,
+    }

@@ -541,6 +541,8 @@ class Project:
             from loop.corrections import correction_metrics, read_corrections
 
             tracker.log_metrics(run_id, correction_metrics(read_corrections(corrections)))
+        # Per-annotator and per-class label quality over every pulled task so far.
+        tracker.log_label_quality(run_id)
         mv = tracker.register(run_id)
         # Paired against the champion on the same test images, with bootstrap intervals.
         decision = gate_and_record(self, tracker, fit, run_id, mv)

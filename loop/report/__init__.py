@@ -27,6 +27,10 @@ Optional inputs; a section whose input is absent says "no data yet" instead of f
 
   (``cls``: class name or class id; pixels). A round merges the files of every version between
   the previous round's training dataset (exclusive) and its own (inclusive).
+- ``<workspace>/annotation-log.jsonl``: every pulled task's outcome and all its annotators'
+  annotations (`loop.annotation_log`); the "Label quality" section scores each annotator
+  against the reference each task ended with (`loop.annotator_quality.label_quality`) and
+  links the tasks behind each error to Label Studio.
 - ``<workspace>/simulation.json``: the oracle replay's random-selection baseline, a list of
   ``{"labeled": n, "test_map50": x}`` (or ``{"random": [...]}``).
 - ``<workspace>/next_batch.json``: the batch pushed after the last scoring, written by
@@ -45,6 +49,7 @@ from loop.report.data import (
     Confusion,
     Disagreement,
     Effort,
+    LabelQualityData,
     NextBatch,
     NovelImage,
     ProductionData,
@@ -68,6 +73,7 @@ __all__ = [
     "Confusion",
     "Disagreement",
     "Effort",
+    "LabelQualityData",
     "NextBatch",
     "NovelImage",
     "ProductionData",

@@ -20,7 +20,7 @@ from loop.report.data import (
     Confusion,
     ReportData,
 )
-from loop.report.text import fmt_ci, fmt_pct, model_name
+from loop.report.text import fmt_ci, fmt_pct, model_name, waiting
 
 
 def _confused_with(conf: Confusion | None, cls: str) -> tuple[str, int] | None:
@@ -196,12 +196,30 @@ def what_to_do_next(data: ReportData) -> list[Advice]:
             )
         )
     watch.extend(_curve_advice(data))
+    watch.extend(_review_queue_advice(data))
     out = act + watch
     if not act:
         nb = data.next_batch
         nxt = f"the next batch ({nb.size} images, {nb.strategy})" if nb else "the next batch"
         out.append(Advice("ok", f"No class got worse: label {nxt} and run the next cycle."))
     return out
+
+
+def _review_queue_advice(data: ReportData) -> list[Advice]:
+    """Tasks whose annotators disagreed wait for a lead; their images get no new label."""
+    lq = data.label_quality.quality if data.label_quality is not None else None
+    if lq is None or not lq.review_tasks:
+        return []
+    n = len(lq.review_tasks)
+    return [
+        Advice(
+            "watch",
+            f"{waiting(n)} in the review queue: {'its' if n == 1 else 'their'} annotators "
+            f"disagreed, so {'its image gets' if n == 1 else 'their images get'} no new label "
+            "until a lead resolves them in Label Studio (the task links are under "
+            '"Label quality").',
+        )
+    ]
 
 
 def _finds_almost_nothing(data: ReportData) -> str | None:

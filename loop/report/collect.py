@@ -15,7 +15,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from loop.datasets import META_FILE
-from loop.errors import DatasetError, ImageError, ModelError
+from loop.errors import (
+    DatasetError,
+    ImageError,
+    LabelQualityError,
+    ModelError,
+    UnknownLabelError,
+)
 from loop.report.data import (
     CORRECTION_KINDS,
     MAX_DISAGREEMENTS,
@@ -26,6 +32,7 @@ from loop.report.data import (
     Confusion,
     Disagreement,
     Effort,
+    LabelQualityData,
     NextBatch,
     NovelImage,
     ProductionData,
@@ -241,6 +248,7 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
     notes: list[str] = []
     baseline, next_batch = _optional(project, notes)
     production = safe_collect(project, notes)
+    label_quality = collect_label_quality(project, notes)
     runs = tracker.finished_training_runs()
     if not runs:
         if round is not None:
@@ -256,6 +264,7 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
             next_batch=next_batch,
             notes=notes,
             production=production,
+            label_quality=label_quality,
         )
     by_round = {r.round: r for r in runs}
     if round is None:
@@ -400,6 +409,7 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
         next_batch=next_batch,
         notes=notes,
         production=production,
+        label_quality=label_quality,
         confidence=cfg.evaluation.confidence,
         candidate_map50_ci=_ci(target, "test_map50"),
         candidate_map50_95_ci=_ci(target, "test_map50_95"),
@@ -518,6 +528,31 @@ def _effort(
         annotators=dict(annotators),
     )
     return effort, disagreements
+
+
+def task_url(project: Project) -> str | None:
+    """The Label Studio address a task id is appended to, to open that task in the project's
+    data manager: ``<labelstudio.url>/projects/<id>/data/?task=`` (None before the workspace has
+    a Label Studio project)."""
+    pid = project.state.ls_project_id
+    if pid is None:
+        return None
+    return f"{project.cfg.labelstudio.url.rstrip('/')}/projects/{int(pid)}/data/?task="
+
+
+def collect_label_quality(project: Project, notes: list[str]) -> LabelQualityData:
+    """The annotation log's label quality (`loop.annotator_quality.read_label_quality`) over
+    every pulled task so far; an unreadable log leaves ``quality`` None with a line in
+    ``notes``."""
+    from loop.annotator_quality import read_label_quality
+
+    path = project.cfg.paths.annotation_log
+    try:
+        quality = read_label_quality(path, list(project.cfg.classes))
+    except (DatasetError, UnknownLabelError, LabelQualityError) as exc:
+        notes.append(f"the annotation log {path.name} is unreadable ({exc}); no label quality")
+        return LabelQualityData(None, task_url(project))
+    return LabelQualityData(quality, task_url(project))
 
 
 def collect_production(project: Project) -> ProductionData | None:

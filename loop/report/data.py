@@ -8,7 +8,10 @@ import statistics
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+if TYPE_CHECKING:
+    from loop.annotator_quality import LabelQuality
 
 REPORT_ARTIFACT_DIR = "report"
 
@@ -40,6 +43,10 @@ REJECTIONS_LISTED = 50  # rejected Label Studio tasks listed by name
 MAX_NOVEL = 10
 
 MAX_ALERTS = 20
+
+TASK_LINKS = 30  # task links listed per annotator and error kind (all are in the MLflow table)
+
+CONFUSED_PAIRS = 3  # class swaps shown per annotator
 
 NO_PRODUCTION = "no production data yet"
 
@@ -254,6 +261,20 @@ class ProductionData:
 
 
 @dataclass(frozen=True)
+class LabelQualityData:
+    """The "Label quality" section: ``quality`` of the annotation log (no tasks while there is
+    no log; None when it could not be read) and ``task_url``, the Label Studio address a task id is
+    appended to (``<labelstudio.url>/projects/<id>/data/?task=``; None while the workspace has
+    no Label Studio project)."""
+
+    quality: LabelQuality | None
+    task_url: str | None = None
+
+    def link(self, task_id: int) -> str | None:
+        return None if self.task_url is None else f"{self.task_url}{int(task_id)}"
+
+
+@dataclass(frozen=True)
 class ReportData:
     """Everything the report shows. ``round`` is None before the first training run.
 
@@ -294,6 +315,7 @@ class ReportData:
     # Label Studio tasks that pulls rejected and that have not changed since ("Label Studio task
     # <id>: <reason>", see `Project.rejections`).
     rejections: Sequence[str] = ()
+    label_quality: LabelQualityData | None = None  # the annotation log's figures
     # How sure the figures are: bootstrap intervals ``(lo, hi)`` at ``confidence`` (None when
     # not logged), the paired gate's verdict and mAP50-95 difference ``(value, lo, hi)``.
     confidence: float = 0.95

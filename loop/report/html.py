@@ -9,22 +9,29 @@ import html
 import math
 from collections.abc import Sequence
 
+from loop.annotator_quality import most_confused
 from loop.report.advice import what_to_do_next
 from loop.report.data import (
+    CONFUSED_PAIRS,
     CORRECTION_KINDS,
     MAX_ALERTS,
     MAX_DISAGREEMENTS,
     NO_DATA,
     NO_PRODUCTION,
     REJECTIONS_LISTED,
+    TASK_LINKS,
     WORSE_THRESHOLD,
     Box,
     Disagreement,
+    LabelQualityData,
     ProductionData,
     ReportData,
 )
 from loop.report.plots import confusion_png, drift_png, learning_curve_png
 from loop.report.text import (
+    ERROR_KIND_TEXT,
+    LABEL_QUALITY_UNREADABLE,
+    NO_LABEL_QUALITY,
     delta_of,
     fmt_ci,
     fmt_int,
@@ -33,7 +40,9 @@ from loop.report.text import (
     fmt_seconds,
     fmt_signed,
     model_name,
+    reference_rule,
     trend,
+    waiting,
 )
 from loop.report.thumbnails import thumbnail_png
 
@@ -481,6 +490,7 @@ def render_html(data: ReportData) -> str:
 <section id="classes"><h2>Per class</h2>{_class_table(data)}</section>
 <section id="confusion"><h2>Confusion matrix (test split)</h2>{conf}</section>
 <section id="effort"><h2>Labeling effort</h2>{_effort_html(data)}</section>
+<section id="label-quality"><h2>Label quality</h2>{label_quality_html(data.label_quality)}</section>
 <section id="disagreement"><h2>Where model and labelers disagreed most</h2>
 {_disagreements_html(data)}</section>
 <section id="next-batch"><h2>Next batch</h2>{_next_batch_html(data)}</section>
@@ -511,6 +521,129 @@ def _rejections_html(data: ReportData) -> str:
         "<p>Their annotations were not used: fix or delete them in Label Studio; the next pull "
         f"judges them again.</p><ul>{items}</ul>{more}</section>"
     )
+
+
+def _task_links(section: LabelQualityData, task_ids: Sequence[int], limit: int = TASK_LINKS) -> str:
+    """Task ids as links that open each task in Label Studio (plain ids without a project)."""
+    items = []
+    for tid in task_ids[:limit]:
+        url = section.link(tid)
+        text = f"#{int(tid)}"
+        items.append(
+            f'<a class="task" href="{_h(url)}" data-task="{int(tid)}">{text}</a>'
+            if url is not None
+            else f'<span class="task" data-task="{int(tid)}">{text}</span>'
+        )
+    more = f" and {len(task_ids) - limit} more" if len(task_ids) > limit else ""
+    return ", ".join(items) + more
+
+
+def label_quality_html(section: LabelQualityData | None) -> str:
+    """The "Label quality" section's body: task counts, the per-annotator table, the tasks behind
+    each error kind (links to Label Studio), the review queue and the per-class agreement."""
+    if section is not None and section.quality is None:
+        return _nodata(LABEL_QUALITY_UNREADABLE)
+    lq = None if section is None else section.quality
+    if section is None or lq is None or not lq.tasks:
+        return _nodata(NO_LABEL_QUALITY)
+    stats = (
+        '<div class="stats" id="label-quality-stats">'
+        f'<div class="stat"><b id="lq-tasks">{lq.tasks}</b><span>tasks pulled</span></div>'
+        f'<div class="stat"><b id="lq-scored">{len(lq.scored_tasks)}</b>'
+        "<span>scored against a reference</span></div>"
+        f'<div class="stat"><b id="lq-review">{len(lq.review_tasks)}</b>'
+        "<span>waiting in review</span></div>"
+        f'<div class="stat"><b id="lq-single">{len(lq.single_tasks)}</b>'
+        "<span>one annotator (not scored)</span></div></div>"
+    )
+    rule = f'<p class="muted">{_h(reference_rule(lq))}</p>'
+    no_links = (
+        '<p class="muted">No Label Studio project is recorded for this workspace: task ids '
+        "without links.</p>"
+        if section.task_url is None
+        else ""
+    )
+    classes = list(lq.class_names)
+    if lq.scored_tasks:
+        rows, errors = [], []
+        for name, a in lq.annotators.items():
+            q = a.quality
+            c = len(classes)
+            if q is None:
+                cells = "<td>0</td>" + "<td>—</td>" * 5 + '<td style="text-align:left">—</td>'
+            else:
+                pairs = "; ".join(
+                    f"{r} → {x} ×{n}" for r, x, n in most_confused(q, classes, CONFUSED_PAIRS)
+                )
+                cells = (
+                    f"<td>{q.tasks}</td><td>{_h(fmt_num(q.precision))}</td>"
+                    f"<td>{_h(fmt_num(q.recall))}</td>"
+                    f"<td>{int(q.confusion[:c, c].sum())}</td>"
+                    f"<td>{int(q.confusion[c, :c].sum())}</td>"
+                    f"<td>{int(q.confusion[:c, :c].sum() - q.confusion[:c, :c].trace())}</td>"
+                    f'<td style="text-align:left">{_h(pairs or "—")}</td>'
+                )
+                for kind, ids in q.task_ids.items():
+                    if ids:
+                        errors.append(
+                            f'<li data-annotator="{_h(name)}" data-kind="{_h(kind)}">'
+                            f"<b>{_h(name)}</b> {_h(ERROR_KIND_TEXT[kind])} in {len(ids)} "
+                            f"task{'s' if len(ids) != 1 else ''}: "
+                            f"{_task_links(section, ids)}</li>"
+                        )
+            rows.append(
+                f'<tr data-annotator="{_h(name)}"><td class="name">{_h(name)}</td>{cells}'
+                f"<td>{_h(fmt_seconds(a.lead_time_median_s))}</td>"
+                f"<td>{_h(fmt_seconds(a.lead_time_total_s))}</td>"
+                f"<td>{a.tasks_annotated}</td></tr>"
+            )
+        table = (
+            '<h3>Per annotator</h3><table id="annotator-quality"><thead><tr><th>Annotator</th>'
+            "<th>Tasks scored</th><th>Precision</th><th>Recall</th><th>Missed</th><th>Extra</th>"
+            '<th>Class swaps</th><th style="text-align:left">Most confused (reference → '
+            "annotator)</th><th>Median lead time</th><th>Total lead time</th>"
+            f"<th>Tasks labeled</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+            '<p class="muted">Precision: share of the annotator\'s boxes that match a reference '
+            "box of the same class; recall: share of the reference boxes they found. Lead times "
+            "over every task they labeled.</p>"
+        )
+        table += (
+            '<h3>Tasks behind the errors</h3><ul id="error-tasks">' + "".join(errors) + "</ul>"
+            if errors
+            else '<p class="muted" id="error-tasks">No annotator differs from a reference.</p>'
+        )
+    else:
+        table = (
+            '<p class="nodata" id="no-reference">No task has an independent reference yet, so '
+            "no annotator is scored: a task needs two or more annotators (consensus) or a "
+            "lead's ground-truth annotation.</p>"
+        )
+    review = (
+        f'<h3>Review queue</h3><p id="review-queue">{_h(waiting(len(lq.review_tasks)))} '
+        "for a lead to resolve the annotators' disagreement: "
+        f"{_task_links(section, lq.review_tasks)}</p>"
+        if lq.review_tasks
+        else ""
+    )
+    if lq.agreement_tasks:
+        arows = "".join(
+            f'<tr data-class="{_h(c)}"><td class="name">{_h(c)}</td>'
+            f"<td>{_h(fmt_num(lq.agreement.get(c)))}</td></tr>"
+            for c in classes
+        )
+        agreement = (
+            '<h3>Per class agreement</h3><table id="class-agreement"><thead><tr><th>Class</th>'
+            f"<th>Agreement</th></tr></thead><tbody>{arows}</tbody></table>"
+            f'<p class="muted">Mean pairwise F1 of the annotators\' boxes of each class over the '
+            f"{lq.agreement_tasks} task{'s' if lq.agreement_tasks != 1 else ''} with two or more "
+            "annotators (review tasks included); — where no annotator drew the class.</p>"
+        )
+    else:
+        agreement = (
+            '<p class="muted" id="class-agreement">No task has two annotators yet: no per-class '
+            "agreement.</p>"
+        )
+    return stats + rule + no_links + table + review + agreement
 
 
 def production_html(data: ProductionData | None) -> str:

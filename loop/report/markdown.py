@@ -1,11 +1,35 @@
 """The report's short Markdown summary: headline, classes that got worse, what to do next,
-production alerts, rejected tasks."""
+label quality, production alerts, rejected tasks."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from loop.annotator_quality import most_confused
 from loop.report.advice import what_to_do_next
-from loop.report.data import NO_PRODUCTION, REJECTIONS_LISTED, ProductionData, ReportData
-from loop.report.text import delta_of, fmt_ci, fmt_int, fmt_num, fmt_seconds, fmt_signed, model_name
+from loop.report.data import (
+    CONFUSED_PAIRS,
+    NO_PRODUCTION,
+    REJECTIONS_LISTED,
+    TASK_LINKS,
+    LabelQualityData,
+    ProductionData,
+    ReportData,
+)
+from loop.report.text import (
+    ERROR_KIND_TEXT,
+    LABEL_QUALITY_UNREADABLE,
+    NO_LABEL_QUALITY,
+    delta_of,
+    fmt_ci,
+    fmt_int,
+    fmt_num,
+    fmt_seconds,
+    fmt_signed,
+    model_name,
+    reference_rule,
+    waiting,
+)
 
 _MD_SPECIAL = set("\\`*_[]<>|&#~!")
 
@@ -78,6 +102,7 @@ def render_markdown(data: ReportData, html_name: str | None = None) -> str:
             ]
     lines += ["", "## What to do next", ""]
     lines += [f"- **{a.level}**: {_md(a.text)}" for a in what_to_do_next(data)]
+    lines += label_quality_markdown(data.label_quality)
     lines += production_markdown(data.production)
     if data.rejections:
         lines += ["", f"## Rejected Label Studio tasks ({len(data.rejections)})", ""]
@@ -100,4 +125,91 @@ def production_markdown(data: ProductionData | None) -> list[str]:
     )
     for w in data.alerts[-5:][::-1]:
         lines.append(f"- **alert**: {_md(w.message)}")
+    return lines
+
+
+def _url(url: str) -> str:
+    # A Markdown link destination ends at a space or an unbalanced parenthesis.
+    return url.replace(" ", "%20").replace("(", "%28").replace(")", "%29")
+
+
+def _task_links(section: LabelQualityData, task_ids: Sequence[int]) -> str:
+    items = []
+    for tid in task_ids[:TASK_LINKS]:
+        url = section.link(tid)
+        items.append(f"[#{int(tid)}]({_url(url)})" if url is not None else f"#{int(tid)}")
+    more = f" and {len(task_ids) - TASK_LINKS} more" if len(task_ids) > TASK_LINKS else ""
+    return ", ".join(items) + more
+
+
+def label_quality_markdown(section: LabelQualityData | None) -> list[str]:
+    """Markdown lines of the "Label quality" section: counts, the per-annotator table, the tasks
+    behind each error kind and the review queue as Label Studio links, per-class agreement."""
+    lines = ["", "## Label quality", ""]
+    if section is not None and section.quality is None:
+        return [*lines, f"{_md(LABEL_QUALITY_UNREADABLE)}."]
+    lq = None if section is None else section.quality
+    if section is None or lq is None or not lq.tasks:
+        return [*lines, f"{_md(NO_LABEL_QUALITY)}."]
+    lines += [
+        f"- {lq.tasks} tasks pulled: {len(lq.scored_tasks)} scored against a reference, "
+        f"{len(lq.review_tasks)} waiting in review, {len(lq.single_tasks)} with one annotator "
+        "(not scored)",
+        "",
+        _md(reference_rule(lq)),
+    ]
+    classes = list(lq.class_names)
+    if lq.scored_tasks:
+        lines += [
+            "",
+            "| Annotator | Tasks scored | Precision | Recall | Missed | Extra | Class swaps "
+            "| Most confused | Median lead time | Total lead time | Tasks labeled |",
+            "|---|--:|--:|--:|--:|--:|--:|---|--:|--:|--:|",
+        ]
+        errors = []
+        c = len(classes)
+        for name, a in lq.annotators.items():
+            q = a.quality
+            if q is None:
+                cells = "0 | — | — | — | — | — | —"
+            else:
+                pairs = "; ".join(
+                    f"{r} → {x} ×{n}" for r, x, n in most_confused(q, classes, CONFUSED_PAIRS)
+                )
+                cells = (
+                    f"{q.tasks} | {fmt_num(q.precision)} | {fmt_num(q.recall)} | "
+                    f"{int(q.confusion[:c, c].sum())} | {int(q.confusion[c, :c].sum())} | "
+                    f"{int(q.confusion[:c, :c].sum() - q.confusion[:c, :c].trace())} | "
+                    f"{_md(pairs) or '—'}"
+                )
+                errors += [
+                    f"- {_md(name)} {ERROR_KIND_TEXT[kind]} in {len(ids)} task"
+                    f"{'s' if len(ids) != 1 else ''}: {_task_links(section, ids)}"
+                    for kind, ids in q.task_ids.items()
+                    if ids
+                ]
+            lines.append(
+                f"| {_md(name)} | {cells} | {fmt_seconds(a.lead_time_median_s)} | "
+                f"{fmt_seconds(a.lead_time_total_s)} | {a.tasks_annotated} |"
+            )
+        lines += ["", *errors] if errors else ["", "No annotator differs from a reference."]
+    else:
+        lines += [
+            "",
+            "No task has an independent reference yet, so no annotator is scored: a task needs "
+            "two or more annotators (consensus) or a lead's ground-truth annotation.",
+        ]
+    if lq.review_tasks:
+        lines += [
+            "",
+            f"- Review queue: {waiting(len(lq.review_tasks))} for a lead: "
+            f"{_task_links(section, lq.review_tasks)}",
+        ]
+    if lq.agreement_tasks:
+        agree = ", ".join(f"{_md(k)} {fmt_num(lq.agreement.get(k))}" for k in classes)
+        lines += [
+            "",
+            f"- Per-class agreement (mean pairwise F1 over {lq.agreement_tasks} tasks with two "
+            f"or more annotators): {agree}",
+        ]
     return lines

@@ -3,6 +3,24 @@
 from __future__ import annotations
 
 import math
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from loop.annotator_quality import LabelQuality
+
+NO_LABEL_QUALITY = (
+    "the annotation log holds no pulled task; the figures appear once `defect-loop pull` brings "
+    "back labeled tasks"
+)
+
+LABEL_QUALITY_UNREADABLE = "the annotation log could not be read: see the notes at the end"
+
+# What each error kind of `loop.annotator_quality` means, as the report words it.
+ERROR_KIND_TEXT = {
+    "missed": "missed reference boxes",
+    "extra": "drew boxes the reference does not have",
+    "confused": "gave a matched box another class",
+}
 
 
 def fmt_pct(x: float) -> str:
@@ -52,3 +70,22 @@ def model_name(version: str | None, rnd: int | None) -> str:
     if rnd is not None:
         parts.append(f"round {rnd}")
     return ", ".join(parts) if parts else "the model"
+
+
+def reference_rule(lq: LabelQuality) -> str:
+    """How the reference was chosen, with this log's counts (the section's caption)."""
+    n = lq.status_counts
+    return (
+        "Each annotator is scored against the label each task ended with: the consensus of the "
+        f"merged tasks ({n.get('merged', 0)}), which their own boxes helped make, so it flatters "
+        f"them, or the lead's resolved ground truth ({n.get('ground_truth', 0)} tasks; the lead's "
+        f"own annotation is not scored). Tasks with one annotator ({n.get('single', 0)}) have no "
+        f"independent reference and tasks waiting in review ({n.get('review', 0)}) none yet: "
+        f"neither is scored. Boxes match one-to-one at IoU ≥ {lq.min_iou:g} (the correction "
+        "analytics' matching); figures cover every task pulled so far (the newest pull of each)."
+    )
+
+
+def waiting(n: int) -> str:
+    """``1 task waits`` / ``3 tasks wait``."""
+    return f"{n} task waits" if n == 1 else f"{n} tasks wait"

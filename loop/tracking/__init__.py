@@ -14,7 +14,10 @@ Run tags written here (all prefixed ``defect_loop.``): ``kind``, ``round``, ``da
 (64 hex), ``dataset_parent``, ``test_split_digest``, ``dataset_uri``, ``weights_file``, ``status``
 and, after the gate, ``promoted``, ``promotion_reason``, ``compared_to``, ``class_drops`` (JSON)
 plus, from the paired gate (`loop.quality`), ``gate_verdict``, ``gate_difference``,
-``bootstrap``, ``preannotation_hidden`` (JSON list) and ``test_split_warnings`` (JSON list).
+``bootstrap``, ``preannotation_hidden`` (JSON list) and ``test_split_warnings`` (JSON list);
+``label_quality_error`` when the annotation log could not be read. A training run also gets the
+label quality of the annotation log (``label_quality.*`` metrics and
+``label_quality/label_quality.json``, `Records.log_label_quality`).
 
 One module per concern, joined in `Tracker`: `base` (the client, the experiment), `models`
 (trainings, registry, champion), `production` (bundles and the ``production`` alias), `records`
@@ -26,7 +29,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from loop.tracking.base import CANDIDATE, CHAMPION, CONFUSION_ARTIFACT, PRODUCTION, TAG
+from loop.tracking.base import (
+    CANDIDATE,
+    CHAMPION,
+    CONFUSION_ARTIFACT,
+    LABEL_QUALITY_ARTIFACT,
+    PRODUCTION,
+    TAG,
+)
 from loop.tracking.gate import Promotion, class_metric, gate, metric_name
 from loop.tracking.models import Champion, ModelRegistry
 from loop.tracking.production import Production, ProductionBundle, ProductionMove
@@ -56,6 +66,7 @@ __all__ = [
     "CANDIDATE",
     "CHAMPION",
     "CONFUSION_ARTIFACT",
+    "LABEL_QUALITY_ARTIFACT",
     "MANIFEST_SOURCE_TYPE",
     "PRODUCTION",
     "TAG",

@@ -21,6 +21,8 @@ PRODUCTION = "production"
 TAG = "defect_loop."
 # Where a training run keeps its test confusion matrix (JSON: classes, matrix).
 CONFUSION_ARTIFACT = "eval/confusion_matrix.json"
+# Where a training run keeps the label quality table (`loop.annotator_quality.label_quality_to_json`).
+LABEL_QUALITY_ARTIFACT = "label_quality/label_quality.json"
 # The search filter of finished training runs.
 FINISHED_TRAINING = "tags.`defect_loop.kind` = 'train' and attributes.status = 'FINISHED'"
 

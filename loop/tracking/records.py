@@ -9,10 +9,13 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from loop.errors import ServiceError
-from loop.tracking.base import FINISHED_TRAINING, TAG, TrackerBase
+from loop.errors import DatasetError, LabelQualityError, ServiceError, UnknownLabelError
+from loop.tracking.base import FINISHED_TRAINING, LABEL_QUALITY_ARTIFACT, TAG, TrackerBase
+
+if TYPE_CHECKING:
+    from loop.annotator_quality import LabelQuality
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,33 @@ class Records(TrackerBase):
         from mlflow.entities import RunTag
 
         self.client.log_batch(run_id, tags=[RunTag(k, v) for k, v in tags.items()])
+
+    # ------------------------------------------------------------------ label quality
+    def log_label_quality(self, run_id: str) -> LabelQuality | None:
+        """Log the label quality of the workspace's annotation log (`loop.annotator_quality`) to
+        run ``run_id``: `label_quality_metrics` as metrics (``label_quality.*``) and the full
+        table, `label_quality_to_json`, as the artifact ``label_quality/label_quality.json``.
+        Returns the figures; None, logging nothing, while the log holds no task. A log that
+        cannot be read does not fail the run: its reason goes to the tag
+        ``defect_loop.label_quality_error`` (and the report's notes) and None is returned."""
+        from loop.annotator_quality import (
+            label_quality_metrics,
+            label_quality_to_json,
+            read_label_quality,
+        )
+
+        try:
+            lq = read_label_quality(self.cfg.paths.annotation_log, list(self.cfg.classes))
+        except (DatasetError, UnknownLabelError, LabelQualityError) as exc:
+            self.log_tags(run_id, {TAG + "label_quality_error": str(exc)[:4000]})
+            return None
+        if not lq.tasks:
+            return None
+        self.log_metrics(run_id, label_quality_metrics(lq))
+        self.client.log_text(
+            run_id, json.dumps(label_quality_to_json(lq), indent=1), LABEL_QUALITY_ARTIFACT
+        )
+        return lq
 
     # ------------------------------------------------------------------ the oracle replay
     def ensure_experiment(self, name: str, artifact_location: str | None) -> None:

@@ -17,12 +17,17 @@ import shutil
 import subprocess
 import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 from PIL import Image, ImageDraw
 
+from loop.annotation_log import AnnotationRecord, TaskOutcome
+from loop.annotator_quality import label_quality
+from loop.detections import Detections
 from loop.report import (
     Box,
     ClassCorrections,
@@ -30,6 +35,7 @@ from loop.report import (
     Confusion,
     Disagreement,
     Effort,
+    LabelQualityData,
     NextBatch,
     ReportData,
     RoundPoint,
@@ -251,6 +257,46 @@ def photo(path: Path) -> Path:
     return path
 
 
+TASK_URL = "http://127.0.0.1:8080/projects/3/data/?task="
+
+
+def label_quality_data(classes: list[str]) -> LabelQualityData:
+    """Two annotators (one with a hostile name) on a merged task: one misses a box and swaps a
+    class; a task waits in review."""
+
+    def det(ids: list[int]) -> Detections:
+        boxes = [[10, 10, 60, 60], [100, 100, 150, 150], [200, 20, 260, 80]][: len(ids)]
+        return Detections(np.array(boxes, dtype=float).reshape(-1, 4), np.array(ids), (320, 240))
+
+    t0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
+    evil_annotator = '<img src=x onerror="alert(2)">'
+    outcomes = [
+        TaskOutcome(
+            41,
+            "a" * 64,
+            t0,
+            "merged",
+            (
+                AnnotationRecord("ana@example.com", 1, det([0, 1, 2]), 30.0),
+                AnnotationRecord(evil_annotator, 2, det([0, 2]), 45.0),
+            ),
+            det([0, 1, 2]),
+            "d" * 64,
+        ),
+        TaskOutcome(
+            42,
+            "b" * 64,
+            t0,
+            "review",
+            (
+                AnnotationRecord("ana@example.com", 3, det([0]), 20.0),
+                AnnotationRecord(evil_annotator, 4, det([1]), 25.0),
+            ),
+        ),
+    ]
+    return LabelQualityData(label_quality(outcomes, classes), TASK_URL)
+
+
 def report_data(image: Path) -> ReportData:
     classes = ["scratch", "pit", EVIL]
     dis = [
@@ -311,6 +357,7 @@ def report_data(image: Path) -> ReportData:
         ),
         disagreements=dis,
         next_batch=NextBatch("entropy (max)", 24, {"scratch": 19, "pit": 11, EVIL: 3}, 3, 2),
+        label_quality=label_quality_data(classes),
     )
 
 
@@ -345,17 +392,23 @@ def test_report_page_in_headless_chromium(browser: Browser, tmp_path: Path) -> N
             "worse: [...document.querySelectorAll('tr.worse td.name')].map(t => t.textContent), "
             "classes: [...document.querySelectorAll('#class-table td.name')].map(t => t.textContent), "
             "annotators: [...document.querySelectorAll('#annotator-table td.name')]"
-            ".map(t => t.textContent), title: document.title})",
+            ".map(t => t.textContent), title: document.title, "
+            "quality: [...document.querySelectorAll('#annotator-quality td.name')]"
+            ".map(t => t.textContent), "
+            "taskLinks: [...document.querySelectorAll('#label-quality a.task')].map(a => a.href)})",
             session,
         )
     )
     assert facts["scripts"] == 0  # the escaped names did not become elements
-    assert len(facts["imgs"]) == 2 + 10  # two plots, ten thumbnails, all decoded
+    assert len(facts["imgs"]) == 2 + 10  # two plots, ten thumbnails, all decoded (no <img> name)
     assert all(ok and w > 0 for ok, w in facts["imgs"])
     assert facts["worse"] == ["pit"]
     assert facts["classes"] == ["scratch", "pit", EVIL]  # shown as text, verbatim
     assert '<img src=x onerror="alert(1)">' in facts["annotators"]
     assert facts["title"] == "defect-loop report: line-3 <b>coils</b>, round 3"
+    assert facts["quality"] == ['<img src=x onerror="alert(2)">', "ana@example.com"]
+    # The hostile annotator missed a box and swapped a class in task 41; task 42 is in review.
+    assert facts["taskLinks"] == [TASK_URL + "41", TASK_URL + "41", TASK_URL + "42"]
 
     errors, requests = browser.problems(session)
     assert errors == []

@@ -234,7 +234,8 @@ def test_markdown_summary() -> None:
 def test_sections_degrade_to_no_data() -> None:
     bare = ReportData(project="p", round=1, classes=["a"], promoted=True)
     page = render_html(bare)
-    assert page.count(NO_DATA) == 6  # curve, classes, confusion, effort, disagreements, batch
+    # curve, classes, confusion, effort, label quality, disagreements, batch
+    assert page.count(NO_DATA) == 7
     assert parse(page).text["champion-map50"] == "—"
     render_markdown(bare)
     none = ReportData(project="p", round=None, classes=["a"])

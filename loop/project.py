@@ -677,6 +677,8 @@ class Project:
                 self.cfg.guidelines,
                 polygons=self.cfg.labelstudio.polygons,
                 project_id=self.state.ls_project_id,
+                brush=self.cfg.labelstudio.brush,
+                keypoints=self.cfg.keypoints or None,
             )
             gw.ensure_local_storage(pid, self.cfg.paths.images)
             if self.state.ls_project_id != pid:

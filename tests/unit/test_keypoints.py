@@ -5,6 +5,7 @@ the pull rules that turn Label Studio keypoint regions into keypoints of instanc
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -457,3 +458,41 @@ def test_keypoint_result_round_trip() -> None:
     (got,) = v.label.keypoints[0]
     assert got.name == "tip_b"
     assert got.x == pytest.approx(33.0, abs=1e-9) and got.y == pytest.approx(71.5, abs=1e-9)
+
+
+def test_datasets_commands_show_diff_and_export_keypoints(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+
+    cfg = _yaml(tmp_path, keypoints={"crack": ["tip_a", "tip_b"]})
+    rows = [image(1, [[10, 5, 70, 40]], [2], TIPS), image(3, [[1, 1, 9, 9]], [2], split="val")]
+    a = DatasetVersion.create(CLASSES, rows)
+    moved = ((Keypoint("tip_a", 21.0, 10.0), TIPS[0][1]),)
+    b = a.with_labels([image(1, [[10, 5, 70, 40]], [2], moved)])
+    store = DatasetStore(tmp_path / ".defect-loop" / "datasets")
+    store.save(a), store.save(b)
+    images = tmp_path / ".defect-loop" / "images"
+    images.mkdir(parents=True)
+    for r in b.rows:
+        (images / r.path).write_bytes(b"img")
+    runner = CliRunner()
+    r = runner.invoke(app, ["datasets", "diff", a.digest[:8], b.digest[:8], "-c", str(cfg)])
+    assert r.exit_code == 0, r.output
+    assert "images with changed keypoints: 1" in r.output
+    assert f"keypoints changed: {sha(1)[:12]}" in r.output
+    r = runner.invoke(app, ["datasets", "show", b.digest[:8], "--json", "-c", str(cfg)])
+    assert json.loads(r.output)["keypoint_counts"] == {"scratch": 0, "dent": 0, "crack": 2}
+    # dent and scratch name no keypoints: no fixed keypoint count, a clear error
+    out = tmp_path / "pose"
+    r = runner.invoke(app, ["datasets", "export", b.digest[:8], str(out), "--pose", "-c", str(cfg)])
+    assert r.exit_code != 0 and "class 'scratch' has no keypoints" in r.output
+    cfg.write_text(yaml.safe_dump({"classes": CLASSES, "keypoints": KP}))
+    r = runner.invoke(
+        app, ["datasets", "export", b.digest[:8], str(tmp_path / "pose2"), "--pose", "-c", str(cfg)]
+    )
+    assert r.exit_code == 0, r.output
+    label = (tmp_path / "pose2" / "train" / "labels" / f"{sha(1)}.txt").read_text()
+    assert label == (
+        "2 0.200000 0.225000 0.300000 0.350000 0.105000 0.100000 2 0.302500 0.302500 1\n"
+    )

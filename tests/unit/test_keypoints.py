@@ -496,3 +496,65 @@ def test_datasets_commands_show_diff_and_export_keypoints(tmp_path: Path) -> Non
     assert label == (
         "2 0.200000 0.225000 0.300000 0.350000 0.105000 0.100000 2 0.302500 0.302500 1\n"
     )
+
+
+def test_pose_labels_ingest_then_export_byte_identical(tmp_path: Path) -> None:
+    """Pose label files -> `ingest --pose` -> the version holds the keypoints -> `datasets export
+    --pose` writes the same files again."""
+    from typer.testing import CliRunner
+
+    from loop.cli import app
+    from loop.images import sha256_file
+    from loop.project import Project
+    from loop.synth import SYNTH_CLASSES, generate, write_dataset
+
+    classes = list(SYNTH_CLASSES)
+    keypoints = {c: ["a", "b"] for c in classes}
+    cfg = tmp_path / "defect-loop.yaml"
+    cfg.write_text(yaml.safe_dump({"classes": classes, "keypoints": keypoints}))
+    data = tmp_path / "data"
+    write_dataset(data, 16, seed=2, size=64)
+    samples = generate(16, 2, 64)
+    slots = pose_slots(classes, keypoints)
+    rng = np.random.default_rng(0)
+    written: dict[str, str] = {}
+    for txt, sample in zip(sorted((data / "labels").glob("*.txt")), samples, strict=True):
+        assert txt.stem == sample.name
+        det = sample.labels
+        kps = tuple(
+            tuple(
+                Keypoint(n, float(rng.uniform(x1, x2)), float(rng.uniform(y1, y2)), v)
+                for n, v in (("a", 2), ("b", 1))
+                if rng.random() < 0.7
+            )
+            for x1, y1, x2, y2 in det.xyxy.tolist()
+        )
+        text = "".join(f"{ln}\n" for ln in instances_to_yolo_pose_lines(det, kps, slots))
+        txt.write_text(text)
+        written[txt.stem] = text
+    runner = CliRunner()
+    r = runner.invoke(
+        app,
+        [
+            "ingest",
+            str(data / "images"),
+            "--labels",
+            str(data / "labels"),
+            "--pose",
+            "-c",
+            str(cfg),
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    project = Project(load_config(cfg))
+    version = project.current_version()
+    assert version is not None and len(version) == 16 and version.has_keypoints
+    out = tmp_path / "out"
+    r = runner.invoke(
+        app, ["datasets", "export", version.digest[:8], str(out), "--pose", "-c", str(cfg)]
+    )
+    assert r.exit_code == 0, r.output
+    by_sha = {sha256_file(p): p.stem for p in (data / "images").glob("*.png")}
+    for row in version.rows:
+        exported = (out / row.split / "labels" / f"{row.sha256}.txt").read_text()
+        assert exported == written[by_sha[row.sha256]]

@@ -25,7 +25,7 @@ import numpy as np
 
 from loop.detections import Detections
 from loop.errors import ConfigError, ConversionError
-from loop.polygons import Rings, rings_to_mask
+from loop.polygons import Rings
 
 VISIBLE = 2
 OCCLUDED = 1
@@ -145,17 +145,24 @@ def _box_distance(x: float, y: float, box: Sequence[float]) -> float:
 
 
 def _inside_rings(x: float, y: float, rings: Rings, box: Sequence[float]) -> bool:
+    """Whether the pixel holding ``(x, y)`` is in the even-odd fill of ``rings`` sampled at its
+    centre, as `loop.polygons.rings_to_mask` samples it (a point on the box's right or bottom
+    edge counts as the last pixel inside)."""
     if _box_distance(x, y, box) > 0:
         return False
-    # The pixel holding the point, against the instance's even-odd fill (pixel centres).
-    x1, y1 = math.floor(box[0]), math.floor(box[1])
-    w = max(1, math.ceil(box[2]) - x1)
-    h = max(1, math.ceil(box[3]) - y1)
-    shifted = tuple(r - np.array([x1, y1], dtype=np.float64) for r in rings)
-    mask = rings_to_mask(shifted, (w, h))
-    i = min(max(math.floor(x) - x1, 0), w - 1)
-    j = min(max(math.floor(y) - y1, 0), h - 1)
-    return bool(mask[j, i])
+    cx = min(math.floor(x), math.ceil(box[2]) - 1) + 0.5
+    cy = min(math.floor(y), math.ceil(box[3]) - 1) + 0.5
+    inside = False
+    for ring in rings:
+        ax, ay = ring[:, 0], ring[:, 1]
+        bx, by = np.roll(ax, -1), np.roll(ay, -1)
+        spans = (np.minimum(ay, by) <= cy) & (cy < np.maximum(ay, by))
+        if not spans.any():
+            continue
+        ax, ay, bx, by = ax[spans], ay[spans], bx[spans], by[spans]
+        x_cross = ax + (cy - ay) * (bx - ax) / (by - ay)
+        inside ^= bool(np.count_nonzero(cx < x_cross) % 2)
+    return inside
 
 
 def assign_to_instance(

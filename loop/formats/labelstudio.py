@@ -907,7 +907,21 @@ def _annotation_labels(
         )
     results = _region_results(raw)
     if polygons and brush is not None:
-        results += [r for r in raw if r.get("type") == BRUSH]
+        brushes = [r for r in raw if r.get("type") == BRUSH]
+        for r in brushes:
+            # Checked before decoding: the decoder allocates the whole image the region claims.
+            if data_wh is None:
+                raise ConversionError(
+                    f"brush {r.get('id')!r}: the task data has no width/height to decode it "
+                    "against; push the image again through defect-loop"
+                )
+            claimed = (r.get("original_width", data_wh[0]), r.get("original_height", data_wh[1]))
+            if claimed != data_wh:
+                raise ConversionError(
+                    f"brush {r.get('id')!r} was painted on a {claimed[0]}x{claimed[1]} image but "
+                    f"the task's image is {data_wh[0]}x{data_wh[1]} px; repaint it"
+                )
+        results += brushes
     points = [r for r in raw if r.get("type") == KEYPOINT] if keypoints else []
     defect_free = _marked_defect_free(raw)  # also validates the verdict choice
     if (results or points) and defect_free:

@@ -18,15 +18,20 @@ import numpy.typing as npt
 from loop.errors import ConversionError
 
 ALPHA_THRESHOLD = 128
+# The largest image a brush mask is decoded for (pixels): the decoder allocates 4 bytes a pixel
+# before it reads a run, so a region that claims a huge image is refused first. Above the pool's
+# default `ingest.max_pixels` (40 M).
+MAX_PIXELS = 64_000_000
 
 
 def rle_to_mask(rle: Any, image_wh: tuple[int, int]) -> npt.NDArray[np.bool_]:
     """A brush region's ``rle`` -> its ``(height, width)`` bool mask on an image of
     ``image_wh`` pixels, decoded by `label_studio_sdk.converter.brush.decode_rle`.
 
-    Raises `ConversionError` when ``rle`` is not a list of byte values, when its header does not
-    announce ``width x height x 4`` values (checked before decoding, so a forged header cannot
-    make the decoder allocate more than the image), or when it does not decode.
+    Raises `ConversionError` when ``rle`` is not a list of byte values, when the image is larger
+    than `MAX_PIXELS`, when its header does not announce ``width x height x 4`` values (checked
+    before decoding, so a forged header cannot make the decoder allocate more than the image),
+    or when it does not decode.
     """
     from label_studio_sdk.converter.brush import decode_rle
 
@@ -35,6 +40,10 @@ def rle_to_mask(rle: Any, image_wh: tuple[int, int]) -> npt.NDArray[np.bool_]:
     if not all(isinstance(b, int) and not isinstance(b, bool) and 0 <= b <= 255 for b in rle):
         raise ConversionError("brush mask: rle must hold whole numbers 0-255")
     w, h = image_wh
+    if w * h > MAX_PIXELS:
+        raise ConversionError(
+            f"brush mask: a {w}x{h} image is larger than {MAX_PIXELS} pixels; not decoded"
+        )
     announced = int.from_bytes(bytes(rle[:4]), "big")
     if announced != w * h * 4:
         raise ConversionError(

@@ -192,3 +192,25 @@ def test_pull_refuses_bad_brushes_per_task(case: str, region: dict, message: str
 def test_mask_to_rle_refuses_a_non_2d_mask() -> None:
     with pytest.raises(ConversionError, match="2-D"):
         mask_to_rle(np.zeros((2, 2, 2)))
+
+
+def test_a_brush_claiming_a_huge_image_is_refused_before_decoding() -> None:
+    # A forged region: 30k x 30k px and a header announcing exactly that many values; the
+    # decoder would allocate 3.6 GB. Refused by size, and by the task's size in a pull.
+    side = 30_000
+    forged = [*(side * side * 4).to_bytes(4, "big")] + [0] * 8
+    with pytest.raises(ConversionError, match="larger than"):
+        rle_to_mask(forged, (side, side))
+    region = brush(_blob(), original_width=side, original_height=side, value={"rle": forged})
+    v = judge_task(task([region], tid=5), CLASSES, {}, polygons=True, brush=rle_to_mask)
+    assert v.rejected is not None and "30000x30000 image but the task's image is 200x100" in (
+        v.rejected.reason
+    )
+
+
+def test_a_brush_on_a_task_without_a_size_is_refused() -> None:
+    t = task([brush(_blob())], tid=6)
+    del t["data"]["width"], t["data"]["height"]
+    v = judge_task(t, CLASSES, {}, polygons=True, brush=rle_to_mask)
+    assert v.rejected is not None and v.rejected.task_id == 6
+    assert "no width/height" in v.rejected.reason

@@ -10,7 +10,10 @@ example), with or without that choice; the labeling instructions say so.
 Optional controls: a ``BrushLabels`` named ``brush`` with the class labels (``segment``
 projects: a painted mask is kept as a polygon instance), and a ``KeyPointLabels`` named
 ``keypoint`` with one label ``<class>/<name>`` per configured keypoint (`loop.keypoints`),
-coloured like its class.
+coloured like its class. Label Studio's editor (1.23) links a region to a parent when the labeler
+drags it onto that region in the Regions list (it then exports ``parentID``); each class label
+with keypoints gets ``groupcancontain`` = its keypoint labels, so only those can be dropped on a
+region of that class.
 """
 
 from __future__ import annotations
@@ -86,10 +89,14 @@ def label_config_xml(
         controls.append(("PolygonLabels", POLYGON_NAME))
     if brush:
         controls.append(("BrushLabels", BRUSH_NAME))
+    labels = keypoint_labels(keypoints, class_names) if keypoints else {}
     for tag, name in controls:
         el = ET.SubElement(view, tag, name=name, toName=TO_NAME)
         for i, cls in enumerate(class_names):
-            ET.SubElement(el, "Label", value=cls, background=_colour(i, len(class_names)))
+            lbl = ET.SubElement(el, "Label", value=cls, background=_colour(i, len(class_names)))
+            children = [label for label, (c, _) in labels.items() if c == cls]
+            if children and not any("," in c for c in children):  # a comma-separated list
+                lbl.set("groupcancontain", ",".join(children))
     if keypoints:
         el = ET.SubElement(view, "KeyPointLabels", name=KEYPOINT_NAME, toName=TO_NAME)
         for label, (cls, _) in keypoint_labels(keypoints, class_names).items():
@@ -130,9 +137,9 @@ def instructions_html(
         )
         parts.append(
             "<p><b>Keypoints</b> (at most one of each name per defect):</p>"
-            f"<ul>{names}</ul><p>Select the defect's region before placing its keypoints, so "
-            "they are linked to it. An unlinked keypoint goes to the smallest region of its "
-            "class that contains it, else to the nearest region of its class.</p>"
+            f"<ul>{names}</ul><p>To link a keypoint to its defect, drag the keypoint onto the "
+            "defect's region in the Regions list. An unlinked keypoint goes to the smallest "
+            "region of its class that contains it, else to the nearest region of its class.</p>"
         )
     parts.append(
         "<p><b>Defect-free image:</b> submit it with NO regions (you may tick "

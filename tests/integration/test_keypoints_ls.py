@@ -102,6 +102,8 @@ def test_keypoints_and_brush_from_a_real_server_reach_the_version(ls_server, mon
         info = gw.project_info(project.state.ls_project_id)
         assert info["brush"] and info["keypoints"] and info["polygons"]
         assert "crack/tip_a" in info["label_config"] and "pit/centre" in info["label_config"]
+        # the editor may nest only a crack's keypoints under a crack region
+        assert 'groupcancontain="crack/tip_a,crack/tip_b"' in info["label_config"]
 
         # Task a: a crack polygon (upper left), a crack brush (lower half), a pit polygon.
         # tip_a is linked to the polygon by parentID although it lies inside the brush region

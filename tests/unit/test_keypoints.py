@@ -288,6 +288,9 @@ def test_label_config_offers_keypoints_and_brush_when_asked() -> None:
     assert has_control(xml, "KeyPointLabels", "keypoint")
     assert has_control(xml, "BrushLabels", "brush")
     assert 'value="crack/a"' in xml and 'value="crack/b"' in xml
+    # only a crack's own keypoints may be nested under a crack region in the editor
+    assert xml.count('groupcancontain="crack/a,crack/b"') == 3  # rectangle, polygon, brush
+    assert xml.count("groupcancontain") == 3
     plain = label_config_xml(CLASSES, polygons=True)
     assert not has_control(plain, "KeyPointLabels", "keypoint")
     assert not has_control(plain, "BrushLabels", "brush")

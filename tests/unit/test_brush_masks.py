@@ -214,3 +214,24 @@ def test_a_brush_on_a_task_without_a_size_is_refused() -> None:
     v = judge_task(t, CLASSES, {}, polygons=True, brush=rle_to_mask)
     assert v.rejected is not None and v.rejected.task_id == 6
     assert "no width/height" in v.rejected.reason
+
+
+def test_hostile_brush_fields_reject_their_task_never_crash() -> None:
+    """Fields of a brush region replaced by hostile values (seeded): a verdict, never a crash."""
+    hostile = [None, True, "x", [], {}, [300], [-1] * 8, [1.5] * 8, float("nan"), -1, 10**30]
+    rng = np.random.default_rng(11)
+    base = brush(_blob())
+    paths = [("value",), ("value", "rle"), ("value", "format"), ("value", "brushlabels"),
+             ("original_width",), ("original_height",), ("type",)]  # fmt: skip
+    rejected = 0
+    for _ in range(200):
+        region = {**base, "value": dict(base["value"])}
+        path = paths[int(rng.integers(len(paths)))]
+        bad = hostile[int(rng.integers(len(hostile)))]
+        (region["value"] if len(path) == 2 else region)[path[-1]] = bad
+        v = judge_task(task([region], tid=4), CLASSES, {}, polygons=True, brush=rle_to_mask)
+        assert v.task_id == 4 and (v.label is None) != (v.rejected is None)
+        rejected += v.rejected is not None
+        if v.label is not None and len(v.label.detections):
+            assert np.array_equal(rings_to_mask(v.label.polygons[0], (W, H)), _blob())
+    assert rejected > 100

@@ -561,3 +561,56 @@ def test_pose_labels_ingest_then_export_byte_identical(tmp_path: Path) -> None:
     for row in version.rows:
         exported = (out / row.split / "labels" / f"{row.sha256}.txt").read_text()
         assert exported == written[by_sha[row.sha256]]
+
+
+HOSTILE = [
+    None,
+    True,
+    "x",
+    "",
+    [],
+    {},
+    [1, 2],
+    {"a": 1},
+    float("nan"),
+    float("inf"),
+    -1,
+    1e308,
+    10**30,
+]
+
+
+def test_hostile_keypoint_fields_reject_their_task_never_crash() -> None:
+    """Every field of a keypoint region replaced by hostile values (seeded): the pull rules give
+    a verdict for the task (a label whose keypoints are valid, or a rejection), never raise."""
+    rng = np.random.default_rng(7)
+    base = kp(10, 20, parent="small")
+    paths = [
+        ("value",),
+        ("value", "x"),
+        ("value", "y"),
+        ("value", "keypointlabels"),
+        ("parentID",),
+        ("original_width",),
+        ("original_height",),
+        ("id",),
+        ("type",),
+    ]
+    verdicts = {"label": 0, "rejected": 0}
+    for _ in range(300):
+        region = {**base, "value": dict(base["value"])}
+        for path in [paths[i] for i in rng.choice(len(paths), size=2, replace=False)]:
+            bad = HOSTILE[int(rng.integers(len(HOSTILE)))]
+            target = region["value"] if len(path) == 2 else region
+            if isinstance(target, dict):
+                target[path[-1]] = bad
+        v = judge_task(task([BIG, SMALL, region], tid=3), CLASSES, {}, keypoints=KP)
+        assert v.task_id == 3 and (v.label is None) != (v.rejected is None)
+        if v.label is not None:
+            for inst in v.label.keypoints:
+                for k in inst:
+                    assert 0 <= k.x <= 200 and 0 <= k.y <= 100 and k.name in {"tip_a", "tip_b"}
+            verdicts["label"] += 1
+        else:
+            verdicts["rejected"] += 1
+    assert verdicts["rejected"] > 100 and verdicts["label"] > 10  # both outcomes were reached

@@ -57,6 +57,9 @@ class LabelStudioConfig(_Section):
     # Labelers may also draw polygons (PolygonLabels). In a detect project a polygon becomes its
     # bounding box; in a segment project (always on there) it is kept as a polygon instance.
     polygons: bool = False
+    # Labelers may also paint masks (BrushLabels); `segment` projects only. Pull decodes each
+    # brush region with label-studio-sdk's RLE decoder and keeps it as a polygon instance.
+    brush: bool = False
     # Progress bars for push (shown only when stderr is a terminal).
     progress: bool = True
     # A pulled annotation with more regions than this is rejected (per task), not imported.
@@ -488,6 +491,9 @@ class ProjectConfig(BaseSettings):
     name: str = "defect-loop"
     task: TaskType = "detect"
     classes: list[str]
+    # Keypoints per class, in slot order: ``{crack: [tip_a, tip_b], pit: [centre]}``
+    # (`loop.keypoints`). Labeled in Label Studio and versioned; not predicted (no pose model).
+    keypoints: dict[str, list[str]] = Field(default_factory=dict)
     workspace: Path = Path(".defect-loop")
     guidelines: str = (
         "Draw a tight box around every visible defect and pick its class. "
@@ -541,6 +547,21 @@ class ProjectConfig(BaseSettings):
                     "labelstudio.polygons: false (a segment project always offers PolygonLabels)"
                 )
             self.labelstudio.polygons = True
+        return self
+
+    @model_validator(mode="after")
+    def _check_keypoints_and_brush(self) -> ProjectConfig:
+        from loop.keypoints import check_keypoint_config
+
+        try:
+            check_keypoint_config(self.keypoints, self.classes)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        if self.labelstudio.brush and self.task != "segment":
+            raise ValueError(
+                "labelstudio.brush needs task: segment (a brush mask is kept as a polygon "
+                "instance); remove labelstudio.brush or start a segment project"
+            )
         return self
 
     @model_validator(mode="after")

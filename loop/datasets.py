@@ -20,6 +20,13 @@ digest and any change to a box, a class, a split or the class list gives a new o
   Lines without polygons are exactly the box-only lines above, so a detect project's digests are
   what they were before polygons existed, and a moved vertex gives a new digest.
 
+  An image with keypoints (`loop.keypoints`) then adds ``|keypoints=<instance>;<instance>;...``,
+  each instance written ``<box>#<keypoint>+<keypoint>...`` and each keypoint
+  ``<name>@<x>,<y>,<visibility>`` (pixels, ``"{:.3f}"``; keypoints sorted by name, instances
+  sorted as strings); an instance without keypoints is not listed. Lines without keypoints are
+  unchanged, so versions written before keypoints existed keep their digests, and a moved
+  keypoint gives a new digest.
+
 So row order in the manifest, box order within an image and sub-millipixel float noise do not
 change the digest. Provenance (who labeled, which Label Studio task) is stored but not hashed: it
 describes the labels, it is not the labels.
@@ -49,7 +56,19 @@ import pyarrow.parquet as pq
 from loop.config import SplitConfig, TaskType
 from loop.detections import Detections
 from loop.errors import ConversionError, DatasetError
-from loop.formats.yolo import detections_to_yolo_lines, polygons_to_yolo_seg_lines
+from loop.formats.yolo import (
+    detections_to_yolo_lines,
+    instances_to_yolo_pose_lines,
+    polygons_to_yolo_seg_lines,
+    pose_slots,
+)
+from loop.keypoints import (
+    InstanceKeypoints,
+    Keypoint,
+    KeypointNames,
+    check_instance_keypoints,
+    instance_keypoints_key,
+)
 from loop.polygons import Rings, as_ring, instance_key, rings_bbox
 
 Split = Literal["train", "val", "test"]
@@ -80,6 +99,10 @@ class LabeledImage:
     ``polygons``: empty (boxes only), or one `loop.polygons.Rings` per box, in the boxes' order;
     an instance with rings has its box equal to their bounding box, one with ``()`` is a box
     without a polygon. Raises `DatasetError` when the two disagree.
+
+    ``keypoints``: empty (none), or one `loop.keypoints.InstanceKeypoints` per box, in the boxes'
+    order (``()`` for an instance without keypoints); pixels inside the image, at most one
+    keypoint per name and instance, stored sorted by name. Raises `DatasetError` otherwise.
     """
 
     sha256: str
@@ -90,8 +113,10 @@ class LabeledImage:
     boxes: Detections
     provenance: Mapping[str, str] = field(default_factory=dict)
     polygons: tuple[Rings, ...] = ()
+    keypoints: tuple[InstanceKeypoints, ...] = ()
 
     def __post_init__(self) -> None:
+        self._check_keypoints()
         if not self.polygons:
             return
         if len(self.polygons) != len(self.boxes):
@@ -115,6 +140,27 @@ class LabeledImage:
         # Boxes only, written as polygons: the same labels, so the same (box-only) form.
         object.__setattr__(self, "polygons", tuple(polys) if any(polys) else ())
 
+    def _check_keypoints(self) -> None:
+        if not self.keypoints:
+            return
+        if len(self.keypoints) != len(self.boxes):
+            raise DatasetError(
+                f"image {self.sha256[:12]} has {len(self.boxes)} boxes but "
+                f"{len(self.keypoints)} keypoint instances; give one (possibly empty) per box"
+            )
+        checked: list[InstanceKeypoints] = []
+        for i, points in enumerate(self.keypoints):
+            try:
+                checked.append(
+                    check_instance_keypoints(
+                        points, (self.width, self.height), f"image {self.sha256[:12]} instance {i}"
+                    )
+                )
+            except ConversionError as exc:
+                raise DatasetError(str(exc)) from None
+        # No keypoint at all: the same labels as without keypoints, so the same form.
+        object.__setattr__(self, "keypoints", tuple(checked) if any(checked) else ())
+
     def box_keys(self, classes: Iterable[str]) -> list[str]:
         """Sorted ``"<class>:<x1>,<y1>,<x2>,<y2>"`` strings, pixels with 3 decimals (see module)."""
         names = list(classes)
@@ -136,13 +182,27 @@ class LabeledImage:
             if rings
         )
 
+    def keypoint_keys(self, classes: Iterable[str]) -> list[str]:
+        """Sorted ``"<box>#<keypoint>+<keypoint>..."`` strings of the instances with keypoints
+        (see the module docstring)."""
+        names = list(classes)
+        return sorted(
+            f"{names[int(c)]}:{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}#{instance_keypoints_key(kps)}"
+            for (x1, y1, x2, y2), c, kps in zip(
+                self.boxes.xyxy.tolist(), self.boxes.class_id.tolist(), self.keypoints, strict=True
+            )
+            if kps
+        )
+
     def canonical(self, classes: list[str]) -> str:
         """This image's line of the digest input: ``sha|WxH|split|box;box;...`` and, with
-        polygons, ``|instance;instance;...``."""
+        polygons, ``|instance;instance;...``, with keypoints ``|keypoints=instance;...``."""
         boxes = self.box_keys(classes)
         line = f"{self.sha256}|{self.width}x{self.height}|{self.split}|{';'.join(boxes)}"
         if self.polygons:
             line += "|" + ";".join(self.mask_keys(classes))
+        if self.keypoints:
+            line += "|keypoints=" + ";".join(self.keypoint_keys(classes))
         return line
 
 
@@ -211,6 +271,21 @@ class DatasetVersion:
                     counts[self.classes[int(c)]] += 1
         return counts
 
+    @property
+    def has_keypoints(self) -> bool:
+        """Whether any image holds a keypoint."""
+        return any(r.keypoints for r in self.rows)
+
+    def keypoint_counts(self) -> dict[str, int]:
+        """Keypoints (not instances) per class name."""
+        counts = dict.fromkeys(self.classes, 0)
+        for r in self.rows:
+            if not r.keypoints:
+                continue
+            for c, kps in zip(r.boxes.class_id.tolist(), r.keypoints, strict=True):
+                counts[self.classes[int(c)]] += len(kps)
+        return counts
+
     def with_labels(self, new_rows: Iterable[LabeledImage]) -> DatasetVersion:
         """A child version: this version's rows, replaced or extended by ``new_rows``.
 
@@ -271,12 +346,31 @@ _SCHEMA = pa.schema(
 # Only in versions with polygons (a box-only manifest keeps `_SCHEMA`): per box, its rings, each
 # ring flat pixel ``[x0, y0, x1, y1, ...]``; ``[]`` for a box without a polygon.
 _POLYGONS_FIELD = pa.field("polygons", pa.list_(pa.list_(pa.list_(pa.float64()))))
+# Only in versions with keypoints: per box, its keypoints (pixels); ``[]`` for none.
+_KEYPOINTS_FIELD = pa.field(
+    "keypoints",
+    pa.list_(
+        pa.list_(
+            pa.struct(
+                [
+                    ("name", pa.string()),
+                    ("x", pa.float64()),
+                    ("y", pa.float64()),
+                    ("visibility", pa.int8()),
+                ]
+            )
+        )
+    ),
+)
 
 
 def version_to_table(version: DatasetVersion) -> pa.Table:
     """The manifest: one row per image in digest order; boxes as float64 pixels, class by name;
-    a ``polygons`` column (parallel to ``boxes``) only when the version has polygons."""
+    a ``polygons`` column (parallel to ``boxes``) only when the version has polygons, a
+    ``keypoints`` column (also parallel) only when it has keypoints."""
     schema = _SCHEMA.append(_POLYGONS_FIELD) if version.has_polygons else _SCHEMA
+    if version.has_keypoints:
+        schema = schema.append(_KEYPOINTS_FIELD)
     cols: dict[str, list[object]] = {name: [] for name in schema.names}
     for r in version.rows:
         cols["sha256"].append(r.sha256)
@@ -302,6 +396,17 @@ def version_to_table(version: DatasetVersion) -> pa.Table:
             cols["polygons"].append(
                 [[ring.reshape(-1).tolist() for ring in rings] for rings in polys]
             )
+        if version.has_keypoints:
+            kps = r.keypoints or tuple(() for _ in range(len(r.boxes)))
+            cols["keypoints"].append(
+                [
+                    [
+                        {"name": k.name, "x": k.x, "y": k.y, "visibility": k.visibility}
+                        for k in points
+                    ]
+                    for points in kps
+                ]
+            )
     return pa.table(cols, schema=schema)
 
 
@@ -325,6 +430,13 @@ def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
             tuple(np.array(flat, dtype=np.float64).reshape(-1, 2) for flat in rings)
             for rings in rec.get("polygons") or []
         )
+        keypoints = tuple(
+            tuple(
+                Keypoint(str(k["name"]), float(k["x"]), float(k["y"]), int(k["visibility"]))
+                for k in points
+            )
+            for points in rec.get("keypoints") or []
+        )
         rows.append(
             LabeledImage(
                 rec["sha256"],
@@ -335,6 +447,7 @@ def table_to_rows(table: pa.Table, classes: list[str]) -> list[LabeledImage]:
                 det,
                 dict(rec["provenance"] or []),
                 polygons,
+                keypoints,
             )
         )
     return rows
@@ -353,6 +466,8 @@ def version_meta(version: DatasetVersion) -> dict[str, Any]:
     }
     if version.has_polygons:
         meta["mask_counts"] = version.mask_counts()
+    if version.has_keypoints:
+        meta["keypoint_counts"] = version.keypoint_counts()
     return meta
 
 
@@ -457,15 +572,29 @@ class DatasetStore:
 
 
 def export_yolo(
-    version: DatasetVersion, images_dir: Path, out_dir: Path, task: TaskType = "detect"
+    version: DatasetVersion,
+    images_dir: Path,
+    out_dir: Path,
+    task: TaskType = "detect",
+    *,
+    pose: KeypointNames | None = None,
 ) -> Path:
     """Write a YOLO folder (``<split>/images``, ``<split>/labels``, ``data.yaml``); returns data.yaml.
 
     Images are hard-linked from the pool (copied across file systems) and named by sha256.
     Re-exporting the same version gives byte-identical files. ``task``: ``detect`` writes box
     lines; ``segment`` writes Ultralytics segmentation lines (`polygons_to_yolo_seg_lines`: a box
-    without a polygon as its rectangle).
+    without a polygon as its rectangle). ``pose`` (the config's keypoint names per class) writes
+    Ultralytics pose lines instead (`instances_to_yolo_pose_lines`: boxes and keypoints, a
+    keypoint that is not labeled at visibility 0) and ``kpt_shape``/``kpt_names`` in data.yaml;
+    raises `DatasetError` naming a class without keypoints or a keypoint outside the config.
     """
+    slots: tuple[tuple[str, ...], ...] = ()
+    if pose is not None:
+        try:
+            slots = pose_slots(version.classes, pose)
+        except ConversionError as exc:
+            raise DatasetError(f"pose export of {version.short}: {exc}") from None
     counts = version.split_counts()
     if counts["train"] == 0 or counts["val"] == 0:
         raise DatasetError(
@@ -484,7 +613,12 @@ def export_yolo(
                 os.link(src, dst)
             except OSError:
                 dst.write_bytes(src.read_bytes())
-        if task == "segment":
+        if slots:
+            try:
+                lines = instances_to_yolo_pose_lines(r.boxes, r.keypoints, slots)
+            except ConversionError as exc:
+                raise DatasetError(f"pose export, image {r.sha256[:12]}: {exc}") from None
+        elif task == "segment":
             lines = polygons_to_yolo_seg_lines(r.boxes, r.polygons)
         else:
             lines = detections_to_yolo_lines(r.boxes)
@@ -492,9 +626,18 @@ def export_yolo(
     data_yaml = out_dir / "data.yaml"
     names = "\n".join(f"  {i}: {json.dumps(c)}" for i, c in enumerate(version.classes))
     test_line = f"test: {out_dir / 'test' / 'images'}\n" if counts["test"] else ""
+    pose_lines = ""
+    if slots:
+        k = max(len(s) for s in slots)
+        # A class with fewer keypoints than K leaves its last slots unused (visibility 0).
+        padded = [[*s, *(f"unused_{j}" for j in range(len(s), k))] for s in slots]
+        kpt_names = "\n".join(
+            f"  {i}: [{', '.join(json.dumps(n) for n in p)}]" for i, p in enumerate(padded)
+        )
+        pose_lines = f"kpt_shape: [{k}, 3]\nkpt_names:\n{kpt_names}\n"
     data_yaml.write_text(
         f"path: {out_dir}\ntrain: {out_dir / 'train' / 'images'}\n"
-        f"val: {out_dir / 'val' / 'images'}\n{test_line}names:\n{names}\n"
+        f"val: {out_dir / 'val' / 'images'}\n{test_line}names:\n{names}\n{pose_lines}"
     )
     return data_yaml
 
@@ -513,6 +656,12 @@ class VersionDiff:
     removed plus one added, and its image is listed in ``remasked`` (and in ``relabeled``, which
     holds every image whose boxes or masks changed). ``masks_before``/``masks_after``: instances
     with a polygon per class.
+
+    Keypoints (when either version has some, ``has_keypoints``): a keypoint is "the same" when
+    its instance's class and box, its name, position to 3 decimals and visibility are equal, so
+    a moved keypoint counts as one removed plus one added, and its image is listed in
+    ``rekeyed`` (and in ``relabeled``). ``keypoints_before``/``keypoints_after``: keypoints per
+    class of their instance.
     """
 
     a: str
@@ -535,13 +684,20 @@ class VersionDiff:
     masks_removed: Mapping[str, int] = field(default_factory=dict)
     masks_before: Mapping[str, int] = field(default_factory=dict)
     masks_after: Mapping[str, int] = field(default_factory=dict)
+    has_keypoints: bool = False
+    rekeyed: tuple[str, ...] = ()
+    keypoints_added: Mapping[str, int] = field(default_factory=dict)
+    keypoints_removed: Mapping[str, int] = field(default_factory=dict)
+    keypoints_before: Mapping[str, int] = field(default_factory=dict)
+    keypoints_after: Mapping[str, int] = field(default_factory=dict)
 
     @property
     def identical(self) -> bool:
         return self.a == self.b
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready form; image lists in full; a ``masks`` part only when ``has_masks``."""
+        """JSON-ready form; image lists in full; a ``masks`` part only when ``has_masks``, a
+        ``keypoints`` part only when ``has_keypoints``."""
         out: dict[str, Any] = {
             "a": self.a,
             "b": self.b,
@@ -575,6 +731,19 @@ class VersionDiff:
                         "after": self.masks_after[c],
                         "added": self.masks_added[c],
                         "removed": self.masks_removed[c],
+                    }
+                    for c in self.classes
+                },
+            }
+        if self.has_keypoints:
+            out["keypoints"] = {
+                "changed_images": list(self.rekeyed),
+                "classes": {
+                    c: {
+                        "before": self.keypoints_before[c],
+                        "after": self.keypoints_after[c],
+                        "added": self.keypoints_added[c],
+                        "removed": self.keypoints_removed[c],
                     }
                     for c in self.classes
                 },
@@ -615,12 +784,24 @@ class VersionDiff:
                     f"{self.masks_added[c]:>7}  {self.masks_removed[c]:>7}"
                 )
             lines.append(f"images with changed masks: {len(self.remasked)}")
+        if self.has_keypoints:
+            header = (
+                f"{'keypoints':<{width}}  {'before':>7}  {'after':>7}  {'+kpts':>7}  {'-kpts':>7}"
+            )
+            lines += ["", header, "-" * len(header)]
+            for c in self.classes:
+                lines.append(
+                    f"{c:<{width}}  {self.keypoints_before[c]:>7}  {self.keypoints_after[c]:>7}  "
+                    f"{self.keypoints_added[c]:>7}  {self.keypoints_removed[c]:>7}"
+                )
+            lines.append(f"images with changed keypoints: {len(self.rekeyed)}")
         for title, shas in (
             ("added", self.added),
             ("removed", self.removed),
             ("relabeled", self.relabeled),
             ("changed split", self.resplit),
             *((("masks changed", self.remasked),) if self.has_masks else ()),
+            *((("keypoints changed", self.rekeyed),) if self.has_keypoints else ()),
         ):
             if shas:
                 shown = " ".join(x[:12] for x in shas[:max_listed])
@@ -654,6 +835,19 @@ def _mask_counter(r: LabeledImage | None, classes: tuple[str, ...]) -> Counter[t
     )
 
 
+def _keypoint_counter(r: LabeledImage | None, classes: tuple[str, ...]) -> Counter[tuple[str, str]]:
+    """Multiset of (class name, "<box>#<keypoint>" to 3 decimals) of one image's keypoints."""
+    if r is None or not r.keypoints:
+        return Counter()
+    return Counter(
+        (classes[int(c)], f"{x1:.3f},{y1:.3f},{x2:.3f},{y2:.3f}#{kp.key()}")
+        for (x1, y1, x2, y2), c, kps in zip(
+            r.boxes.xyxy.tolist(), r.boxes.class_id.tolist(), r.keypoints, strict=True
+        )
+        for kp in kps
+    )
+
+
 def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
     """Compare two versions image by image and box by box (pure; no I/O).
 
@@ -674,6 +868,9 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
     mask_plus: Counter[str] = Counter()
     mask_minus: Counter[str] = Counter()
     remasked: list[str] = []
+    kp_plus: Counter[str] = Counter()
+    kp_minus: Counter[str] = Counter()
+    rekeyed: list[str] = []
     for sha in sorted(rows_a.keys() | rows_b.keys()):
         ra, rb = rows_a.get(sha), rows_b.get(sha)
         keys_a = _box_counter(ra, a.classes)
@@ -688,12 +885,21 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
             mask_plus[cls_name] += n
         for (cls_name, _), n in (masks_a - masks_b).items():
             mask_minus[cls_name] += n
+        kps_a = _keypoint_counter(ra, a.classes)
+        kps_b = _keypoint_counter(rb, b.classes)
+        for (cls_name, _), n in (kps_b - kps_a).items():
+            kp_plus[cls_name] += n
+        for (cls_name, _), n in (kps_a - kps_b).items():
+            kp_minus[cls_name] += n
         if ra is None or rb is None:
             continue
         mask_changed = masks_a != masks_b
         if mask_changed:
             remasked.append(sha)
-        changed = keys_a != keys_b or mask_changed
+        kp_changed = kps_a != kps_b
+        if kp_changed:
+            rekeyed.append(sha)
+        changed = keys_a != keys_b or mask_changed or kp_changed
         if changed:
             relabeled.append(sha)
         if ra.split != rb.split:
@@ -702,6 +908,7 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
             unchanged += 1
     before, after = a.class_counts(), b.class_counts()
     m_before, m_after = a.mask_counts(), b.mask_counts()
+    k_before, k_after = a.keypoint_counts(), b.keypoint_counts()
     return VersionDiff(
         a=a.digest,
         b=b.digest,
@@ -723,4 +930,10 @@ def diff_versions(a: DatasetVersion, b: DatasetVersion) -> VersionDiff:
         masks_removed={c: mask_minus[c] for c in classes},
         masks_before={c: m_before.get(c, 0) for c in classes},
         masks_after={c: m_after.get(c, 0) for c in classes},
+        has_keypoints=a.has_keypoints or b.has_keypoints,
+        rekeyed=tuple(rekeyed),
+        keypoints_added={c: kp_plus[c] for c in classes},
+        keypoints_removed={c: kp_minus[c] for c in classes},
+        keypoints_before={c: k_before.get(c, 0) for c in classes},
+        keypoints_after={c: k_after.get(c, 0) for c in classes},
     )

@@ -17,6 +17,7 @@ from typing import Protocol
 
 from loop.detections import Detections
 from loop.errors import TaskRejectedError
+from loop.keypoints import InstanceKeypoints, KeypointNames
 from loop.polygons import Rings
 
 
@@ -70,7 +71,9 @@ class PulledLabel:
     between them, None with a single annotator. ``image_url``: the task's ``data.image`` as
     Label Studio holds it now (compare it with what was pushed: task data can be edited).
     ``polygons``: empty, or one `loop.polygons.Rings` per box of ``detections`` (pixels; ``()``
-    for a rectangle), when the pull kept polygons (``segment`` projects).
+    for a rectangle), when the pull kept polygons (``segment`` projects; brush masks too).
+    ``keypoints``: empty, or one `loop.keypoints.InstanceKeypoints` per box (pixels), when the
+    pull was given the config's keypoints and the annotation holds some.
     """
 
     task_id: int
@@ -88,6 +91,7 @@ class PulledLabel:
     per_annotator: dict[str, Detections] = field(default_factory=dict)
     image_url: str | None = None
     polygons: tuple[Rings, ...] = ()
+    keypoints: tuple[InstanceKeypoints, ...] = ()
 
 
 @dataclass
@@ -132,8 +136,11 @@ class LabelingBackend(Protocol):
         *,
         polygons: bool = False,
         project_id: int | None = None,
+        brush: bool = False,
+        keypoints: KeypointNames | None = None,
     ) -> int:
-        """Get or create the labeling project; its id."""
+        """Get or create the labeling project; its id (``brush``: offer brush masks;
+        ``keypoints``: the config's keypoint names per class)."""
         ...
 
     def ensure_local_storage(self, project_id: int, path: Path) -> int:
@@ -164,7 +171,9 @@ class LabelingBackend(Protocol):
         full_export_above: int = 2000,
         max_regions: int | None = None,
         polygons: bool = False,
+        keypoints: KeypointNames | None = None,
     ) -> PullResult:
         """The labels of the tasks annotated (or un-annotated) since the cursor ``since``;
-        ``polygons``: keep polygon regions as polygons (else each becomes its bounding box)."""
+        ``polygons``: keep polygon (and brush) regions as polygons (else each becomes its
+        bounding box); ``keypoints``: keep keypoints (the config's names per class)."""
         ...

@@ -39,7 +39,12 @@ from loop.errors import (
     UnknownLabelError,
 )
 from loop.formats.labelstudio import local_file_url
-from loop.formats.yolo import yolo_lines_to_detections, yolo_lines_to_instances
+from loop.formats.yolo import (
+    pose_slots,
+    yolo_lines_to_detections,
+    yolo_lines_to_instances,
+    yolo_pose_lines_to_instances,
+)
 from loop.images import (
     ImagePool,
     IngestReport,
@@ -48,6 +53,7 @@ from loop.images import (
     iter_image_files,
     sha256_file,
 )
+from loop.keypoints import InstanceKeypoints
 from loop.labelfiles import match_label_files
 from loop.labeling import LabelingBackend, PushSummary
 from loop.ledger import RejectionLog, TaskRejection
@@ -201,10 +207,14 @@ class Project:
         label_limit: int | None = None,
         seed: int = 0,
         on_progress: Callable[[Path], None] | None = None,
+        *,
+        pose: bool = False,
     ) -> tuple[IngestReport, DatasetVersion | None]:
         """Add images below ``source`` to the pool. With ``labels_dir`` (YOLO txt), import those
         labels as a new dataset version: all of them, or a seeded random ``label_limit`` of them
-        (the seed set of an active-learning run).
+        (the seed set of an active-learning run). ``pose``: the label files hold Ultralytics
+        pose lines in the slot order of the config's ``keypoints`` (what ``datasets export
+        --pose`` writes): boxes and their keypoints are imported.
 
         A label file belongs to the image at the same relative path (`loop.labelfiles`). Label
         files that cannot be used (a bad line, unreadable, ambiguous, two differing labels for one
@@ -217,12 +227,18 @@ class Project:
             raise ImageError(
                 f"labels folder {labels_dir} does not exist; pass a folder of YOLO .txt"
             )
+        slots: tuple[tuple[str, ...], ...] = ()
+        if pose:
+            try:
+                slots = pose_slots(self.cfg.classes, self.cfg.keypoints)
+            except ConversionError as exc:
+                raise ConfigError(f"ingest of pose labels: {exc}") from None
         files = list(iter_image_files(source))
         with self.writing("ingest"):
             report = self.pool.ingest(files, self.cfg.ingest, on_progress)
             if labels_dir is None:
                 return report, None
-            labeled, problems = self._read_labels(source, files, labels_dir, report)
+            labeled, problems = self._read_labels(source, files, labels_dir, report, slots)
             if problems:
                 report.label_problems.extend(problems)
                 self.pool.record_rejected(problems)
@@ -244,18 +260,29 @@ class Project:
             return report, version
 
     def _read_labels(
-        self, source: Path, files: list[Path], labels_dir: Path, report: IngestReport
+        self,
+        source: Path,
+        files: list[Path],
+        labels_dir: Path,
+        report: IngestReport,
+        slots: tuple[tuple[str, ...], ...] = (),
     ) -> tuple[list[LabeledImage], list[Rejected]]:
         """The labeled rows of the ingested images (one per sha256, by sha256) and the label
-        files that could not be used, with the reason."""
+        files that could not be used, with the reason. ``slots``: the files hold pose
+        lines (`loop.formats.yolo.yolo_pose_lines_to_instances`)."""
         match = match_label_files(source, files, labels_dir, report.accepted)
         problems = list(match.problems)
         found: dict[str, list[tuple[Path, Path, LabeledImage]]] = {}
         for image, txt in sorted(match.labels.items()):
             entry = report.accepted[str(image)]
             polys: tuple[Rings, ...] = ()
+            kps: tuple[InstanceKeypoints, ...] = ()
             try:
-                if self.cfg.task == "segment":
+                if slots:
+                    det, kps = yolo_pose_lines_to_instances(
+                        txt.read_text(), (entry.width, entry.height), slots
+                    )
+                elif self.cfg.task == "segment":
                     det, polys = yolo_lines_to_instances(
                         txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
                     )
@@ -280,6 +307,7 @@ class Project:
                 det,
                 {"source": "import", "file": str(txt)},
                 polys,
+                kps,
             )
             found.setdefault(entry.sha256, []).append((image, txt, row))
         labeled: list[LabeledImage] = []
@@ -679,6 +707,8 @@ class Project:
                 self.cfg.guidelines,
                 polygons=self.cfg.labelstudio.polygons,
                 project_id=self.state.ls_project_id,
+                brush=self.cfg.labelstudio.brush,
+                keypoints=self.cfg.keypoints or None,
             )
             gw.ensure_local_storage(pid, self.cfg.paths.images)
             if self.state.ls_project_id != pid:

@@ -224,6 +224,7 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
         document_root=project.cfg.ls_document_root,
         max_regions=project.cfg.labelstudio.max_regions,
         polygons=project.cfg.task == "segment",
+        keypoints=project.cfg.keypoints or None,
     )
     found: dict[int, str] = {r.task_id: r.reason for r in result.rejected}
     ledger = _ledger(project, pid)
@@ -262,6 +263,7 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
                 lab.detections,
                 prov,
                 lab.polygons,
+                lab.keypoints,
             )
         )
         if lab.prediction is not None:

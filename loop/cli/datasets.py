@@ -101,6 +101,8 @@ def show(
         masks = v.mask_counts() if v.has_polygons else None
         if masks is not None:
             info["mask_counts"] = masks
+        if v.has_keypoints:
+            info["keypoint_counts"] = v.keypoint_counts()
         if as_json:
             typer.echo(json.dumps(info, indent=1))
             return
@@ -125,6 +127,9 @@ def show(
             for c in v.classes:
                 typer.echo(f"{c:<{width}}  {counts[c]:>7}  {masks[c]:>7}")
             typer.echo(f"{'total':<{width}}  {sum(counts.values()):>7}  {sum(masks.values()):>7}")
+        if v.has_keypoints:
+            kps = v.keypoint_counts()
+            typer.echo("keypoints:   " + ", ".join(f"{c} {kps[c]}" for c in v.classes))
 
     run(go)
 
@@ -151,12 +156,22 @@ def diff(
 def export(
     version: VersionArg,
     out_dir: Annotated[Path, typer.Argument(help="new or empty folder for the YOLO dataset")],
+    pose: Annotated[
+        bool,
+        typer.Option(
+            "--pose",
+            help="write Ultralytics pose lines (boxes + the config's keypoints) instead",
+        ),
+    ] = False,
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
 ) -> None:
     """Write a version as a YOLO folder (<split>/images, <split>/labels, data.yaml).
 
     Detect projects get box lines (cls cx cy w h); segment projects Ultralytics segmentation
     lines (cls x1 y1 x2 y2 ..., normalised; a box without a polygon as its rectangle).
+    With --pose: Ultralytics pose lines (cls cx cy w h x1 y1 v1 ... xK yK vK) in the slot order
+    of the config's `keypoints:`, a keypoint not labeled as 0 0 0; every class must list its
+    keypoints (K is the longest list; data.yaml gets kpt_shape and kpt_names).
 
     Images are hard-linked from the pool and named by sha256; exporting the same version twice
     gives byte-identical files apart from the absolute paths in data.yaml.
@@ -171,7 +186,13 @@ def export(
                 f"{out_dir} exists and is not an empty folder; "
                 "export into a new folder so no stale labels mix in"
             )
-        data_yaml = export_yolo(v, project.cfg.paths.images, dest, project.cfg.task)
+        data_yaml = export_yolo(
+            v,
+            project.cfg.paths.images,
+            dest,
+            project.cfg.task,
+            pose=project.cfg.keypoints if pose else None,
+        )
         splits = v.split_counts()
         typer.echo(
             f"exported {v.short}: "

@@ -45,7 +45,9 @@ def setup(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
             info = gw.project_info(pid)
         console.print(
             f"Label Studio project {pid} {info['title']!r}: classes {info['classes']}, "
-            f"polygons {'on' if info['polygons'] else 'off'}; "
+            f"polygons {'on' if info['polygons'] else 'off'}, "
+            f"brush {'on' if info.get('brush') else 'off'}, "
+            f"keypoints {'on' if info.get('keypoints') else 'off'}; "
             f"{project.cfg.labelstudio.url.rstrip('/')}/projects/{pid}"
         )
 

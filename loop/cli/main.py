@@ -96,6 +96,15 @@ def ingest(
         int | None, typer.Option(help="import only this many labels (seeded random)")
     ] = None,
     seed: Annotated[int, typer.Option(help="seed for --label-limit")] = 0,
+    pose: Annotated[
+        bool,
+        typer.Option(
+            "--pose",
+            help="with --labels: the files hold Ultralytics pose lines (cls cx cy w h, then "
+            "x y v per keypoint in the order of the config's keypoints:), as `datasets export "
+            "--pose` writes them",
+        ),
+    ] = False,
     masks: Annotated[
         bool,
         typer.Option(
@@ -131,6 +140,8 @@ def ingest(
         require_writable(cfg)
         if masks and (labels is not None or label_limit is not None):
             raise ConfigError("--masks imports the masks beside the images: drop --labels")
+        if pose and labels is None:
+            raise ConfigError("--pose reads the label files of --labels: pass --labels DIR")
         project = Project(cfg)
         project.on_wait = lambda holder: console.print(
             f"[yellow]waiting[/] for the workspace: {safe(holder)} is writing it"
@@ -149,7 +160,12 @@ def ingest(
                 )
             else:
                 report, version = project.ingest(
-                    source, labels, label_limit, seed, on_progress=lambda _p: prog.advance(bar)
+                    source,
+                    labels,
+                    label_limit,
+                    seed,
+                    on_progress=lambda _p: prog.advance(bar),
+                    pose=pose,
                 )
         console.print(f"ingest: {report.summary}; pool now {len(project.pool)} images")
         for what, problems in (

@@ -12,6 +12,13 @@ bounding box, or, when a pull keeps polygons (``segment`` projects), a polygon i
 in pixels (`ls_points_to_ring`) with the box derived from it (`ls_results_to_instances`).
 `Detections` hold pixel ``xyxy``; rings are `loop.polygons` pixel arrays.
 
+A brush region (``brushlabels``, ``value.rle`` Label Studio's run-length code of the painted
+pixels) is decoded by the `BrushDecoder` the gateway hands in (label-studio-sdk's, in
+`loop.labelstudio.brush`) and traced into pixel-edge rings (`loop.formats.masks`), one instance
+per region (`ls_brush_to_rings`). A keypoint region (``keypointlabels``, ``value.x, value.y`` in
+percent, one label ``<class>/<name>``) belongs to the region named by its ``parentID`` or, without
+one, to the instance `loop.keypoints.assign_to_instance` picks (`ls_results_to_keypoints`).
+
 Task data pushed by defect-loop: ``{"image": url, "sha256": hex digest, "priority": float,
 "width": px, "height": px}``; ``url`` is ``/data/local-files/?d=<path relative to the document
 root>``. The rules of a pull (`judge_task`): among a task's non-cancelled annotations, one marked
@@ -26,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path, PurePosixPath
@@ -34,6 +41,7 @@ from typing import Any
 from urllib.parse import parse_qs, quote, urlsplit
 
 import numpy as np
+import numpy.typing as npt
 
 from loop.corrections import mean_pairwise_f1
 from loop.detections import Detections, FloatArray
@@ -43,19 +51,39 @@ from loop.errors import (
     TaskRejectedError,
     UnknownLabelError,
 )
+from loop.keypoints import (
+    DEFAULT_VISIBILITY,
+    InstanceKeypoints,
+    Keypoint,
+    KeypointNames,
+    assign_to_instance,
+    check_instance_keypoints,
+    keypoint_label,
+    keypoint_labels,
+)
 from loop.labeling import PulledLabel
 from loop.polygons import Rings, as_ring, ring_self_intersects, rings_bbox
 
 RECTANGLE = "rectanglelabels"
 POLYGON = "polygonlabels"
+BRUSH = "brushlabels"
+KEYPOINT = "keypointlabels"
 FROM_NAME = "label"
 POLYGON_NAME = "polygon"
+BRUSH_NAME = "brush"
+KEYPOINT_NAME = "keypoint"
 TO_NAME = "image"
 VERDICT_NAME = "verdict"
 DEFECT_FREE = "defect-free"
 LOCAL_FILES_PREFIX = "/data/local-files/"
 _PCT_TOLERANCE = 1e-6
 _DM_DATETIME = "%Y-%m-%dT%H:%M:%S.%fZ"  # the Data Manager's Datetime filter format (UTC)
+
+
+# Decodes a brush region's ``value.rle`` for an image of ``(width, height)`` pixels into its
+# ``(height, width)`` bool mask; raises `ConversionError` when it cannot. The gateway passes
+# label-studio-sdk's (`loop.labelstudio.brush.rle_to_mask`), so this module needs no SDK.
+BrushDecoder = Callable[[Any, tuple[int, int]], npt.NDArray[np.bool_]]
 
 
 class UnsafeImagePathError(ConversionError):
@@ -301,21 +329,32 @@ def ls_results_to_instances(
     results: list[dict[str, Any]],
     class_names: list[str],
     image_wh: tuple[int, int] | None = None,
+    *,
+    brush: BrushDecoder | None = None,
 ) -> tuple[Detections, tuple[Rings, ...]]:
     """Label Studio results -> pixel boxes and, parallel to them, each region's rings: a polygon
     region gives one ring and its box is the ring's bounding box; a rectangle gives ``()`` (and
-    without any polygon region the whole tuple is ``()``: boxes only).
+    without any polygon region the whole tuple is ``()``: boxes only). With ``brush`` (a
+    `BrushDecoder`) a brush region gives the rings of its painted pixels (`ls_brush_to_rings`)
+    and their bounding box; without it brush regions are ignored.
 
     Validates every region as `ls_results_to_detections` does (polygons: also as
     `ls_points_to_ring`); other result types are ignored.
     """
     if not isinstance(results, list):
         raise ConversionError(f"results must be a list of regions, got {type(results).__name__}")
+    brush_rings: dict[int, Rings] = {}
+    if brush is not None:
+        results, brush_rings = _brushes_as_rectangles(results, image_wh, brush)
     regions = [r for r in results if isinstance(r, dict) and r.get("type") in (RECTANGLE, POLYGON)]
     det = ls_results_to_detections(_region_results(results), class_names, image_wh)
     xyxy = det.xyxy.copy()
     polygons: list[Rings] = []
     for i, r in enumerate(regions):
+        if i in brush_rings:
+            xyxy[i] = rings_bbox(brush_rings[i])
+            polygons.append(brush_rings[i])
+            continue
         if r.get("type") != POLYGON:
             polygons.append(())
             continue
@@ -324,6 +363,242 @@ def ls_results_to_instances(
         polygons.append((ring,))
     # Rectangles only: boxes only (the same labels as without polygons).
     return Detections(xyxy, det.class_id, det.image_wh), tuple(polygons) if any(polygons) else ()
+
+
+def ls_brush_to_rings(
+    value: Any, image_wh: tuple[int, int], decode: BrushDecoder, region: Any = None
+) -> Rings:
+    """A brush region's ``value`` (``{"format": "rle", "rle": [...], "brushlabels": [...]}``)
+    -> the pixel-edge rings of its painted pixels (`loop.formats.masks.mask_to_polygons`, every
+    8-connected part kept, however small; holes as inner rings): one instance, whose even-odd
+    fill at pixel centres is exactly the painted pixels.
+
+    Raises `ConversionError` for a format other than ``rle``, an RLE that ``decode`` refuses,
+    or an empty mask.
+    """
+    from loop.formats.masks import mask_to_polygons
+
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"brush {region!r}: value must be an object, got {type(value).__name__}"
+        )
+    if value.get("format", "rle") != "rle":
+        raise ConversionError(
+            f"brush {region!r}: format {value.get('format')!r} is not 'rle'; repaint it"
+        )
+    try:
+        mask = decode(value.get("rle"), image_wh)
+    except ConversionError as exc:
+        raise ConversionError(f"brush {region!r}: {exc}") from None
+    if not mask.any():
+        raise ConversionError(
+            f"brush {region!r} is empty (no painted pixel); paint the defect or delete the region"
+        )
+    found = mask_to_polygons(mask.astype(np.uint8), threshold=1, min_area=1)
+    return tuple(ring for rings in found.instances for ring in rings)
+
+
+def _brushes_as_rectangles(
+    results: list[Any], image_wh: tuple[int, int] | None, decode: BrushDecoder
+) -> tuple[list[Any], dict[int, Rings]]:
+    """``results`` with each brush region replaced by the rectangle result of its rings' box
+    (so labels and sizes are checked like any region), and region index -> its rings."""
+    out: list[Any] = []
+    rings_at: dict[int, Rings] = {}
+    n_regions = 0
+    for i, r in enumerate(results):
+        kind = r.get("type") if isinstance(r, dict) else None
+        if kind != BRUSH:
+            out.append(r)
+            n_regions += kind in (RECTANGLE, POLYGON)
+            continue
+        rid = r.get("id", f"#{i}")
+        wh = image_wh
+        if "original_width" in r or "original_height" in r:
+            wh = (
+                _size(r.get("original_width"), "original_width", rid),
+                _size(r.get("original_height"), "original_height", rid),
+            )
+        if wh is None:
+            raise ConversionError(f"brush {rid!r} carries no original_width/height")
+        value = r.get("value")
+        rings = ls_brush_to_rings(value, wh, decode, rid)
+        x1, y1, x2, y2 = rings_bbox(rings)
+        w, h = wh
+        rect = {k: v for k, v in r.items() if k != "value"}
+        rect["type"] = RECTANGLE
+        rect["value"] = {
+            "x": x1 / w * 100.0,
+            "y": y1 / h * 100.0,
+            "width": (x2 - x1) / w * 100.0,
+            "height": (y2 - y1) / h * 100.0,
+            "rotation": 0,
+            RECTANGLE: value.get(BRUSH),
+        }
+        out.append(rect)
+        rings_at[n_regions] = rings
+        n_regions += 1
+    return out, rings_at
+
+
+def mask_to_ls_brush_result(
+    rle: list[int],
+    class_name: str,
+    image_wh: tuple[int, int],
+    region_id: str,
+    from_name: str = BRUSH_NAME,
+    to_name: str = TO_NAME,
+) -> dict[str, Any]:
+    """A brush region result from an already encoded ``rle`` (`loop.labelstudio.brush.
+    mask_to_rle`) of class ``class_name`` on an image of ``image_wh`` pixels."""
+    w, h = image_wh
+    return {
+        "id": region_id,
+        "type": BRUSH,
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {"format": "rle", "rle": list(rle), BRUSH: [class_name]},
+    }
+
+
+def keypoint_to_ls_result(
+    kp: Keypoint,
+    class_name: str,
+    image_wh: tuple[int, int],
+    region_id: str,
+    parent_id: str | None = None,
+    from_name: str = KEYPOINT_NAME,
+    to_name: str = TO_NAME,
+) -> dict[str, Any]:
+    """A pixel keypoint of an instance of ``class_name`` -> a ``keypointlabels`` result (percent
+    coordinates, label ``<class>/<name>``), linked to the region ``parent_id`` when given."""
+    w, h = image_wh
+    result: dict[str, Any] = {
+        "id": region_id,
+        "type": KEYPOINT,
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": {
+            "x": kp.x / w * 100.0,
+            "y": kp.y / h * 100.0,
+            "width": 0.5,
+            KEYPOINT: [keypoint_label(class_name, kp.name)],
+        },
+    }
+    if parent_id is not None:
+        result["parentID"] = parent_id
+    return result
+
+
+def ls_results_to_keypoints(
+    results: list[dict[str, Any]],
+    det: Detections,
+    polygons: Sequence[Rings],
+    class_names: list[str],
+    keypoints: KeypointNames,
+    *,
+    brush: bool = False,
+) -> tuple[InstanceKeypoints, ...]:
+    """The ``keypointlabels`` regions of ``results`` -> keypoints (pixels) per instance of
+    ``det`` (the instances made from the same ``results``: rectangles and polygons, and brush
+    regions when ``brush``, in result order; ``polygons`` their rings or ``()``). ``()`` when
+    there is no keypoint.
+
+    Each keypoint belongs to the region its ``parentID`` names (which must be one of those
+    instances, of the keypoint's class), else to `loop.keypoints.assign_to_instance`'s choice
+    among the instances of its class. Raises `UnknownLabelError` for a label that is not a
+    configured ``<class>/<name>``, and `ConversionError` for coordinates outside 0-100 %, a
+    size other than the image's, a parent that is missing or of another class, no instance of
+    the class, or one name twice on one instance.
+    """
+    table = keypoint_labels(keypoints, class_names)
+    kinds = (RECTANGLE, POLYGON, BRUSH) if brush else (RECTANGLE, POLYGON)
+    region_ids = [r.get("id") for r in results if isinstance(r, dict) and r.get("type") in kinds]
+    if len(region_ids) != len(det):
+        raise ConversionError(
+            f"{len(region_ids)} regions but {len(det)} instances: keypoints cannot be placed"
+        )
+    w, h = det.image_wh
+    per: list[dict[str, Keypoint]] = [{} for _ in range(len(det))]
+    for i, r in enumerate(results):
+        if not isinstance(r, dict) or r.get("type") != KEYPOINT:
+            continue
+        rid = r.get("id", f"#{i}")
+        value = r.get("value")
+        if not isinstance(value, dict):
+            raise ConversionError(
+                f"keypoint {rid!r}: value must be an object, got {type(value).__name__}"
+            )
+        labels = value.get(KEYPOINT)
+        if not isinstance(labels, list) or len(labels) != 1:
+            raise ConversionError(f"keypoint {rid!r} must carry exactly one label, got {labels!r}")
+        label = labels[0]
+        if not isinstance(label, str) or label not in table:
+            raise UnknownLabelError(
+                f"keypoint label {str(label)[:80]!r} is not one of the configured keypoints "
+                f"{list(table)}"
+            )
+        if "x" not in value or "y" not in value:
+            raise ConversionError(f"keypoint {rid!r} lacks numeric x/y")
+        x, y = _number(value["x"], "x", rid), _number(value["y"], "y", rid)
+        lo, hi = -_PCT_TOLERANCE, 100.0 + _PCT_TOLERANCE
+        if not (lo <= x <= hi and lo <= y <= hi):
+            raise ConversionError(
+                f"keypoint {rid!r} ({label}) lies outside the image (x={x}, y={y} %)"
+            )
+        if "original_width" in r or "original_height" in r:
+            r_wh = (
+                _size(r.get("original_width"), "original_width", rid),
+                _size(r.get("original_height"), "original_height", rid),
+            )
+            if r_wh != (w, h):
+                raise ConversionError(
+                    f"keypoint {rid!r} was placed on a {r_wh[0]}x{r_wh[1]} image, the regions "
+                    f"on {w}x{h}; re-annotate the task"
+                )
+        px = min(max(x, 0.0), 100.0) / 100.0 * w
+        py = min(max(y, 0.0), 100.0) / 100.0 * h
+        cls, name = table[label]
+        cid = class_names.index(cls)
+        parent = r.get("parentID")
+        if parent not in (None, ""):
+            owners = [j for j, pid in enumerate(region_ids) if pid == parent]
+            if len(owners) != 1:
+                raise ConversionError(
+                    f"keypoint {rid!r} ({label}) is linked to region {str(parent)[:40]!r}, "
+                    f"which the annotation holds {len(owners)} times; link it to one region"
+                )
+            j = owners[0]
+            if int(det.class_id[j]) != cid:
+                raise ConversionError(
+                    f"keypoint {rid!r} ({label}) is linked to a "
+                    f"{class_names[int(det.class_id[j])]!r} region; a {cls!r} keypoint belongs "
+                    f"to a {cls!r} region"
+                )
+        else:
+            found = assign_to_instance(px, py, cid, det, polygons)
+            if found is None:
+                raise ConversionError(
+                    f"keypoint {rid!r} ({label}) has no {cls!r} region to belong to; draw the "
+                    "region or delete the keypoint"
+                )
+            j = found
+        if name in per[j]:
+            raise ConversionError(
+                f"two {label!r} keypoints belong to one {cls!r} region (the second is "
+                f"{rid!r}); delete one"
+            )
+        per[j][name] = Keypoint(name, px, py, DEFAULT_VISIBILITY)
+    out = tuple(
+        check_instance_keypoints(d.values(), (w, h), f"instance {j}") for j, d in enumerate(per)
+    )
+    return out if any(out) else ()
 
 
 def _region_results(results: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -540,6 +815,8 @@ def judge_task(
     max_regions: int | None = None,
     *,
     polygons: bool = False,
+    keypoints: KeypointNames | None = None,
+    brush: BrushDecoder | None = None,
 ) -> TaskVerdict:
     """The verdict on one task of Label Studio's JSON export (see the module docstring).
 
@@ -549,7 +826,11 @@ def judge_task(
     document root, defect-free with regions, a missing size or sha256, or any field of any
     annotation malformed. With ``polygons`` (``segment`` projects) a polygon region is kept as
     a polygon instance (`ls_results_to_instances`), and a polygon that crosses itself also
-    rejects the task. Never raises for bad input.
+    rejects the task; with ``brush`` too (the gateway's `BrushDecoder`) a brush region is kept
+    as a polygon instance, and an empty or undecodable one rejects the task. ``keypoints`` (the
+    config's names per class): keypoint regions are kept per instance
+    (`ls_results_to_keypoints`); an unknown keypoint label, one outside the image or one without
+    a region of its class rejects the task. Never raises for bad input.
     """
     task_id = task_key(task)
     try:
@@ -564,7 +845,9 @@ def judge_task(
         if not live:
             return TaskVerdict(task_id, skipped=bool(anns))
         check_image_url((task.get("data") or {}).get("image"), document_root)
-        label = _to_label(task, live, class_names, users, max_regions, polygons)
+        label = _to_label(
+            task, live, class_names, users, max_regions, polygons, keypoints=keypoints, brush=brush
+        )
         return TaskVerdict(task_id, label=label)
     except _TASK_ERRORS as exc:
         rejected = TaskRejectedError(task_id, f"{type(exc).__name__}: {exc}")
@@ -598,21 +881,54 @@ def _annotation_detections(
     polygons: bool = False,
 ) -> tuple[Detections, tuple[Rings, ...]]:
     """One annotation's boxes and, with ``polygons``, their rings (else ``()``)."""
+    det, rings, _ = _annotation_labels(ann, class_names, data_wh, max_regions, polygons)
+    return det, rings
+
+
+def _annotation_labels(
+    ann: dict[str, Any],
+    class_names: list[str],
+    data_wh: tuple[int, int] | None,
+    max_regions: int | None = None,
+    polygons: bool = False,
+    keypoints: KeypointNames | None = None,
+    brush: BrushDecoder | None = None,
+) -> tuple[Detections, tuple[Rings, ...], tuple[InstanceKeypoints, ...]]:
+    """One annotation's boxes, with ``polygons`` their rings (brush regions too with
+    ``brush``; else ``()``) and with ``keypoints`` their keypoints (else ``()``)."""
     raw = ann.get("result") or []
     if not isinstance(raw, list) or not all(isinstance(r, dict) for r in raw):
         raise ConversionError(f"annotation {ann.get('id')}: result must be a list of objects")
-    n_regions = sum(1 for r in raw if r.get("type") in (RECTANGLE, POLYGON))
+    n_regions = sum(1 for r in raw if r.get("type") in (RECTANGLE, POLYGON, BRUSH, KEYPOINT))
     if max_regions is not None and n_regions > max_regions:
         raise ConversionError(
             f"annotation {ann.get('id')} has {n_regions} regions, more than "
             f"labelstudio.max_regions ({max_regions}); split the image or raise the limit"
         )
     results = _region_results(raw)
+    if polygons and brush is not None:
+        brushes = [r for r in raw if r.get("type") == BRUSH]
+        for r in brushes:
+            # Checked before decoding: the decoder allocates the whole image the region claims.
+            if data_wh is None:
+                raise ConversionError(
+                    f"brush {r.get('id')!r}: the task data has no width/height to decode it "
+                    "against; push the image again through defect-loop"
+                )
+            claimed = (r.get("original_width", data_wh[0]), r.get("original_height", data_wh[1]))
+            if claimed != data_wh:
+                raise ConversionError(
+                    f"brush {r.get('id')!r} was painted on a {claimed[0]}x{claimed[1]} image but "
+                    f"the task's image is {data_wh[0]}x{data_wh[1]} px; repaint it"
+                )
+        results += brushes
+    points = [r for r in raw if r.get("type") == KEYPOINT] if keypoints else []
     defect_free = _marked_defect_free(raw)  # also validates the verdict choice
-    if results and defect_free:
+    if (results or points) and defect_free:
         raise ConversionError(
-            f"annotation {ann.get('id')} is marked {DEFECT_FREE!r} but has {len(results)} "
-            "regions; remove the regions or untick the choice in Label Studio"
+            f"annotation {ann.get('id')} is marked {DEFECT_FREE!r} but has "
+            f"{len(results) + len(points)} regions; remove the regions or untick the choice in "
+            "Label Studio"
         )
     if data_wh is None and not results:
         raise ConversionError(
@@ -623,7 +939,7 @@ def _annotation_detections(
     wh = None if sized else data_wh
     rings: tuple[Rings, ...] = ()
     if polygons:
-        det, rings = ls_results_to_instances(raw, class_names, image_wh=wh)
+        det, rings = ls_results_to_instances(raw, class_names, image_wh=wh, brush=brush)
     else:
         det = ls_results_to_detections(results, class_names, image_wh=wh)
     if data_wh is not None and det.image_wh != data_wh:
@@ -632,7 +948,12 @@ def _annotation_detections(
             f"annotation was drawn on a {w}x{h} image but the task's image is "
             f"{data_wh[0]}x{data_wh[1]} px; re-annotate the task"
         )
-    return det, rings
+    kps: tuple[InstanceKeypoints, ...] = ()
+    if points and keypoints:
+        kps = ls_results_to_keypoints(
+            raw, det, rings, class_names, keypoints, brush=polygons and brush is not None
+        )
+    return det, rings, kps
 
 
 def _to_label(
@@ -642,6 +963,9 @@ def _to_label(
     users: Mapping[int, str],
     max_regions: int | None = None,
     polygons: bool = False,
+    *,
+    keypoints: KeypointNames | None = None,
+    brush: BrushDecoder | None = None,
 ) -> PulledLabel:
     task_id = task_key(task)
     data = task.get("data") or {}
@@ -655,7 +979,9 @@ def _to_label(
         raise ConversionError(f"task data sha256 is not a digest: {str(sha)[:80]!r}")
     data_wh = _task_size(data)
     ann = max(live, key=_sort_key)
-    det, rings = _annotation_detections(ann, class_names, data_wh, max_regions, polygons)
+    det, rings, kps = _annotation_labels(
+        ann, class_names, data_wh, max_regions, polygons, keypoints, brush
+    )
 
     # Several annotators: keep each one's latest annotation and measure their agreement.
     latest: dict[str, dict[str, Any]] = {}
@@ -701,4 +1027,5 @@ def _to_label(
         per_annotator=per_annotator,
         image_url=data.get("image") if isinstance(data.get("image"), str) else None,
         polygons=rings,
+        keypoints=kps,
     )

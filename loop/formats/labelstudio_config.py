@@ -6,6 +6,14 @@ Pure text in, text out. The config (`label_config_xml`): an ``Image`` named ``im
 polygon becomes its bounding box on pull), and a ``Choices`` named ``verdict`` with one choice
 ``defect-free``. An annotation submitted with no regions is a defect-free image (a negative
 example), with or without that choice; the labeling instructions say so.
+
+Optional controls: a ``BrushLabels`` named ``brush`` with the class labels (``segment``
+projects: a painted mask is kept as a polygon instance), and a ``KeyPointLabels`` named
+``keypoint`` with one label ``<class>/<name>`` per configured keypoint (`loop.keypoints`),
+coloured like its class. Label Studio's editor (1.23) links a region to a parent when the labeler
+drags it onto that region in the Regions list (it then exports ``parentID``); each class label
+with keypoints gets ``groupcancontain`` = its keypoint labels, so only those can be dropped on a
+region of that class.
 """
 
 from __future__ import annotations
@@ -15,7 +23,16 @@ import html
 import xml.etree.ElementTree as ET
 
 from loop.errors import ConfigError, LabelStudioError
-from loop.formats.labelstudio import DEFECT_FREE, FROM_NAME, POLYGON_NAME, TO_NAME, VERDICT_NAME
+from loop.formats.labelstudio import (
+    BRUSH_NAME,
+    DEFECT_FREE,
+    FROM_NAME,
+    KEYPOINT_NAME,
+    POLYGON_NAME,
+    TO_NAME,
+    VERDICT_NAME,
+)
+from loop.keypoints import KeypointNames, check_keypoint_config, keypoint_labels
 
 # Distinct, readable colours (tab10 + a few extra); more classes get evenly spaced hues.
 _PALETTE = [
@@ -42,16 +59,27 @@ def check_class_names(class_names: list[str]) -> None:
         raise ConfigError(f"class names must be unique, got {class_names}")
 
 
-def label_config_xml(class_names: list[str], instructions: str = "", polygons: bool = False) -> str:
+def label_config_xml(
+    class_names: list[str],
+    instructions: str = "",
+    polygons: bool = False,
+    *,
+    brush: bool = False,
+    keypoints: KeypointNames | None = None,
+) -> str:
     """Label Studio labeling config: rectangles (``RectangleLabels`` named ``label``), and with
     ``polygons`` also ``PolygonLabels`` named ``polygon``, on an ``Image`` named ``image`` (value
     ``$image``); one ``Label`` per class in the given order, each with its own colour; a
     ``Choices`` named ``verdict`` offering ``defect-free``; ``instructions`` (plain text) appear
-    as a header above the image.
+    as a header above the image. ``brush`` adds ``BrushLabels`` named ``brush`` (same labels);
+    ``keypoints`` (class -> ordered names) adds ``KeyPointLabels`` named ``keypoint``, one label
+    ``<class>/<name>`` per keypoint.
 
-    Raises `ConfigError` for an empty, blank or duplicate class list.
+    Raises `ConfigError` for an empty, blank or duplicate class list or a bad keypoint list.
     """
     check_class_names(class_names)
+    if keypoints:
+        check_keypoint_config(keypoints, class_names)
     view = ET.Element("View")
     if instructions.strip():
         ET.SubElement(view, "Header", value=instructions.strip())
@@ -59,10 +87,21 @@ def label_config_xml(class_names: list[str], instructions: str = "", polygons: b
     controls = [("RectangleLabels", FROM_NAME)]
     if polygons:
         controls.append(("PolygonLabels", POLYGON_NAME))
+    if brush:
+        controls.append(("BrushLabels", BRUSH_NAME))
+    labels = keypoint_labels(keypoints, class_names) if keypoints else {}
     for tag, name in controls:
         el = ET.SubElement(view, tag, name=name, toName=TO_NAME)
         for i, cls in enumerate(class_names):
-            ET.SubElement(el, "Label", value=cls, background=_colour(i, len(class_names)))
+            lbl = ET.SubElement(el, "Label", value=cls, background=_colour(i, len(class_names)))
+            children = [label for label, (c, _) in labels.items() if c == cls]
+            if children and not any("," in c for c in children):  # a comma-separated list
+                lbl.set("groupcancontain", ",".join(children))
+    if keypoints:
+        el = ET.SubElement(view, "KeyPointLabels", name=KEYPOINT_NAME, toName=TO_NAME)
+        for label, (cls, _) in keypoint_labels(keypoints, class_names).items():
+            colour = _colour(class_names.index(cls), len(class_names))
+            ET.SubElement(el, "Label", value=label, background=colour)
     verdict = ET.SubElement(
         view, "Choices", name=VERDICT_NAME, toName=TO_NAME, choice="single", showInline="true"
     )
@@ -72,7 +111,12 @@ def label_config_xml(class_names: list[str], instructions: str = "", polygons: b
 
 
 def instructions_html(
-    class_names: list[str], instructions: str = "", polygons: bool = False
+    class_names: list[str],
+    instructions: str = "",
+    polygons: bool = False,
+    *,
+    brush: bool = False,
+    keypoints: KeypointNames | None = None,
 ) -> str:
     """The labeling instructions shown to labelers (project ``expert_instruction``, HTML): the
     guidelines, the classes with their colours, and how to submit a defect-free image."""
@@ -84,7 +128,19 @@ def instructions_html(
         for i, c in enumerate(class_names)
     )
     shape = "a tight box (or a polygon)" if polygons else "a tight box"
+    if polygons and brush:
+        shape = "a tight box, a polygon or a brush mask"
     parts.append(f"<p>Classes (draw {shape} per defect):</p><ul>{items}</ul>")
+    if keypoints:
+        names = "".join(
+            f"<li>{html.escape(label)}</li>" for label in keypoint_labels(keypoints, class_names)
+        )
+        parts.append(
+            "<p><b>Keypoints</b> (at most one of each name per defect):</p>"
+            f"<ul>{names}</ul><p>To link a keypoint to its defect, drag the keypoint onto the "
+            "defect's region in the Regions list. An unlinked keypoint goes to the smallest "
+            "region of its class that contains it, else to the nearest region of its class.</p>"
+        )
     parts.append(
         "<p><b>Defect-free image:</b> submit it with NO regions (you may tick "
         f"&quot;{DEFECT_FREE}&quot;): it becomes a negative example for training. Use "
@@ -116,6 +172,14 @@ def classes_from_label_config(xml: str) -> list[str]:
             "created by defect-loop: choose another project title"
         )
     return labels
+
+
+def has_control(xml: str, tag: str, name: str) -> bool:
+    """Whether a labeling config has the control ``<tag name=name>`` (False for bad XML)."""
+    try:
+        return _labels_of(ET.fromstring(xml), tag, name) is not None
+    except ET.ParseError:
+        return False
 
 
 def has_polygons(xml: str) -> bool:

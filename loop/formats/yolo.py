@@ -7,16 +7,22 @@ An Ultralytics segmentation line is ``class_id x1 y1 x2 y2 ...``: one polygon pe
 vertices normalised to ``[0, 1]`` like the boxes. Our instances (`loop.polygons`) are pixel rings,
 possibly several per instance (parts, holes by the even-odd rule); an instance with several rings
 is written as one ring joined by zero-width bridges (`merge_rings`), which fills the same pixels.
+
+An Ultralytics pose line is ``class_id cx cy w h`` followed by ``K`` keypoint triples
+``x y v`` (normalised; ``v`` 0 not labeled, 1 occluded, 2 visible); which name each slot holds
+comes from the config's keypoint lists (`pose_slots`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 
 from loop.detections import Detections, FloatArray
 from loop.errors import ConversionError, UnknownLabelError
+from loop.keypoints import InstanceKeypoints, Keypoint, KeypointNames, check_instance_keypoints
 from loop.polygons import Rings, as_ring, polygons_to_detections
 
 
@@ -192,3 +198,114 @@ def yolo_lines_to_instances(
         image_wh,
     )
     return det, tuple(() for _ in range(len(boxes))) + rings
+
+
+# --- Ultralytics pose lines ------------------------------------------------------------------
+def pose_slots(classes: Sequence[str], keypoints: KeypointNames) -> tuple[tuple[str, ...], ...]:
+    """Per class id, its keypoint names in slot order (`loop.keypoints`): the layout of a pose
+    export. Every class must name its keypoints; the slot count ``K`` of the export is the
+    largest list (a class with fewer keypoints leaves its last slots at visibility 0).
+
+    Raises `ConversionError` naming the first class without keypoints.
+    """
+    missing = [c for c in classes if not keypoints.get(c)]
+    if missing:
+        raise ConversionError(
+            f"class {missing[0]!r} has no keypoints in the config, so the pose export has no "
+            f"fixed keypoint count for it; list its keypoints under keypoints: {missing[0]}: "
+            "[...] (every class needs them)"
+        )
+    return tuple(tuple(keypoints[c]) for c in classes)
+
+
+def instances_to_yolo_pose_lines(
+    det: Detections,
+    keypoints: Sequence[InstanceKeypoints],
+    slots: Sequence[Sequence[str]],
+    precision: int = 6,
+) -> list[str]:
+    """Pixel boxes and their keypoints -> Ultralytics pose lines
+    ``cls cx cy w h x1 y1 v1 ... xK yK vK`` (normalised; ``K`` = the longest list of ``slots``;
+    a keypoint that is not labeled, or a slot the class does not have, is ``0 0 0``).
+
+    ``keypoints``: one `InstanceKeypoints` per box, or ``()`` for none. ``slots``: per class id,
+    its names (`pose_slots`). Raises `ConversionError` for a keypoint name its class does not
+    have.
+    """
+    if keypoints and len(keypoints) != len(det):
+        raise ConversionError(f"{len(det)} boxes but {len(keypoints)} keypoint instances")
+    k = max(len(s) for s in slots)
+    w, h = det.image_wh
+    boxes = detections_to_yolo_lines(det, precision)
+    out = []
+    for i, (line, cls) in enumerate(zip(boxes, det.class_id.tolist(), strict=True)):
+        names = list(slots[int(cls)])
+        values = [[0.0, 0.0, 0] for _ in range(k)]
+        for kp in keypoints[i] if keypoints else ():
+            if kp.name not in names:
+                raise ConversionError(
+                    f"keypoint {kp.name!r} of a class-{int(cls)} instance is not one of its "
+                    f"configured keypoints {names}; add it to the config or relabel it"
+                )
+            values[names.index(kp.name)] = [kp.x / w, kp.y / h, kp.visibility]
+        coords = " ".join(
+            f"{min(max(x, 0.0), 1.0):.{precision}f} {min(max(y, 0.0), 1.0):.{precision}f} {v}"
+            for x, y, v in values
+        )
+        out.append(f"{line} {coords}")
+    return out
+
+
+def yolo_pose_lines_to_instances(
+    lines: list[str] | str, image_wh: tuple[int, int], slots: Sequence[Sequence[str]]
+) -> tuple[Detections, tuple[InstanceKeypoints, ...]]:
+    """Ultralytics pose text (``cls cx cy w h`` then ``K`` triples ``x y v``, normalised; blank
+    lines ignored) -> pixel boxes and, parallel to them, their keypoints (visibility 0 = not
+    labeled: left out); ``()`` altogether when no line holds a keypoint.
+
+    Raises `ConversionError` for a wrong field count, values outside ``[0, 1]``, a visibility
+    other than 0, 1 or 2, or a labeled keypoint in a slot its class does not have, and
+    `UnknownLabelError` for a class id outside ``slots``.
+    """
+    if isinstance(lines, str):
+        lines = lines.splitlines()
+    k = max(len(s) for s in slots)
+    w, h = image_wh
+    box_lines: list[str] = []
+    triples: list[tuple[int, list[list[float]]]] = []
+    for lineno, raw in enumerate(lines, start=1):
+        parts = raw.split()
+        if not parts:
+            box_lines.append("")
+            continue
+        if len(parts) != 5 + 3 * k:
+            raise ConversionError(
+                f"line {lineno}: expected {5 + 3 * k} fields 'cls cx cy w h' + {k} x 'x y v', "
+                f"got {len(parts)}"
+            )
+        box_lines.append(" ".join(parts[:5]))
+        try:
+            vals = np.array([float(p) for p in parts[5:]], dtype=np.float64).reshape(k, 3)
+        except ValueError:
+            raise ConversionError(f"line {lineno}: non-numeric field in {raw[:80]!r}") from None
+        triples.append((lineno, vals.tolist()))
+    det = yolo_lines_to_detections(box_lines, image_wh, len(slots))
+    out: list[InstanceKeypoints] = []
+    for (lineno, slot_values), cls in zip(triples, det.class_id.tolist(), strict=True):
+        names = slots[int(cls)]
+        points = []
+        for slot, (x, y, v) in enumerate(slot_values):
+            if v not in (0.0, 1.0, 2.0):
+                raise ConversionError(f"line {lineno}: keypoint visibility {v} is not 0, 1 or 2")
+            if v == 0:
+                continue
+            if not (0.0 <= x <= 1.0 and 0.0 <= y <= 1.0):
+                raise ConversionError(f"line {lineno}: keypoint {slot} lies outside [0, 1]")
+            if slot >= len(names):
+                raise ConversionError(
+                    f"line {lineno}: keypoint slot {slot} is labeled, but class {int(cls)} has "
+                    f"only {len(names)} keypoints"
+                )
+            points.append(Keypoint(names[slot], x * w, y * h, int(v)))
+        out.append(check_instance_keypoints(points, image_wh, f"line {lineno}"))
+    return det, tuple(out) if any(out) else ()

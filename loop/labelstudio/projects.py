@@ -10,12 +10,15 @@ from typing import Any
 from label_studio_sdk.core.api_error import ApiError
 
 from loop.errors import LabelStudioError
+from loop.formats.labelstudio import BRUSH_NAME, KEYPOINT_NAME
 from loop.formats.labelstudio_config import (
     classes_from_label_config,
+    has_control,
     has_polygons,
     instructions_html,
     label_config_xml,
 )
+from loop.keypoints import KeypointNames
 from loop.labelstudio.transport import Transport
 
 UNCERTAINTY_SAMPLING = "Uncertainty sampling"
@@ -73,6 +76,8 @@ class ProjectSetup(Transport):
         *,
         polygons: bool = False,
         project_id: int | None = None,
+        brush: bool = False,
+        keypoints: KeypointNames | None = None,
     ) -> int:
         """Get or create the project and bring its set-up in line with the config; returns its id.
 
@@ -85,8 +90,12 @@ class ProjectSetup(Transport):
         The class list may only GROW at its end (new classes get the next ids; the label config
         is updated); any other change (removal, renaming, reordering) raises `LabelStudioError`.
         """
-        xml = label_config_xml(class_names, instructions, polygons)
-        expert = instructions_html(class_names, instructions, polygons)
+        xml = label_config_xml(
+            class_names, instructions, polygons, brush=brush, keypoints=keypoints
+        )
+        expert = instructions_html(
+            class_names, instructions, polygons, brush=brush, keypoints=keypoints
+        )
         identity = self._identity(title)
         project = None
         if project_id is not None:
@@ -163,6 +172,7 @@ class ProjectSetup(Transport):
 
     def project_info(self, project_id: int) -> dict[str, Any]:
         """``{"id", "title", "model_version", "sampling", "task_number", "classes", "polygons",
+        "brush", "keypoints",
         "show_instruction", "expert_instruction", "label_config"}``."""
         p = self._call("read a project", lambda: self._client.projects.get(project_id))
         xml = p.label_config or ""
@@ -174,6 +184,8 @@ class ProjectSetup(Transport):
             "task_number": p.task_number,
             "classes": classes_from_label_config(xml),
             "polygons": has_polygons(xml),
+            "brush": has_control(xml, "BrushLabels", BRUSH_NAME),
+            "keypoints": has_control(xml, "KeyPointLabels", KEYPOINT_NAME),
             "show_instruction": bool(p.show_instruction),
             "expert_instruction": p.expert_instruction or "",
             "label_config": xml,

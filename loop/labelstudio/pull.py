@@ -18,7 +18,9 @@ from typing import Any
 from loop.errors import ConfigError, LabelStudioError
 from loop.formats.labelstudio import format_cursor, judge_task, parse_time, task_key
 from loop.formats.labelstudio_config import check_class_names
+from loop.keypoints import KeypointNames
 from loop.labeling import PullResult
+from loop.labelstudio.brush import rle_to_mask
 from loop.labelstudio.transport import BULK_TIMEOUT_S, UNANNOTATED, Transport
 
 _EXPORT_IDS_PER_CALL = 400  # keeps the query string of `?ids[]=...` well under 8 KB
@@ -145,6 +147,7 @@ class Pulling(Transport):
         full_export_above: int = 2000,
         max_regions: int | None = None,
         polygons: bool = False,
+        keypoints: KeypointNames | None = None,
     ) -> PullResult:
         """Ground truth from the tasks annotated, changed or un-annotated since the cursor.
 
@@ -153,8 +156,11 @@ class Pulling(Transport):
         with one bulk export). ``known_labeled``: task id -> sha256 of the labels already taken
         from this project; those whose annotations are all gone now are listed in
         ``unlabeled_task_ids``/``unlabeled_sha256``. ``document_root``: refuse image paths that
-        resolve outside it. ``polygons``: keep polygon regions as pixel polygons (`segment`
-        projects); otherwise each becomes its bounding box.
+        resolve outside it. ``polygons``: keep polygon regions as pixel polygons and brush
+        regions as the polygons of their painted pixels (decoded by label-studio-sdk,
+        `loop.labelstudio.brush`; `segment` projects); otherwise each polygon becomes its bounding
+        box. ``keypoints``: the config's keypoint names per class: keypoint regions are kept
+        per instance (`loop.formats.labelstudio.ls_results_to_keypoints`).
 
         Each exported task is judged by the pull rules (`loop.formats.labelstudio.judge_task`):
         a usable one goes to ``labels``; one that cannot be used goes to ``rejected`` with its
@@ -191,7 +197,14 @@ class Pulling(Transport):
                 continue  # not a task (an export always gives ids): nothing to name or report
             out.examined_task_ids.append(task_key(task))
             verdict = judge_task(
-                task, class_names, users, document_root, max_regions, polygons=polygons
+                task,
+                class_names,
+                users,
+                document_root,
+                max_regions,
+                polygons=polygons,
+                keypoints=keypoints,
+                brush=rle_to_mask if polygons else None,
             )
             if verdict.label is not None:
                 out.labels.append(verdict.label)

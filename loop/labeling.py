@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from loop.annotation_log import AnnotationRecord
 from loop.detections import Detections
 from loop.errors import TaskRejectedError
 from loop.polygons import Rings
@@ -27,13 +28,15 @@ class PushItem:
     ``image_url``: as Label Studio should load it, e.g. ``/data/local-files/?d=images/ab.png``
     (path relative to the document root). ``detections``: pixel boxes already filtered to what
     labelers should see (confidences become region scores). ``priority``: >= 0, higher = more
-    worth labeling.
+    worth labeling. ``overlap``: how many different annotators must label it (1: one;
+    more: chosen for overlap, `loop.consensus.choose_overlap`).
     """
 
     sha256: str
     image_url: str
     detections: Detections
     priority: float
+    overlap: int = 1
 
 
 @dataclass
@@ -44,7 +47,8 @@ class PushSummary:
     prediction of the new model version (and their new priority). ``skipped``: already present
     with this model version, already labeled, or repeated in the input. ``failed``: could not be
     converted (listed in ``failures``, sha256 -> reason). ``task_ids`` maps sha256 -> task id
-    for every created, refreshed and skipped item.
+    for every created, refreshed and skipped item. ``overlap``: sha256 -> annotators of the
+    new tasks chosen for overlap (`loop.consensus.choose_overlap`).
     """
 
     created: int = 0
@@ -53,6 +57,7 @@ class PushSummary:
     task_ids: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     refreshed: int = 0
+    overlap: dict[str, int] = field(default_factory=dict)  # sha256 -> annotators (> 1 only)
 
 
 @dataclass(frozen=True)
@@ -71,6 +76,10 @@ class PulledLabel:
     Label Studio holds it now (compare it with what was pushed: task data can be edited).
     ``polygons``: empty, or one `loop.polygons.Rings` per box of ``detections`` (pixels; ``()``
     for a rectangle), when the pull kept polygons (``segment`` projects).
+    ``annotations``: every annotator's latest submitted, usable annotation (one per annotator,
+    boxes in pixels; the chosen one included), for consensus and the annotation log;
+    ``unusable``: annotator -> why their latest annotation could not be read (it is left out of
+    the agreement and the log; only the chosen annotation's problems reject the task).
     """
 
     task_id: int
@@ -88,6 +97,8 @@ class PulledLabel:
     per_annotator: dict[str, Detections] = field(default_factory=dict)
     image_url: str | None = None
     polygons: tuple[Rings, ...] = ()
+    annotations: tuple[AnnotationRecord, ...] = ()
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

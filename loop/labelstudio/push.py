@@ -36,6 +36,8 @@ from loop.labelstudio.transport import (
     progress_bar,
 )
 
+_MAX_OVERLAP = 20
+
 
 @dataclass(frozen=True)
 class _Existing:
@@ -107,18 +109,22 @@ class Pushing(Transport):
             raise ConversionError("sha256 must not be empty")
         if not item.image_url:
             raise ConversionError("image_url must not be empty")
+        if not 1 <= int(item.overlap) <= _MAX_OVERLAP:
+            raise ConversionError(
+                f"overlap must be 1-{_MAX_OVERLAP} annotators, got {item.overlap}"
+            )
         prediction = cls._prediction(item, model_version, class_names)
         w, h = item.detections.image_wh
-        return {
-            "data": {
-                "image": item.image_url,
-                "sha256": item.sha256,
-                "priority": float(item.priority),
-                "width": int(w),
-                "height": int(h),
-            },
-            "predictions": [prediction],
+        data: dict[str, Any] = {
+            "image": item.image_url,
+            "sha256": item.sha256,
+            "priority": float(item.priority),
+            "width": int(w),
+            "height": int(h),
         }
+        if item.overlap > 1:
+            data["overlap"] = int(item.overlap)  # the record of the choice, shown in the UI
+        return {"data": data, "predictions": [prediction]}
 
     def push(
         self,
@@ -221,6 +227,7 @@ class Pushing(Transport):
                     if sha in now:
                         summary.created += 1
                         summary.task_ids[sha] = now[sha]
+                        self._set_overlap(now[sha], int(payload["data"].get("overlap", 1)))
                         advance(1)
                     else:
                         keep.append((sha, payload))
@@ -246,10 +253,24 @@ class Pushing(Transport):
                     f"Label Studio imported {len(task_ids)} tasks for {len(done)} items; check "
                     f"project {project_id} and push again (present images are skipped)"
                 )
-            for (sha, _), tid in zip(done, task_ids, strict=True):
+            for (sha, payload), tid in zip(done, task_ids, strict=True):
                 summary.task_ids[sha] = tid
+                self._set_overlap(tid, int(payload["data"].get("overlap", 1)))
             summary.created += len(done)
             advance(len(done))
+
+    def _set_overlap(self, task_id: int, overlap: int) -> None:
+        """Set a new task's Label Studio ``overlap`` (the distinct annotators it needs before it
+        counts as labeled and leaves the queue). The import API ignores the field, so it is
+        PATCHed right after the import, before anyone can annotate: Label Studio 1.23 does not
+        recompute ``is_labeled`` when the overlap of an annotated task changes."""
+        if overlap > 1:
+            self._json(
+                f"set the overlap of task {task_id}",
+                "PATCH",
+                f"api/tasks/{int(task_id)}",
+                body={"overlap": int(overlap)},
+            )
 
     def _refresh(
         self,

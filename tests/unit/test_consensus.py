@@ -1,0 +1,178 @@
+"""Consensus at pull and the overlap choice (`loop.consensus`): known answers, seeded draws."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pytest
+
+from loop.annotation_log import AnnotationRecord
+from loop.consensus import choose_overlap, decide, fuse_boxes, overlap_count
+from loop.detections import Detections
+from loop.errors import ConfigError
+
+WH = (100, 100)
+
+
+def _det(*boxes: tuple[float, float, float, float, int]) -> Detections:
+    arr = np.array([b[:4] for b in boxes], dtype=np.float64).reshape(-1, 4)
+    return Detections(arr, np.array([b[4] for b in boxes], dtype=np.int64), WH)
+
+
+def _rec(name: str, det: Detections, minute: int = 0, gt: bool = False) -> AnnotationRecord:
+    when = datetime(2026, 12, 1, 12, minute, tzinfo=UTC)
+    return AnnotationRecord(name, 100 + minute, det, 3.0, when, gt)
+
+
+A = (10.0, 10.0, 30.0, 30.0, 0)
+A_SHIFTED = (12.0, 10.0, 32.0, 30.0, 0)  # IoU 0.82 with A
+B = (50.0, 50.0, 80.0, 70.0, 1)
+B_AS_0 = (50.0, 50.0, 80.0, 70.0, 0)  # same place, other class
+FAR = (60.0, 5.0, 90.0, 20.0, 0)
+
+
+# --- fusion ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("sets", "want"),
+    [
+        # Two annotators, same boxes: corners averaged.
+        ([[A, B], [A_SHIFTED, B]], [(11.0, 10.0, 31.0, 30.0, 0), B]),
+        # A box only one of two drew is not a majority: dropped.
+        ([[A, B], [A_SHIFTED]], [(11.0, 10.0, 31.0, 30.0, 0)]),
+        # Three annotators: 2 of 3 is a majority, 1 of 3 is not.
+        ([[A, FAR], [A_SHIFTED], [A, B]], [(32.0 / 3, 10.0, 92.0 / 3, 30.0, 0)]),
+        # Same place, other class: never one cluster, and neither has a majority.
+        ([[B], [B_AS_0]], []),
+        # Both say defect-free.
+        ([[], []], []),
+    ],
+)
+def test_fuse_boxes_known_answers(sets, want):
+    out = fuse_boxes([_det(*s) for s in sets])
+    exp = _det(*want)
+    np.testing.assert_allclose(out.xyxy, exp.xyxy, atol=1e-9)
+    np.testing.assert_array_equal(out.class_id, exp.class_id)
+    assert out.image_wh == WH and out.confidence is None
+
+
+# --- decide ------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("records", "required", "status", "agreement", "ref"),
+    [
+        # One annotator, no overlap asked: single, their boxes.
+        ([_rec("ann", _det(A))], 1, "single", None, [A]),
+        # Overlap asked for 2, only one so far: waits.
+        ([_rec("ann", _det(A))], 2, "waiting", None, None),
+        # A lead's ground truth wins even alone on an overlap task, and over disagreement.
+        (
+            [_rec("ann", _det(A), 1), _rec("bob", _det(B), 2), _rec("lead", _det(FAR), 0, True)],
+            2,
+            "ground_truth",
+            0.0,
+            [FAR],
+        ),
+        # Two agree (F1 1.0): fused.
+        (
+            [_rec("ann", _det(A, B), 1), _rec("bob", _det(A_SHIFTED, B), 2)],
+            2,
+            "merged",
+            1.0,
+            [(11.0, 10.0, 31.0, 30.0, 0), B],
+        ),
+        # 2 of 3 boxes matched: F1 = 2 x 1 / 3 = 0.667 < 0.7: review, no reference.
+        ([_rec("ann", _det(A, B), 1), _rec("bob", _det(A_SHIFTED), 2)], 2, "review", 2 / 3, None),
+        # Wrong class on the only box: F1 0: review.
+        ([_rec("ann", _det(B), 1), _rec("bob", _det(B_AS_0), 2)], 1, "review", 0.0, None),
+        # Both defect-free: agreement 1, merged to no boxes.
+        ([_rec("ann", _det(), 1), _rec("bob", _det(), 2)], 2, "merged", 1.0, []),
+    ],
+)
+def test_decide_table(records, required, status, agreement, ref):
+    d = decide(records, required=required, threshold=0.7)
+    assert d.status == status
+    if agreement is None:
+        assert d.agreement is None
+    else:
+        assert d.agreement == pytest.approx(agreement)
+    if ref is None:
+        assert d.reference is None
+    else:
+        exp = _det(*ref)
+        np.testing.assert_allclose(d.reference.xyxy, exp.xyxy, atol=1e-9)
+        np.testing.assert_array_equal(d.reference.class_id, exp.class_id)
+    assert d.reason
+
+
+def test_threshold_is_inclusive_and_latest_rule_takes_the_newest():
+    recs = [_rec("ann", _det(A, B), 5), _rec("bob", _det(A_SHIFTED), 2)]
+    at = decide(recs, threshold=2 / 3, merge_rule="latest")
+    assert at.status == "merged" and at.chosen is recs[0]
+    np.testing.assert_allclose(at.reference.xyxy, _det(A, B).xyxy)  # ann's: the newer
+    assert decide(recs, threshold=2 / 3 + 1e-9).status == "review"
+
+
+def test_decide_refuses_nothing_and_unknown_rules():
+    with pytest.raises(ConfigError, match="at least one"):
+        decide([])
+    with pytest.raises(ConfigError, match="merge_rule"):
+        decide([_rec("a", _det(A)), _rec("b", _det(A), 1)], merge_rule="vote")  # type: ignore[arg-type]
+
+
+# --- overlap choice ----------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("n", "share", "k"),
+    [(10, 0.0, 0), (10, 0.25, 3), (3, 0.25, 1), (5, 0.5, 3), (4, 0.1, 0), (7, 1.0, 7), (0, 0.5, 0)],
+)
+def test_overlap_count_rounds_half_up(n, share, k):
+    assert overlap_count(n, share) == k
+    assert int(choose_overlap([1.0] * n, share, "random", np.random.default_rng(0)).sum()) == k
+
+
+def test_uncertain_rule_takes_the_highest_priorities_ties_by_batch_order():
+    mask = choose_overlap([0.2, 0.9, 0.5, 0.9, 0.1], 0.6, "uncertain", np.random.default_rng(0))
+    assert mask.tolist() == [False, True, True, True, False]
+    mask = choose_overlap([0.3, 0.3, 0.3, 0.3], 0.5, "uncertain", np.random.default_rng(0))
+    assert mask.tolist() == [True, True, False, False]
+
+
+def test_random_rule_is_seeded():
+    pri = list(np.linspace(0, 1, 40))
+    a = choose_overlap(pri, 0.25, "random", np.random.default_rng([7, 1]))
+    b = choose_overlap(pri, 0.25, "random", np.random.default_rng([7, 1]))
+    c = choose_overlap(pri, 0.25, "random", np.random.default_rng([7, 2]))
+    assert a.tolist() == b.tolist() and a.sum() == 10
+    assert a.tolist() != c.tolist()
+    # Not the uncertain choice: the 10 highest priorities are the last 10.
+    assert a[:30].any()
+
+
+@pytest.mark.parametrize(("share", "rule"), [(1.5, "random"), (-0.1, "random"), (0.5, "best")])
+def test_bad_overlap_settings_are_refused(share, rule):
+    with pytest.raises(ConfigError):
+        choose_overlap([1.0, 2.0], share, rule, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize(
+    ("quality", "field"),
+    [
+        ({"overlap_share": 1.2}, "quality.overlap_share"),
+        ({"overlap_annotators": 1}, "quality.overlap_annotators"),
+        ({"overlap_rule": "best"}, "quality.overlap_rule"),
+        ({"agreement_threshold": -0.1}, "quality.agreement_threshold"),
+        ({"merge_rule": "vote"}, "quality.merge_rule"),
+        ({"overlap_shares": 0.5}, "quality.overlap_shares"),
+    ],
+)
+def test_quality_config_errors_name_the_key(tmp_path, quality, field):
+    import yaml
+
+    from loop.config import load_config
+
+    cfg = tmp_path / "defect-loop.yaml"
+    cfg.write_text(yaml.safe_dump({"classes": ["a", "b"], "quality": quality}))
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        load_config(cfg)
+    cfg.write_text(yaml.safe_dump({"classes": ["a", "b"]}))
+    q = load_config(cfg).quality
+    assert (q.overlap_share, q.overlap_annotators, q.overlap_rule) == (0.0, 2, "random")

@@ -310,8 +310,9 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
             "annotation_id": str(lab.annotation_id),
             "annotator": str(lab.annotator),
             "round": str(project.state.round),
-            "consensus": decision.status,
         }
+        if decision.status != "single":  # single: provenance as before consensus existed
+            prov["consensus"] = decision.status
         if lab.prediction_model_version:
             prov["model_version"] = str(lab.prediction_model_version)
         if lab.lead_time is not None:

@@ -22,6 +22,7 @@ from loop.cli.common import (
     jsonable,
     load,
     prepare,
+    print_consensus,
     print_cycle,
     require_writable,
     run,
@@ -229,6 +230,7 @@ def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         summary = push_flow(str(config))
         console.print(
             f"push: {summary.created} created, {summary.skipped} skipped, {summary.failed} failed"
+            + (f", {len(summary.overlap)} for several annotators" if summary.overlap else "")
         )
 
     run(go)
@@ -254,6 +256,7 @@ def pull(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         )
         for r in out.rejected:
             console.print(f"  [yellow]review[/] {safe(r)}")
+        print_consensus(out)
 
     run(go)
 

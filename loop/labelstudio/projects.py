@@ -1,5 +1,14 @@
 """Setting up the Label Studio project: labeling config, instructions, the priority view, the
-images' local storage and webhooks (`ProjectSetup`, part of `LabelStudioGateway`)."""
+review queue view, overlap settings, the images' local storage and webhooks (`ProjectSetup`,
+part of `LabelStudioGateway`).
+
+Overlap in Label Studio 1.23 OSS, as checked against the server: ``maximum_annotations`` with
+``overlap_cohort_percentage`` < 100 lets the server choose (and re-choose on every import) which
+tasks need several annotators; a task's own ``overlap`` is ignored on import but can be PATCHed,
+and the next-task logic honours it (a task stays unlabeled until that many annotators submitted
+it; ``show_overlap_first`` serves such tasks first). defect-loop therefore keeps one annotation
+per task at project level and sets ``overlap`` per chosen task (`loop.labelstudio.push`).
+"""
 
 from __future__ import annotations
 

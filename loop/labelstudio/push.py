@@ -8,7 +8,9 @@ most valuable task comes first; tasks already waiting get a new prediction when 
 version changes. The saved view "defect-loop: most valuable first" sorts by
 ``-tasks:data.priority`` for "Label All Tasks" from the Data Manager: both give the same order.
 Task data: ``{"image": url, "sha256", "priority", "width", "height"}`` (`loop.formats.
-labelstudio`); a project never holds two tasks with the same sha256.
+labelstudio`), plus ``"overlap": n`` for a task chosen for n annotators, whose Label Studio
+``overlap`` field is set to n right after the import (`loop.consensus`); a project never holds
+two tasks with the same sha256.
 """
 
 from __future__ import annotations

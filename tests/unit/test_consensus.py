@@ -176,3 +176,39 @@ def test_quality_config_errors_name_the_key(tmp_path, quality, field):
     cfg.write_text(yaml.safe_dump({"classes": ["a", "b"]}))
     q = load_config(cfg).quality
     assert (q.overlap_share, q.overlap_annotators, q.overlap_rule) == (0.0, 2, "random")
+
+
+# --- what a pull hands to consensus (`judge_task`) ----------------------------------------------
+def test_judge_task_keeps_every_annotator_and_names_unusable_ones():
+    from ls_json import rect
+
+    from loop.formats.labelstudio import judge_task
+
+    def ann(aid, result, when, by, **kw):
+        return {"id": aid, "result": result, "was_cancelled": False, "ground_truth": False,
+                "updated_at": when, "completed_by": by, "lead_time": 2.0 + aid, **kw}  # fmt: skip
+
+    task = {
+        "id": 7,
+        "data": {"image": "/data/local-files/?d=a.png", "sha256": "a" * 64, "width": 200,
+                 "height": 100},
+        "annotations": [
+            ann(1, [rect(10, 10, 20, 20)], "2026-01-01T00:00:00Z", 1),
+            ann(2, [rect(10, 10, 20, 20, "rust")], "2026-01-02T00:00:00Z", 2),  # unknown class
+            # The lead's ground truth, then a later plain annotation of the same lead: per
+            # annotator, as for the task, the ground truth counts.
+            ann(3, [rect(0, 0, 50, 50, "crack")], "2026-01-03T00:00:00Z", 3, ground_truth=True),
+            ann(4, [], "2026-01-04T00:00:00Z", 3),
+        ],
+    }  # fmt: skip
+    label = judge_task(task, ["scratch", "dent", "crack"], {1: "ann@x", 2: "bob@x", 3: "lead@x"})
+    lab = label.label
+    assert lab is not None and lab.annotation_id == 3 and lab.ground_truth
+    recs = {r.annotator: r for r in lab.annotations}
+    assert sorted(recs) == ["ann@x", "lead@x"]
+    assert recs["lead@x"].annotation_id == 3 and recs["lead@x"].ground_truth
+    assert recs["ann@x"].lead_time == 3.0 and recs["ann@x"].boxes.class_id.tolist() == [1]
+    assert list(lab.unusable) == ["bob@x"] and "rust" in lab.unusable["bob@x"]
+    assert "annotation 2" in lab.unusable["bob@x"]
+    d = decide(lab.annotations, required=2)
+    assert d.status == "ground_truth" and d.chosen is recs["lead@x"]

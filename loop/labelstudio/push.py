@@ -41,12 +41,21 @@ from loop.labelstudio.transport import (
 _MAX_OVERLAP = 20
 
 
+def _data_overlap(data: dict[str, Any]) -> int:
+    """The annotators a task's data asks for (``data.overlap`` written by push; 1 without)."""
+    raw = data.get("overlap", 1)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= _MAX_OVERLAP:
+        return 1
+    return raw
+
+
 @dataclass(frozen=True)
 class _Existing:
     task_id: int
     data: dict[str, Any]
     model_versions: frozenset[str]
     labeled: bool
+    overlap: int = 1  # Label Studio's per-task overlap
 
 
 class Pushing(Transport):
@@ -70,7 +79,7 @@ class Pushing(Transport):
 
         Two listings: every task's id and data (light), then the prediction model versions of
         the unlabeled ones only (the costly field; usually the short labeling queue)."""
-        tasks = self._list_tasks_raw(project_id, "id,data,total_annotations")
+        tasks = self._list_tasks_raw(project_id, "id,data,total_annotations,overlap")
         versions: dict[int, frozenset[str]] = {}
         if any(int(t.get("total_annotations") or 0) == 0 for t in tasks):
             for t in self._list_tasks_raw(
@@ -87,7 +96,10 @@ class Pushing(Transport):
                 continue
             tid = int(t["id"])
             labeled = int(t.get("total_annotations") or 0) > 0
-            out[str(sha)] = _Existing(tid, dict(data), versions.get(tid, frozenset()), labeled)
+            overlap = int(t.get("overlap") or 1)
+            out[str(sha)] = _Existing(
+                tid, dict(data), versions.get(tid, frozenset()), labeled, overlap
+            )
         return out
 
     @staticmethod
@@ -175,6 +187,9 @@ class Pushing(Transport):
                     "defect-loop; delete it in Label Studio and push again"
                 )
                 continue
+            if old is not None and not old.labeled and _data_overlap(old.data) > old.overlap:
+                # A push interrupted between the import and setting the overlap: finish it.
+                self._set_overlap(old.task_id, _data_overlap(old.data))
             if old is not None and (old.labeled or model_version in old.model_versions):
                 summary.skipped += 1
                 summary.task_ids[item.sha256] = old.task_id
@@ -229,7 +244,7 @@ class Pushing(Transport):
                     if sha in now:
                         summary.created += 1
                         summary.task_ids[sha] = now[sha]
-                        self._set_overlap(now[sha], int(payload["data"].get("overlap", 1)))
+                        self._set_overlap(now[sha], _data_overlap(payload["data"]))
                         advance(1)
                     else:
                         keep.append((sha, payload))
@@ -257,7 +272,7 @@ class Pushing(Transport):
                 )
             for (sha, payload), tid in zip(done, task_ids, strict=True):
                 summary.task_ids[sha] = tid
-                self._set_overlap(tid, int(payload["data"].get("overlap", 1)))
+                self._set_overlap(tid, _data_overlap(payload["data"]))
             summary.created += len(done)
             advance(len(done))
 

@@ -223,3 +223,26 @@ def test_a_project_whose_label_studio_cohort_would_redraw_overlap_is_refused(ls_
         ).raise_for_status()
         with pytest.raises(LabelStudioError, match="overlap cohort to 100 %"):
             gw.ensure_overlap_settings(pid, overlap_first=True)
+
+
+def test_push_sets_and_repairs_the_per_task_overlap(ls_server):
+    from loop.labelstudio import PushItem
+
+    det = Detections(np.array([[4.0, 4, 20, 20]]), np.array([0]), WH, confidence=[0.5])
+    items = [
+        PushItem(f"{0xC0 + i:064x}", f"/data/local-files/?d=images/c{i}.png", det, 1.0, overlap=n)
+        for i, n in enumerate((3, 1))
+    ]
+    with LabelStudioGateway(ls_server.url, ls_server.token) as gw:
+        pid = gw.ensure_project("defect-loop: overlap repair", CLASSES)
+        ids = gw.push(pid, items, "m1", CLASSES, progress=False).task_ids
+        t3, t1 = ids[items[0].sha256], ids[items[1].sha256]
+
+        def overlap(tid: int) -> int:
+            return int(gw._json("read", "GET", f"api/tasks/{tid}")["overlap"])
+
+        assert (overlap(t3), overlap(t1)) == (3, 1)
+        # A push cut off between the import and the overlap: the next push completes it.
+        gw._json("reset", "PATCH", f"api/tasks/{t3}", body={"overlap": 1})
+        again = gw.push(pid, items, "m1", CLASSES, progress=False)
+        assert again.created == 0 and (overlap(t3), overlap(t1)) == (3, 1)

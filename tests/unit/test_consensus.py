@@ -212,3 +212,125 @@ def test_judge_task_keeps_every_annotator_and_names_unusable_ones():
     assert "annotation 2" in lab.unusable["bob@x"]
     d = decide(lab.annotations, required=2)
     assert d.status == "ground_truth" and d.chosen is recs["lead@x"]
+
+
+# --- push and pull through `loop.sync` with a stand-in backend ---------------------------------
+class _Backend:
+    """A labeling backend with Label Studio's optional consensus methods, recording calls."""
+
+    def __init__(self) -> None:
+        self.items: list = []
+        self.settings: list[bool] = []
+        self.views: list[list[int]] = []
+        self.result = None
+
+    def ensure_project(self, *a, **k) -> int:
+        return 1
+
+    def ensure_local_storage(self, *a, **k) -> None:
+        return None
+
+    def ensure_overlap_settings(self, pid: int, overlap_first: bool) -> None:
+        self.settings.append(overlap_first)
+
+    def push(self, pid, items, **kw):
+        from loop.labeling import PushSummary
+
+        ids = {it.sha256: 10 + len(self.items) + i for i, it in enumerate(items)}
+        self.items.extend(items)
+        return PushSummary(created=len(items), task_ids=ids)
+
+    def pull(self, pid, classes, **kw):
+        return self.result
+
+    def ensure_review_view(self, pid: int, task_ids) -> int:
+        self.views.append(list(task_ids))
+        return 5
+
+    def view_url(self, pid: int, view: int) -> str:
+        return f"http://ls/projects/{pid}/data?tab={view}"
+
+
+def test_sync_push_chooses_overlap_and_pull_judges_logs_and_queues(tmp_path):
+    import yaml
+    from PIL import Image
+
+    from loop.annotation_log import read_outcomes
+    from loop.config import load_config
+    from loop.datasets import assign_split
+    from loop.labeling import PulledLabel, PullResult
+    from loop.ledger import TaskLedger
+    from loop.project import Project, ScoredImage
+
+    cfg_path = tmp_path / "defect-loop.yaml"
+    cfg_path.write_text(yaml.safe_dump({
+        "classes": ["scratch", "dent"], "workspace": "ws", "select": {"batch_size": 3},
+        "quality": {"overlap_share": 0.67, "overlap_rule": "uncertain"},
+    }))  # fmt: skip
+    project = Project(load_config(cfg_path))
+    shas: list[str] = []
+    for i in range(40):
+        Image.new("RGB", (32, 32), (i * 5, 90, 200 - i)).save(tmp_path / f"im{i}.png")
+    report, _ = project.ingest(tmp_path)
+    shas = [p.sha256 for p in report.added if assign_split(p.sha256, project.cfg.split) != "test"]
+    a, b, c = shas[:3]
+    det = Detections(np.array([[2.0, 2, 12, 12]]), np.array([0]), (32, 32), confidence=[0.5])
+    gw = _Backend()
+    s = project.push(gw, [ScoredImage(a, 3.0, det), ScoredImage(b, 2.0, det),
+                          ScoredImage(c, 1.0, det)], "m1")  # fmt: skip
+    assert gw.settings == [True] and [it.overlap for it in gw.items] == [2, 2, 1]
+    assert s.overlap == {a: 2, b: 2}
+    ledger = TaskLedger(project.cfg.paths.ledger)
+    assert [ledger.get(1, t).overlap_rule for t in (10, 11, 12)] == ["uncertain", "uncertain", ""]
+
+    def lab(sha, tid, recs, unusable=None):
+        last = max(recs, key=lambda r: (r.ground_truth, r.updated_at))
+        return PulledLabel(tid, sha, last.boxes, last.annotation_id, last.annotator, None,
+                           last.updated_at, ground_truth=last.ground_truth,
+                           image_url=project.image_url(sha), annotations=tuple(recs),
+                           unusable=unusable or {})  # fmt: skip
+
+    box = lambda *b: Detections(np.array([b[:4]], float), np.array([b[4]]), (32, 32))  # noqa: E731
+    ann_a, bob_a = _rec("ann", box(2, 2, 12, 12, 0), 1), _rec("bob", box(3, 2, 13, 12, 0), 2)
+    ann_b, bob_b = _rec("ann", box(2, 2, 12, 12, 0), 3), _rec("bob", box(2, 2, 12, 12, 1), 4)
+    lone = _rec("ann", box(2, 2, 12, 12, 0), 5)
+    gw.result = PullResult(labels=[
+        lab(a, 10, [ann_a, bob_a], {"cy": "annotation 9: UnknownLabelError: 'rust'"}),
+        lab(b, 11, [ann_b, bob_b]),
+        lab(c, 12, [lone]),  # no overlap asked: single
+    ])  # fmt: skip
+    out = project.pull(gw)
+    assert (out.labeled, out.merged, out.waiting, out.review, out.review_new) == (2, 1, 0, 1, 1)
+    assert out.review_url == "http://ls/projects/1/data?tab=5" and gw.views == [[11]]
+    assert len(out.notes) == 1 and "cy's annotation was left out" in out.notes[0]
+    rows = project.current_version().by_sha()
+    assert b not in rows and project.state.review == {b: 11}
+    np.testing.assert_allclose(rows[a].boxes.xyxy, [[2.5, 2, 12.5, 12]])
+    log = read_outcomes(project.cfg.paths.annotation_log, ["scratch", "dent"])
+    want = [(10, "merged"), (11, "review"), (12, "single")]
+    assert [(o.task_id, o.status) for o in log] == want
+    assert log[1].version is None and log[0].version == out.new_version
+
+    # b: a third annotator alone on an overlap task would wait; the lead's ground truth resolves.
+    lead = _rec("lead", box(2, 2, 12, 12, 1), 6, gt=True)
+    gw.result = PullResult(labels=[lab(b, 11, [ann_b, bob_b, lead])])
+    again = project.pull(gw)
+    assert (again.labeled, again.review, again.review_new) == (1, 0, 0)
+    assert gw.views[-1] == [] and project.state.review == {}
+    assert project.current_version().by_sha()[b].boxes.class_id.tolist() == [1]
+
+    # An earlier label of an image whose annotators now disagree is dropped (disputed).
+    gw.result = PullResult(labels=[lab(a, 10, [ann_a, _rec("bob", box(20, 20, 30, 30, 1), 7)])])
+    third = project.pull(gw)
+    assert third.review == 1 and a not in project.current_version().by_sha()
+
+    # A new overlap task with one annotator so far waits: no label, no log line, still pending.
+    d = shas[3]
+    project.push(gw, [ScoredImage(d, 5.0, det)], "m1")
+    assert gw.items[-1].overlap == 2
+    lines = len(read_outcomes(project.cfg.paths.annotation_log, ["scratch", "dent"]))
+    gw.result = PullResult(labels=[lab(d, 13, [lone])])
+    waits = project.pull(gw)
+    assert (waits.waiting, waits.labeled) == (1, 0) and d not in project.current_version().by_sha()
+    assert len(read_outcomes(project.cfg.paths.annotation_log, ["scratch", "dent"])) == lines
+    assert d in project.state.pending

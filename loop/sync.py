@@ -394,16 +394,20 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
             notes=notes,
         )
 
-    review_url = _update_review_view(project, gw, pid, bool(review_now or left))
+    # The view is updated once the pull is saved: a failure there loses nothing, and the next
+    # pull (the queue not empty) tries again.
+    queue_changed = bool(review_now or left)
     version = _next_version(project, current, rows, drop) if rows or drop else current
     if version is None or (current is not None and version.digest == current.digest):
         project.save_state()
         _log_outcomes(project, judged, project.state.current_version)
+        review_url = _update_review_view(project, gw, pid, queue_changed)
         return outcome(None, project.state.current_version, {})
     project.set_version(version)
     _log_outcomes(project, judged, version.digest)
     report = build_corrections(inputs, classes)
     write_corrections(project.cfg.paths.corrections(version.digest), report)
+    review_url = _update_review_view(project, gw, pid, queue_changed)
     return outcome(version.digest, version.parent, correction_metrics(report))
 
 

@@ -334,3 +334,21 @@ def test_sync_push_chooses_overlap_and_pull_judges_logs_and_queues(tmp_path):
     assert (waits.waiting, waits.labeled) == (1, 0) and d not in project.current_version().by_sha()
     assert len(read_outcomes(project.cfg.paths.annotation_log, ["scratch", "dent"])) == lines
     assert d in project.state.pending
+
+
+def test_pull_prints_the_review_queue_and_its_view():
+    from loop.cli.common import console, print_consensus
+    from loop.sync import PullOutcome
+
+    out = PullOutcome(3, [], "abc", None, merged=1, waiting=2, review=4, review_new=1,
+                      review_url="http://ls/projects/1/data?tab=5",
+                      notes=["Label Studio task 9: bob's annotation was left out"])  # fmt: skip
+    with console.capture() as cap:
+        print_consensus(out)
+    text = cap.get()
+    assert "1 labels merged" in text and "2 overlap tasks wait" in text
+    assert "review queue: 4 tasks" in text and "(1 new)" in text
+    assert "http://ls/projects/1/data?tab=5" in text and "bob's annotation" in text
+    with console.capture() as cap:
+        print_consensus(PullOutcome(0, [], None, None))
+    assert cap.get() == ""

@@ -55,6 +55,17 @@ def run_pull(ctx: Context) -> PullOutcome:
     )
     for r in outcome.rejected:
         log.warning("left for review: %s", printable(r))
+    if outcome.review or outcome.merged or outcome.waiting:
+        log.info(
+            "consensus: %d merged, %d waiting for more annotators, review queue %d (%d new) %s",
+            outcome.merged,
+            outcome.waiting,
+            outcome.review,
+            outcome.review_new,
+            outcome.review_url or "",
+        )
+    for note in outcome.notes:
+        log.warning("%s", printable(note))
     return outcome
 
 

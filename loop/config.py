@@ -475,6 +475,32 @@ class MonitorConfig(_Section):
     min_flush: int = Field(10, ge=2, description="smallest partial window --flush checks")
 
 
+class QualityConfig(_Section):
+    """Overlap on purpose and consensus at pull (`loop.consensus`; see README "Overlap,
+    consensus and the review queue").
+
+    ``overlap_share``: the share (0-1) of each push's NEW tasks that must be labeled by
+    ``overlap_annotators`` different annotators (0: none; the count is rounded half up).
+    ``overlap_rule``: which tasks: ``random`` (seeded by ``seed`` and the round) or
+    ``uncertain`` (the highest priorities of the batch). ``overlap_first``: Label Studio's
+    "show overlap first" (annotators get the tasks that still need another annotator first).
+    ``agreement_threshold``: tasks whose annotators' mean pairwise F1 (same class, IoU >=
+    ``match_iou``, the correction analytics' matching) is below it go to the review queue
+    instead of the dataset version. ``merge_rule``: how agreeing annotators' boxes become one
+    label: ``fusion`` (matched same-class boxes that a strict majority of annotators drew,
+    coordinates averaged) or ``latest`` (the most recently updated annotation).
+    """
+
+    overlap_share: float = Field(0.0, ge=0, le=1)
+    overlap_annotators: int = Field(2, ge=2, le=20)
+    overlap_rule: Literal["random", "uncertain"] = "random"
+    overlap_first: bool = True
+    agreement_threshold: float = Field(0.7, ge=0, le=1)
+    match_iou: float = Field(0.5, gt=0, le=1)
+    merge_rule: Literal["fusion", "latest"] = "fusion"
+    seed: int = Field(0, ge=0)
+
+
 class PrefectConfig(_Section):
     """The local Prefect server `defect-loop prefect-server start` runs (127.0.0.1, SQLite)."""
 
@@ -513,6 +539,7 @@ class ProjectConfig(BaseSettings):
     prefect: PrefectConfig = PrefectConfig()
     deploy: DeployConfig = DeployConfig()
     monitor: MonitorConfig = MonitorConfig()
+    quality: QualityConfig = QualityConfig()
 
     @classmethod
     def settings_customise_sources(

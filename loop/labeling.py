@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
+from loop.annotation_log import AnnotationRecord
 from loop.detections import Detections
 from loop.errors import TaskRejectedError
 from loop.keypoints import InstanceKeypoints, KeypointNames
@@ -28,13 +29,15 @@ class PushItem:
     ``image_url``: as Label Studio should load it, e.g. ``/data/local-files/?d=images/ab.png``
     (path relative to the document root). ``detections``: pixel boxes already filtered to what
     labelers should see (confidences become region scores). ``priority``: >= 0, higher = more
-    worth labeling.
+    worth labeling. ``overlap``: how many different annotators must label it (1: one;
+    more: chosen for overlap, `loop.consensus.choose_overlap`).
     """
 
     sha256: str
     image_url: str
     detections: Detections
     priority: float
+    overlap: int = 1
 
 
 @dataclass
@@ -45,7 +48,8 @@ class PushSummary:
     prediction of the new model version (and their new priority). ``skipped``: already present
     with this model version, already labeled, or repeated in the input. ``failed``: could not be
     converted (listed in ``failures``, sha256 -> reason). ``task_ids`` maps sha256 -> task id
-    for every created, refreshed and skipped item.
+    for every created, refreshed and skipped item. ``overlap``: sha256 -> annotators of the
+    new tasks chosen for overlap (`loop.consensus.choose_overlap`).
     """
 
     created: int = 0
@@ -54,6 +58,7 @@ class PushSummary:
     task_ids: dict[str, int] = field(default_factory=dict)
     failures: dict[str, str] = field(default_factory=dict)
     refreshed: int = 0
+    overlap: dict[str, int] = field(default_factory=dict)  # sha256 -> annotators (> 1 only)
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,10 @@ class PulledLabel:
     for a rectangle), when the pull kept polygons (``segment`` projects; brush masks too).
     ``keypoints``: empty, or one `loop.keypoints.InstanceKeypoints` per box (pixels), when the
     pull was given the config's keypoints and the annotation holds some.
+    ``annotations``: every annotator's latest submitted, usable annotation (one per annotator,
+    boxes in pixels; the chosen one included), for consensus and the annotation log;
+    ``unusable``: annotator -> why their latest annotation could not be read (it is left out of
+    the agreement and the log; only the chosen annotation's problems reject the task).
     """
 
     task_id: int
@@ -92,6 +101,8 @@ class PulledLabel:
     image_url: str | None = None
     polygons: tuple[Rings, ...] = ()
     keypoints: tuple[InstanceKeypoints, ...] = ()
+    annotations: tuple[AnnotationRecord, ...] = ()
+    unusable: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass

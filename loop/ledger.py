@@ -49,13 +49,17 @@ def _read(path: Path, what: str) -> dict[str, Any]:
 @dataclass(frozen=True)
 class PushedTask:
     """One task the workspace pushed: Label Studio ``project_id``/``task_id``, the image
-    ``sha256`` and the ``image`` URL of its task data (``/data/local-files/?d=...``)."""
+    ``sha256`` and the ``image`` URL of its task data (``/data/local-files/?d=...``).
+    ``overlap``: the annotators it was pushed for (1, or ``quality.overlap_annotators`` when
+    chosen for overlap by ``overlap_rule``, which is named there)."""
 
     project_id: int
     task_id: int
     sha256: str
     image: str
     pushed_at: str = ""
+    overlap: int = 1
+    overlap_rule: str = ""
 
 
 class TaskLedger:
@@ -76,11 +80,21 @@ class TaskLedger:
     def get(self, project_id: int, task_id: int) -> PushedTask | None:
         return self._tasks.get((int(project_id), int(task_id)))
 
-    def record(self, project_id: int, task_id: int, sha256: str, image: str) -> None:
+    def record(
+        self,
+        project_id: int,
+        task_id: int,
+        sha256: str,
+        image: str,
+        overlap: int = 1,
+        overlap_rule: str = "",
+    ) -> None:
         """Remember a pushed task (the first record of a task id wins: ids are never reused)."""
         key = (int(project_id), int(task_id))
         if key not in self._tasks:
-            self._tasks[key] = PushedTask(key[0], key[1], sha256, image, _now())
+            self._tasks[key] = PushedTask(
+                key[0], key[1], sha256, image, _now(), int(overlap), overlap_rule
+            )
 
     def tasks(self, project_id: int) -> list[PushedTask]:
         return [t for (pid, _), t in sorted(self._tasks.items()) if pid == int(project_id)]

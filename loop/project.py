@@ -93,6 +93,9 @@ class ProjectState:
     # The project's task type (`loop.config.TaskType`), fixed when the state is first written. A
     # state.json written before task types existed holds boxes only: "detect".
     task: str = "detect"
+    # The consensus review queue (`loop.sync.pull`): sha256 -> Label Studio task id of the tasks
+    # whose annotators disagree, until a lead's ground truth (or a deletion) takes them out.
+    review: dict[str, int] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

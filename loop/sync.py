@@ -10,8 +10,13 @@ labels that showed a prediction. Both hold the workspace lock.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
+import numpy as np
+
+from loop.annotation_log import AnnotationRecord, TaskOutcome, append_outcomes
+from loop.consensus import Decision, choose_overlap, decide
 from loop.datasets import DatasetVersion, LabeledImage, Split, assign_split
 from loop.errors import ConfigError, DatasetError, LabelStudioError, ServiceError
 from loop.labeling import LabelingBackend, PulledLabel, PullResult, PushItem, PushSummary
@@ -42,6 +47,15 @@ class PullOutcome:
     corrections: dict[str, float] = field(default_factory=dict)
     cursor: str | None = None
     open_rejections: int = 0  # tasks still rejected after this pull (this one's and earlier)
+    # Consensus (`loop.consensus`): tasks merged from agreeing annotators; tasks waiting for
+    # their overlap; the review queue after this pull (tasks whose annotators disagree) and
+    # the address of its Label Studio view; notes on annotations left out (unusable).
+    merged: int = 0
+    waiting: int = 0
+    review: int = 0
+    review_new: int = 0
+    review_url: str | None = None
+    notes: list[str] = field(default_factory=list)
 
 
 def push(
@@ -70,7 +84,10 @@ def push(
         # Images the production monitor queued lead the push (loop.review_queue).
         queue = ReviewQueue(project.cfg.paths.monitor)
         fresh = queue.first(fresh)
-        chosen = fresh[: project.cfg.select.batch_size] + waiting
+        batch = fresh[: project.cfg.select.batch_size]
+        chosen = batch + waiting
+        overlap = _choose_overlap(project, gw, pid, batch)
+        rule = project.cfg.quality.overlap_rule
         # Suggestions of classes the champion does not detect usefully cost labelers time.
         _, shown = preannotation_filter(project.cfg, model_version)
         items = [
@@ -79,6 +96,7 @@ def push(
                 image_url=project.image_url(s.sha256),
                 detections=shown(s.detections),
                 priority=s.score,
+                overlap=overlap.get(s.sha256, 1),
             )
             for s in chosen
         ]
@@ -86,7 +104,8 @@ def push(
 
         def remember(task_ids: dict[str, int]) -> None:
             for sha, tid in task_ids.items():
-                ledger.record(pid, tid, sha, urls[sha])
+                n = overlap.get(sha, 1)
+                ledger.record(pid, tid, sha, urls[sha], n, rule if n > 1 else "")
             ledger.save()
             queue.mark_pushed(task_ids)
             project.state.pending.update(task_ids)
@@ -107,6 +126,11 @@ def push(
                 remember(partial.task_ids)  # what arrived before the failure
             raise
         remember(summary.task_ids)
+        summary.overlap = {
+            sha: n
+            for sha, n in overlap.items()
+            if (t := ledger.get(pid, summary.task_ids.get(sha, -1))) is not None and t.overlap > 1
+        }
         for sha in frozen:
             summary.failed += 1
             summary.failures[sha] = (
@@ -115,6 +139,24 @@ def push(
         project.state.last_model_version = model_version
         project.save_state()
         return summary
+
+
+def _choose_overlap(
+    project: Project, gw: LabelingBackend, pid: int, batch: list[ScoredImage]
+) -> dict[str, int]:
+    """sha256 -> annotators for the images of ``batch`` (the new tasks of a push, in rank
+    order) chosen for overlap by ``quality.overlap_rule`` (`loop.consensus.choose_overlap`;
+    ``random`` draws from a generator seeded by ``quality.seed`` and the round). With overlap
+    on, the Label Studio project is checked and set for it first."""
+    q = project.cfg.quality
+    if q.overlap_share <= 0 or not batch:
+        return {}
+    ensure = getattr(gw, "ensure_overlap_settings", None)  # stand-in backends have no settings
+    if ensure is not None:
+        ensure(pid, q.overlap_first)
+    rng = np.random.default_rng([int(q.seed), int(project.state.round)])
+    mask = choose_overlap([s.score for s in batch], q.overlap_share, q.overlap_rule, rng)
+    return {s.sha256: q.overlap_annotators for s, m in zip(batch, mask, strict=True) if m}
 
 
 def _ledger(project: Project, pid: int) -> TaskLedger:
@@ -231,10 +273,35 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
     current_rows = {} if current is None else current.by_sha()
     rows: list[LabeledImage] = []
     inputs: list[CorrectionInput] = []
+    q = project.cfg.quality
+    # Polygons cannot be averaged: agreeing annotators of a segment project give the latest label.
+    merge_rule = "latest" if project.cfg.task == "segment" else q.merge_rule
+    judged: list[tuple[PulledLabel, Decision]] = []
+    notes: list[str] = []
+    waiting = 0
     for lab in result.labels:
         problem = _identity_problem(project, pid, lab, ledger, current_rows)
         if problem is not None:
             found[lab.task_id] = problem
+            continue
+        for name, why in sorted(lab.unusable.items()):
+            notes.append(
+                f"Label Studio task {lab.task_id}: {name}'s annotation was left out of the "
+                f"consensus and the annotation log ({why})"
+            )
+        pushed = ledger.get(pid, lab.task_id)
+        decision = decide(
+            _records(lab),
+            required=1 if pushed is None else pushed.overlap,
+            threshold=q.agreement_threshold,
+            match_iou=q.match_iou,
+            merge_rule=merge_rule,
+        )
+        if decision.status == "waiting":
+            waiting += 1
+            continue
+        judged.append((lab, decision))
+        if decision.status == "review" or decision.reference is None:
             continue
         entry = project.pool.get(lab.sha256)
         prov = {
@@ -245,14 +312,19 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
             "annotator": str(lab.annotator),
             "round": str(project.state.round),
         }
+        if decision.status != "single":  # single: provenance as before consensus existed
+            prov["consensus"] = decision.status
         if lab.prediction_model_version:
             prov["model_version"] = str(lab.prediction_model_version)
         if lab.lead_time is not None:
             prov["lead_time_s"] = f"{lab.lead_time:.3f}"
         if len(lab.annotators) > 1:
             prov["annotators"] = ",".join(lab.annotators)
-        if lab.agreement is not None:
-            prov["agreement"] = f"{lab.agreement:.4f}"
+        if decision.agreement is not None:
+            prov["agreement"] = f"{decision.agreement:.4f}"
+        # The chosen annotation keeps its polygons; fused boxes are boxes only.
+        taken = decision.chosen is not None and decision.chosen.annotation_id == lab.annotation_id
+        boxes = lab.detections if taken else decision.reference
         rows.append(
             LabeledImage(
                 entry.sha256,
@@ -260,10 +332,10 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
                 entry.width,
                 entry.height,
                 _split_of(project, entry.sha256, current_rows),
-                lab.detections,
+                boxes,
                 prov,
-                lab.polygons,
-                lab.keypoints,
+                lab.polygons if taken else (),
+                lab.keypoints if taken else (),
             )
         )
         if lab.prediction is not None:
@@ -272,16 +344,28 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
                     lab.sha256, lab.task_id, lab.prediction, lab.detections, lab.lead_time
                 )
             )
+    # The review queue: tasks whose annotators disagree. Their images get no label (an earlier
+    # one is dropped: it is disputed) until a lead's ground truth resolves them.
+    review_now = {lab.sha256: lab.task_id for lab, d in judged if d.status == "review"}
     labeled_now = {r.sha256 for r in rows}
-    drop = {
+    left = {s for s in project.state.review if s in labeled_now or s in result.unlabeled_sha256}
+    for sha in left:
+        project.state.review.pop(sha, None)
+    review_new = sum(1 for sha in review_now if sha not in project.state.review)
+    project.state.review.update(review_now)
+    disputed = {
+        s for s in review_now if s in current_rows and _split_of(project, s, current_rows) != "test"
+    }
+    deleted = {
         s
         for s in result.unlabeled_sha256
         if s not in labeled_now and _split_of(project, s, current_rows) != "test"
     }
+    drop = deleted | disputed
     for r in rows:
         project.state.pending.pop(r.sha256, None)
     for tid, sha in zip(result.unlabeled_task_ids, result.unlabeled_sha256, strict=True):
-        if sha in drop:
+        if sha in deleted:
             project.state.pending[sha] = tid  # back in the labeling queue
     project.state.pull_cursor = result.cursor
     project.state.pull_cursor_scope = scope
@@ -299,21 +383,87 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
             rejected,
             new_version,
             parent,
-            unlabeled=sorted(drop),
+            unlabeled=sorted(deleted),
             skipped=len(result.skipped_task_ids),
             corrections=metrics,
             cursor=result.cursor,
             open_rejections=open_now,
+            merged=sum(1 for _, d in judged if d.status == "merged"),
+            waiting=waiting,
+            review=len(project.state.review),
+            review_new=review_new,
+            review_url=review_url,
+            notes=notes,
         )
 
+    # The view is updated once the pull is saved: a failure there loses nothing, and the next
+    # pull (the queue not empty) tries again.
+    queue_changed = bool(review_now or left)
     version = _next_version(project, current, rows, drop) if rows or drop else current
     if version is None or (current is not None and version.digest == current.digest):
         project.save_state()
+        _log_outcomes(project, judged, project.state.current_version)
+        review_url = _update_review_view(project, gw, pid, queue_changed)
         return outcome(None, project.state.current_version, {})
     project.set_version(version)
+    _log_outcomes(project, judged, version.digest)
     report = build_corrections(inputs, classes)
     write_corrections(project.cfg.paths.corrections(version.digest), report)
+    review_url = _update_review_view(project, gw, pid, queue_changed)
     return outcome(version.digest, version.parent, correction_metrics(report))
+
+
+def _records(lab: PulledLabel) -> tuple[AnnotationRecord, ...]:
+    """Every annotator's latest usable annotation of the task (a stand-in backend that
+    reports only the chosen one: that one)."""
+    if lab.annotations:
+        return lab.annotations
+    return (
+        AnnotationRecord(
+            annotator=str(lab.annotator),
+            annotation_id=int(lab.annotation_id),
+            boxes=lab.detections,
+            lead_time=lab.lead_time,
+            updated_at=lab.updated_at,
+            ground_truth=lab.ground_truth,
+        ),
+    )
+
+
+def _update_review_view(
+    project: Project, gw: LabelingBackend, pid: int, changed: bool
+) -> str | None:
+    """Bring the Label Studio view "defect-loop: review queue" in line with the queue (when
+    it changed, or is not empty) and return its address (None: empty and unchanged, or a
+    backend without views)."""
+    ensure = getattr(gw, "ensure_review_view", None)
+    url_of = getattr(gw, "view_url", None)
+    if ensure is None or url_of is None or not (changed or project.state.review):
+        return None
+    view = ensure(pid, sorted(project.state.review.values()))
+    return str(url_of(pid, view))
+
+
+def _log_outcomes(
+    project: Project, judged: list[tuple[PulledLabel, Decision]], digest: str | None
+) -> None:
+    """Append one `loop.annotation_log.TaskOutcome` per judged task, with every annotator's
+    latest annotation and the version its reference went into (`review`: none)."""
+    now = datetime.now(UTC)
+    outcomes = [
+        TaskOutcome(
+            task_id=lab.task_id,
+            sha256=lab.sha256,
+            pulled_at=now,
+            status=d.status,  # type: ignore[arg-type]  # "waiting" is never judged
+            annotations=_records(lab),
+            reference=d.reference if d.status != "review" else None,
+            version=digest if d.status != "review" else None,
+            agreement=d.agreement,
+        )
+        for lab, d in judged
+    ]
+    append_outcomes(project.cfg.paths.annotation_log, outcomes, list(project.cfg.classes))
 
 
 def _identity_problem(

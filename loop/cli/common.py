@@ -335,6 +335,23 @@ def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.3f}"
 
 
+def print_consensus(out: Any) -> None:
+    """The consensus lines of a pull (a `loop.sync.PullOutcome`): merged, waiting, the review
+    queue with its Label Studio view, and annotations left out."""
+    if out.merged:
+        console.print(f"consensus: {out.merged} labels merged from agreeing annotators")
+    if out.waiting:
+        console.print(f"consensus: {out.waiting} overlap tasks wait for more annotators")
+    if out.review or out.review_new:
+        where = f": {out.review_url}" if out.review_url else ""
+        console.print(
+            f"review queue: {out.review} tasks whose annotators disagree ({out.review_new} new); "
+            f"a lead submits the resolved annotation as ground truth in Label Studio{where}"
+        )
+    for note in out.notes:
+        console.print(f"  [yellow]note[/] {safe(note)}")
+
+
 def print_cycle(out: Any) -> None:
     """One line per step of a cycle's outcome (a `flows.cycle.CycleOutcome`), or why it was
     skipped."""
@@ -346,6 +363,7 @@ def print_cycle(out: Any) -> None:
             f"pull: {out.pull.labeled} labeled, new version {out.pull.new_version or 'none'}, "
             f"{out.pull.open_rejections} tasks rejected (`defect-loop rejections`)"
         )
+        print_consensus(out.pull)
     if out.train is not None:
         t = out.train
         console.print(

@@ -22,6 +22,7 @@ from loop.cli.common import (
     jsonable,
     load,
     prepare,
+    print_consensus,
     print_cycle,
     require_writable,
     run,
@@ -245,6 +246,7 @@ def push(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         summary = push_flow(str(config))
         console.print(
             f"push: {summary.created} created, {summary.skipped} skipped, {summary.failed} failed"
+            + (f", {len(summary.overlap)} for several annotators" if summary.overlap else "")
         )
 
     run(go)
@@ -270,6 +272,7 @@ def pull(config: ConfigOpt = Path(DEFAULT_CONFIG_NAME)) -> None:
         )
         for r in out.rejected:
             console.print(f"  [yellow]review[/] {safe(r)}")
+        print_consensus(out)
 
     run(go)
 

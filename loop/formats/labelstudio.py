@@ -30,7 +30,6 @@ kept with their agreement; anything malformed rejects that one task with the rea
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -43,6 +42,7 @@ from urllib.parse import parse_qs, quote, urlsplit
 import numpy as np
 import numpy.typing as npt
 
+from loop.annotation_log import AnnotationRecord
 from loop.corrections import mean_pairwise_f1
 from loop.detections import Detections, FloatArray
 from loop.errors import (
@@ -696,11 +696,6 @@ def _sort_key(annotation: dict[str, Any]) -> tuple[bool, datetime, int]:
     return (bool(annotation.get("ground_truth")), when, _whole(annotation.get("id")) or 0)
 
 
-def _recency(annotation: dict[str, Any]) -> tuple[datetime, int]:
-    when = parse_time(annotation.get("updated_at") or annotation.get("created_at")) or _EPOCH
-    return (when, _whole(annotation.get("id")) or 0)
-
-
 def local_file_url(rel: str) -> str:
     """The task image URL of the file at POSIX path ``rel`` below Label Studio's document root
     (``/data/local-files/?d=<rel>``, percent-quoted)."""
@@ -983,24 +978,45 @@ def _to_label(
         ann, class_names, data_wh, max_regions, polygons, keypoints, brush
     )
 
-    # Several annotators: keep each one's latest annotation and measure their agreement.
+    # Every annotator's latest annotation is kept (annotation log, consensus) and, with
+    # several, their agreement is measured.
+    # Per annotator: their ground-truth annotation, else their most recent one (as for the task).
     latest: dict[str, dict[str, Any]] = {}
-    for a in sorted(live, key=_recency):
+    for a in sorted(live, key=_sort_key):
         latest[_annotator(a, users)] = a
     per_annotator: dict[str, Detections] = {}
-    agreement: float | None = None
-    if len(latest) > 1:
-        for name, a in latest.items():
-            if a is ann:
-                per_annotator[name] = det
-                continue
+    unusable: dict[str, str] = {}
+    records: list[AnnotationRecord] = []
+    for name, a in latest.items():
+        if a is ann:
+            boxes = det
+        else:
             # Only the chosen annotation makes the label: another annotator's unusable
-            # annotation just leaves the agreement without it.
-            with contextlib.suppress(*_TASK_ERRORS, *_MALFORMED):
-                per_annotator[name] = _annotation_detections(
+            # annotation just leaves the agreement (and the log) without it, with the reason.
+            try:
+                boxes = _annotation_detections(
                     a, class_names, data_wh or det.image_wh, max_regions
                 )[0]
+            except (*_TASK_ERRORS, *_MALFORMED) as exc:
+                unusable[name] = f"annotation {a.get('id')}: {type(exc).__name__}: {exc}"
+                continue
+        per_annotator[name] = boxes
+        a_lead = a.get("lead_time")
+        records.append(
+            AnnotationRecord(
+                annotator=name,
+                annotation_id=int(_whole(a["id"]) or 0),
+                boxes=boxes,
+                lead_time=float(a_lead) if a_lead is not None else None,
+                updated_at=parse_time(a.get("updated_at") or a.get("created_at")),
+                ground_truth=bool(a.get("ground_truth")),
+            )
+        )
+    agreement: float | None = None
+    if len(latest) > 1:
         agreement = mean_pairwise_f1(list(per_annotator.values()))
+    else:
+        per_annotator = {}
 
     pred_det: Detections | None = None
     pred_mv: str | None = None
@@ -1028,4 +1044,6 @@ def _to_label(
         image_url=data.get("image") if isinstance(data.get("image"), str) else None,
         polygons=rings,
         keypoints=kps,
+        annotations=tuple(records),
+        unusable=unusable,
     )

@@ -4,7 +4,8 @@
 
 - `loop.labelstudio.transport`: calls, retries with backoff and jitter, errors, paged listings;
 - `loop.labelstudio.projects`: project set-up (labeling config, instructions, the "most
-  valuable first" view, local storage, webhooks);
+  valuable first" and "review queue" views, per-task overlap settings, local storage,
+  webhooks);
 - `loop.labelstudio.push`: pre-annotated tasks, best first, never duplicated;
 - `loop.labelstudio.pull`: incremental export of what changed, judged task by task;
 - `loop.labelstudio.labeler`: a simulated labeler's helpers (demo and tests).

@@ -1,5 +1,14 @@
 """Setting up the Label Studio project: labeling config, instructions, the priority view, the
-images' local storage and webhooks (`ProjectSetup`, part of `LabelStudioGateway`)."""
+review queue view, overlap settings, the images' local storage and webhooks (`ProjectSetup`,
+part of `LabelStudioGateway`).
+
+Overlap in Label Studio 1.23 OSS, as checked against the server: ``maximum_annotations`` with
+``overlap_cohort_percentage`` < 100 lets the server choose (and re-choose on every import) which
+tasks need several annotators; a task's own ``overlap`` is ignored on import but can be PATCHed,
+and the next-task logic honours it (a task stays unlabeled until that many annotators submitted
+it; ``show_overlap_first`` serves such tasks first). defect-loop therefore keeps one annotation
+per task at project level and sets ``overlap`` per chosen task (`loop.labelstudio.push`).
+"""
 
 from __future__ import annotations
 
@@ -25,6 +34,7 @@ UNCERTAINTY_SAMPLING = "Uncertainty sampling"
 STORAGE_TITLE = "defect-loop images"
 PRIORITY_VIEW_TITLE = "defect-loop: most valuable first"
 PRIORITY_ORDERING = ["-tasks:data.priority"]
+REVIEW_VIEW_TITLE = "defect-loop: review queue"
 # Annotation events a webhook subscribes to (see `LabelStudioGateway.ensure_webhook`).
 WEBHOOK_ACTIONS = (
     "ANNOTATION_CREATED",
@@ -215,6 +225,67 @@ class ProjectSetup(Transport):
             body={"project": int(project_id), "data": data},
         )
         return int(created["id"])
+
+    def ensure_overlap_settings(self, project_id: int, overlap_first: bool) -> None:
+        """Make the project fit per-task overlap (`loop.consensus`): Label Studio's own
+        "show overlap first" set to ``overlap_first``. A project whose "annotations per task"
+        is above 1 with an overlap cohort below 100 % is refused (`LabelStudioError`): Label
+        Studio 1.23 then re-draws which tasks get overlap on every import, by its own rule,
+        overwriting the tasks chosen by ``quality.overlap_rule``."""
+        p = self._call("read a project", lambda: self._client.projects.get(project_id))
+        if int(p.maximum_annotations or 1) > 1 and int(p.overlap_cohort_percentage or 100) < 100:
+            raise LabelStudioError(
+                f"Label Studio project {project_id} has {p.maximum_annotations} annotations per "
+                f"task for {p.overlap_cohort_percentage} % of the tasks: Label Studio would "
+                "re-draw the overlap of every task on each import. Set the overlap cohort to "
+                "100 % (Settings > Quality) and let quality.overlap_share choose the tasks"
+            )
+        if bool(p.show_overlap_first) != overlap_first:
+            self._call(
+                "set show overlap first",
+                lambda: self._client.projects.update(project_id, show_overlap_first=overlap_first),
+            )
+
+    def ensure_review_view(self, project_id: int, task_ids: Sequence[int]) -> int:
+        """Get, fix or create the Data Manager view "defect-loop: review queue" listing exactly
+        ``task_ids`` (a filter ``tasks:id equal`` per task, joined by ``or``; none: a filter that
+        matches nothing), by ascending id. Returns the view's id (its URL: `view_url`)."""
+        ids = sorted({int(t) for t in task_ids})
+        items = [
+            {"filter": "filter:tasks:id", "operator": "equal", "type": "Number", "value": t}
+            for t in (ids or [0])  # task ids start at 1: 0 lists nothing
+        ]
+        data = {
+            "title": REVIEW_VIEW_TITLE,
+            "filters": {"conjunction": "or", "items": items},
+            "ordering": ["tasks:id"],
+        }
+        views = self._json("list views", "GET", "api/dm/views", params={"project": int(project_id)})
+        for v in views or []:
+            vdata = v.get("data") or {}
+            if vdata.get("title") == REVIEW_VIEW_TITLE:
+                if (
+                    vdata.get("filters") != data["filters"]
+                    or vdata.get("ordering") != data["ordering"]
+                ):
+                    self._json(
+                        "update the review queue view",
+                        "PATCH",
+                        f"api/dm/views/{int(v['id'])}",
+                        body={"project": int(project_id), "data": {**vdata, **data}},
+                    )
+                return int(v["id"])
+        created = self._json(
+            "create the review queue view",
+            "POST",
+            "api/dm/views",
+            body={"project": int(project_id), "data": data},
+        )
+        return int(created["id"])
+
+    def view_url(self, project_id: int, view_id: int) -> str:
+        """The Data Manager address of a saved view (tab) of the project."""
+        return f"{self.url}/projects/{int(project_id)}/data?tab={int(view_id)}"
 
     def ensure_local_storage(self, project_id: int, path: Path) -> int:
         """Attach the local folder ``path`` (a SUBfolder of the server's document root) to the

@@ -8,7 +8,9 @@ most valuable task comes first; tasks already waiting get a new prediction when 
 version changes. The saved view "defect-loop: most valuable first" sorts by
 ``-tasks:data.priority`` for "Label All Tasks" from the Data Manager: both give the same order.
 Task data: ``{"image": url, "sha256", "priority", "width", "height"}`` (`loop.formats.
-labelstudio`); a project never holds two tasks with the same sha256.
+labelstudio`), plus ``"overlap": n`` for a task chosen for n annotators, whose Label Studio
+``overlap`` field is set to n right after the import (`loop.consensus`); a project never holds
+two tasks with the same sha256.
 """
 
 from __future__ import annotations
@@ -36,6 +38,16 @@ from loop.labelstudio.transport import (
     progress_bar,
 )
 
+_MAX_OVERLAP = 20
+
+
+def _data_overlap(data: dict[str, Any]) -> int:
+    """The annotators a task's data asks for (``data.overlap`` written by push; 1 without)."""
+    raw = data.get("overlap", 1)
+    if isinstance(raw, bool) or not isinstance(raw, int) or not 1 <= raw <= _MAX_OVERLAP:
+        return 1
+    return raw
+
 
 @dataclass(frozen=True)
 class _Existing:
@@ -43,6 +55,7 @@ class _Existing:
     data: dict[str, Any]
     model_versions: frozenset[str]
     labeled: bool
+    overlap: int = 1  # Label Studio's per-task overlap
 
 
 class Pushing(Transport):
@@ -66,7 +79,7 @@ class Pushing(Transport):
 
         Two listings: every task's id and data (light), then the prediction model versions of
         the unlabeled ones only (the costly field; usually the short labeling queue)."""
-        tasks = self._list_tasks_raw(project_id, "id,data,total_annotations")
+        tasks = self._list_tasks_raw(project_id, "id,data,total_annotations,overlap")
         versions: dict[int, frozenset[str]] = {}
         if any(int(t.get("total_annotations") or 0) == 0 for t in tasks):
             for t in self._list_tasks_raw(
@@ -83,7 +96,10 @@ class Pushing(Transport):
                 continue
             tid = int(t["id"])
             labeled = int(t.get("total_annotations") or 0) > 0
-            out[str(sha)] = _Existing(tid, dict(data), versions.get(tid, frozenset()), labeled)
+            overlap = int(t.get("overlap") or 1)
+            out[str(sha)] = _Existing(
+                tid, dict(data), versions.get(tid, frozenset()), labeled, overlap
+            )
         return out
 
     @staticmethod
@@ -107,18 +123,22 @@ class Pushing(Transport):
             raise ConversionError("sha256 must not be empty")
         if not item.image_url:
             raise ConversionError("image_url must not be empty")
+        if not 1 <= int(item.overlap) <= _MAX_OVERLAP:
+            raise ConversionError(
+                f"overlap must be 1-{_MAX_OVERLAP} annotators, got {item.overlap}"
+            )
         prediction = cls._prediction(item, model_version, class_names)
         w, h = item.detections.image_wh
-        return {
-            "data": {
-                "image": item.image_url,
-                "sha256": item.sha256,
-                "priority": float(item.priority),
-                "width": int(w),
-                "height": int(h),
-            },
-            "predictions": [prediction],
+        data: dict[str, Any] = {
+            "image": item.image_url,
+            "sha256": item.sha256,
+            "priority": float(item.priority),
+            "width": int(w),
+            "height": int(h),
         }
+        if item.overlap > 1:
+            data["overlap"] = int(item.overlap)  # the record of the choice, shown in the UI
+        return {"data": data, "predictions": [prediction]}
 
     def push(
         self,
@@ -167,6 +187,9 @@ class Pushing(Transport):
                     "defect-loop; delete it in Label Studio and push again"
                 )
                 continue
+            if old is not None and not old.labeled and _data_overlap(old.data) > old.overlap:
+                # A push interrupted between the import and setting the overlap: finish it.
+                self._set_overlap(old.task_id, _data_overlap(old.data))
             if old is not None and (old.labeled or model_version in old.model_versions):
                 summary.skipped += 1
                 summary.task_ids[item.sha256] = old.task_id
@@ -221,6 +244,7 @@ class Pushing(Transport):
                     if sha in now:
                         summary.created += 1
                         summary.task_ids[sha] = now[sha]
+                        self._set_overlap(now[sha], _data_overlap(payload["data"]))
                         advance(1)
                     else:
                         keep.append((sha, payload))
@@ -246,10 +270,24 @@ class Pushing(Transport):
                     f"Label Studio imported {len(task_ids)} tasks for {len(done)} items; check "
                     f"project {project_id} and push again (present images are skipped)"
                 )
-            for (sha, _), tid in zip(done, task_ids, strict=True):
+            for (sha, payload), tid in zip(done, task_ids, strict=True):
                 summary.task_ids[sha] = tid
+                self._set_overlap(tid, _data_overlap(payload["data"]))
             summary.created += len(done)
             advance(len(done))
+
+    def _set_overlap(self, task_id: int, overlap: int) -> None:
+        """Set a new task's Label Studio ``overlap`` (the distinct annotators it needs before it
+        counts as labeled and leaves the queue). The import API ignores the field, so it is
+        PATCHed right after the import, before anyone can annotate: Label Studio 1.23 does not
+        recompute ``is_labeled`` when the overlap of an annotated task changes."""
+        if overlap > 1:
+            self._json(
+                f"set the overlap of task {task_id}",
+                "PATCH",
+                f"api/tasks/{int(task_id)}",
+                body={"overlap": int(overlap)},
+            )
 
     def _refresh(
         self,

@@ -19,7 +19,7 @@ Protocol (`FULL`, one seed):
 4. Simulated annotators (`loop.label_noise.simulate_annotator`) with known miss/shift/swap
    rates each label the same images; `loop.annotator_quality` measures each against the clean
    labels (a lead's reviewed ground truth) and against the consensus of the three
-   (`loop.consensus`, when that module is present); reported beside the rates' expected
+   (`loop.consensus.fuse_boxes`, what a pull merges); reported beside the rates' expected
    precision, recall and miss share.
 
 Resumable: each finished stage is saved in ``<work>/state.json`` and skipped on the next run.
@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import os
 import sys
@@ -52,6 +51,7 @@ sys.path.insert(0, str(REPO))
 
 from loop.annotator_quality import AnnotatedTask, annotator_quality  # noqa: E402
 from loop.config import MlflowConfig, ProjectConfig, SplitConfig, TrainConfig  # noqa: E402
+from loop.consensus import fuse_boxes  # noqa: E402
 from loop.datasets import DatasetVersion, LabeledImage, assign_split  # noqa: E402
 from loop.detections import Detections  # noqa: E402
 from loop.images import atomic_write_text  # noqa: E402
@@ -249,20 +249,16 @@ def _annotators(
         sha: {a.name: simulate_annotator(truth[sha], a, num_classes, rng) for a in ANNOTATORS}
         for sha in shas
     }
-    references: dict[str, Callable[[str], Detections]] = {"reviewed": lambda s: truth[s]}
-    try:
-        consensus = importlib.import_module("loop.consensus")
-    except ImportError:
-        consensus_note = "loop.consensus is not in this tree: no consensus reference"
-    else:
-        consensus_note = "consensus of the three annotators by loop.consensus"
-        merge = consensus.consensus_reference
-        references["consensus"] = lambda s: merge(drawn[s], num_classes)
+    references: dict[str, Callable[[str], Detections]] = {
+        "reviewed": lambda s: truth[s],
+        # What a pull merges when the three agree (loop.consensus: strict-majority box fusion).
+        "consensus": lambda s: fuse_boxes(list(drawn[s].values())),
+    }
     n_ref = sum(len(truth[s]) for s in shas)
     out: dict[str, Any] = {
         "images": len(shas),
         "true_boxes": n_ref,
-        "consensus": consensus_note,
+        "consensus": "strict-majority box fusion of the three (loop.consensus.fuse_boxes)",
         "annotators": {},
     }
     for ref_name, ref in references.items():
@@ -447,9 +443,10 @@ def main(argv: list[str] | None = None) -> int:
     }
     line["recall_at_10pct"] = finder["top_10pct"]["recall"]
     line["random_precision"] = finder["random_precision"]
-    line["annotator_abs_error_vs_reviewed"] = {
-        n: a["abs_error_vs_reviewed"] for n, a in annotators["annotators"].items()
-    }
+    for ref in ("reviewed", "consensus"):
+        line[f"annotator_abs_error_vs_{ref}"] = {
+            n: a[f"abs_error_vs_{ref}"] for n, a in annotators["annotators"].items()
+        }
     line["result_file"] = _rel(results)
     print(json.dumps(line), flush=True)
     return 0

@@ -548,7 +548,7 @@ def collect_label_quality(project: Project, notes: list[str]) -> LabelQualityDat
 
     path = project.cfg.paths.annotation_log
     try:
-        quality = read_label_quality(path, list(project.cfg.classes))
+        quality = read_label_quality(path, list(project.cfg.classes), project.cfg.quality.match_iou)
     except (DatasetError, UnknownLabelError, LabelQualityError) as exc:
         notes.append(f"the annotation log {path.name} is unreadable ({exc}); no label quality")
         return LabelQualityData(None, task_url(project))

@@ -119,7 +119,9 @@ class Records(TrackerBase):
         )
 
         try:
-            lq = read_label_quality(self.cfg.paths.annotation_log, list(self.cfg.classes))
+            lq = read_label_quality(
+                self.cfg.paths.annotation_log, list(self.cfg.classes), self.cfg.quality.match_iou
+            )
         except (DatasetError, UnknownLabelError, LabelQualityError) as exc:
             self.log_tags(run_id, {TAG + "label_quality_error": str(exc)[:4000]})
             return None

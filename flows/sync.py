@@ -24,7 +24,10 @@ def model_version_name(ctx: Context, models: ScoringModels) -> str:
 def push_task(ctx: Context, ranked: list[ScoredImage], model_version: str) -> PushSummary:
     # Safe to retry: tasks are keyed by image sha256, so a re-push creates no duplicates.
     summary = ctx.project.push(ctx.project.gateway(), ranked, model_version)
-    write_next_batch(ctx.project, ranked)  # what the lead report calls "the next batch"
+    # What the lead report calls "the next batch": what was sent, in the order it was sent
+    # (monitor-queued images first), not the top of the ranking.
+    by_sha = {s.sha256: s for s in ranked}
+    write_next_batch(ctx.project, [by_sha[sha] for sha in summary.batch], len(summary.batch))
     return summary
 
 

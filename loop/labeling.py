@@ -49,7 +49,9 @@ class PushSummary:
     with this model version, already labeled, or repeated in the input. ``failed``: could not be
     converted (listed in ``failures``, sha256 -> reason). ``task_ids`` maps sha256 -> task id
     for every created, refreshed and skipped item. ``overlap``: sha256 -> annotators of the
-    new tasks chosen for overlap (`loop.consensus.choose_overlap`).
+    new tasks chosen for overlap (`loop.consensus.choose_overlap`). ``batch``: sha256 of the
+    new images this push sent, in the order it sent them (images the production monitor
+    queued first); set by `loop.sync.push`, empty from a backend alone.
     """
 
     created: int = 0
@@ -59,6 +61,7 @@ class PushSummary:
     failures: dict[str, str] = field(default_factory=dict)
     refreshed: int = 0
     overlap: dict[str, int] = field(default_factory=dict)  # sha256 -> annotators (> 1 only)
+    batch: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)

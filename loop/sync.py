@@ -126,6 +126,7 @@ def push(
                 remember(partial.task_ids)  # what arrived before the failure
             raise
         remember(summary.task_ids)
+        summary.batch = [s.sha256 for s in batch if s.sha256 in summary.task_ids]
         summary.overlap = {
             sha: n
             for sha, n in overlap.items()

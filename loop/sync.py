@@ -18,6 +18,7 @@ from loop.labeling import LabelingBackend, PulledLabel, PullResult, PushItem, Pu
 from loop.ledger import RejectionLog, TaskLedger
 from loop.quality import preannotation_filter
 from loop.review_queue import ReviewQueue
+from loop.review_tasks import SeedAnnotations
 
 if TYPE_CHECKING:
     from loop.project import Project, ScoredImage
@@ -230,11 +231,14 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
     current_rows = {} if current is None else current.by_sha()
     rows: list[LabeledImage] = []
     inputs: list[CorrectionInput] = []
+    seeds = SeedAnnotations.load(project, pid)
     for lab in result.labels:
         problem = _identity_problem(project, pid, lab, ledger, current_rows)
         if problem is not None:
             found[lab.task_id] = problem
             continue
+        if seeds.unchanged(lab, current_rows):
+            continue  # a label review task's current label that nobody edited (loop.review_tasks)
         entry = project.pool.get(lab.sha256)
         prov = {
             "source": "labelstudio",

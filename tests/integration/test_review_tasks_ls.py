@@ -232,3 +232,65 @@ def test_suspects_become_review_tasks_and_a_correction_makes_a_version(project, 
     assert len(tasks2) == len(tasks)
     for t in tasks2:
         assert [p["model_version"] for p in t["predictions"]].count(REVIEW_MODEL_VERSION) == 1
+
+
+# --- the cycle option, under the Prefect test harness ---------------------------------------
+def test_cycle_with_review_labels_pushes_the_suspects_once_per_version(
+    project, ls_server, prefect_harness, monkeypatch
+):
+    """`cycle --review-labels` (or ``label_review.every_cycle``) ends with the label review:
+    the fold trainings and predictions are faked (no model trains), the other cycle steps are
+    stand-ins, the review push goes to the real Label Studio. A second cycle on the same
+    version pushes nothing again; without the option there is no review step."""
+    import flows.cycle as cycle_mod
+    from flows.cycle import cycle_flow
+    from loop import model
+    from loop.labeling import PushSummary
+
+    root = project.cfg.paths.root.parent
+    project.ingest(root / "imported" / "images", root / "imported" / "labels")
+    version = project.current_version()
+    cfg_path = root / "defect-loop.yaml"
+    doc = yaml.safe_load(cfg_path.read_text())
+    doc["label_review"] = {"folds": 2, "top_k": 3}
+    cfg_path.write_text(yaml.safe_dump(doc))
+
+    trainings: list[str] = []
+
+    def fake_train(data_yaml: Path, out_dir: Path, cfg: Any, ycd: Path, **kw: Any) -> Any:
+        trainings.append(kw["name"])
+        return type("R", (), {"weights": out_dir / kw["name"] / "best.pt"})()
+
+    def fake_predict(weights: Path, images: Any, *a: Any, **kw: Any) -> Any:
+        return [
+            Detections(np.array([[1.0, 1, 15, 15]]), [0], (64, 64), confidence=[0.9])
+            for _ in images
+        ]
+
+    monkeypatch.setattr(model, "train", fake_train)
+    monkeypatch.setattr(model, "predict", fake_predict)
+    # The steps before the review: stand-ins (their own tests train and score for real).
+    monkeypatch.setattr(cycle_mod, "last_trained_task", lambda ctx: version.digest)
+    monkeypatch.setattr(cycle_mod, "run_score", lambda ctx: (None, []))
+    monkeypatch.setattr(cycle_mod, "model_version_name", lambda ctx, models: "m1")
+    monkeypatch.setattr(cycle_mod, "push_task", lambda ctx, ranked, mv: PushSummary())
+    monkeypatch.setattr(cycle_mod, "run_report", lambda ctx: None)
+
+    plain = cycle_flow(str(cfg_path), pull=False)
+    assert plain.review is None and trainings == []
+
+    out = cycle_flow(str(cfg_path), pull=False, review_labels=True)
+    assert out.review is not None and out.review.version == version.digest
+    assert out.review.push is not None and out.review.push.created == 3
+    assert len(trainings) == 2  # label_review.folds
+    pid = Project(load_config(cfg_path)).state.ls_project_id
+    with Project(load_config(cfg_path)).gateway() as gw:
+        tasks = gw.list_tasks(pid)
+    assert sorted(t["data"]["review_rank"] for t in tasks) == [1, 2, 3]
+
+    doc["label_review"]["every_cycle"] = True
+    cfg_path.write_text(yaml.safe_dump(doc))
+    again = cycle_flow(str(cfg_path), pull=False)
+    assert again.review is not None and again.review.push is None
+    assert "already in Label Studio" in (again.review.skipped or "")
+    assert len(trainings) == 2

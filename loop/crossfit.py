@@ -249,6 +249,7 @@ def project_crossfit_key(project: Project, version: DatasetVersion, k: int, seed
     ``select.candidate_conf``, ``select.min_candidates``)."""
     cfg = project.cfg
     start = cfg.train.start_checkpoint()
+    # The checkpoint counts by content (its path may move); threads change speed only.
     train = cfg.train.model_dump(mode="json", exclude={"weights", "weights_sha256", "threads"})
     return crossfit_key(
         version.digest,

@@ -294,3 +294,47 @@ def test_cycle_with_review_labels_pushes_the_suspects_once_per_version(
     assert again.review is not None and again.review.push is None
     assert "already in Label Studio" in (again.review.skipped or "")
     assert len(trainings) == 2
+
+
+def test_the_command_pushes_review_tasks_and_says_where(project, ls_server, monkeypatch):
+    """`defect-loop review-labels --folds 2 --top 2` end to end (fold models faked): two review
+    tasks in Label Studio, the record written, and the output names the view to open."""
+    from typer.testing import CliRunner
+
+    from loop import model
+    from loop.cli import app
+    from loop.cli.common import console
+
+    root = project.cfg.paths.root.parent
+    project.ingest(root / "imported" / "images", root / "imported" / "labels")
+    monkeypatch.setattr(console, "_width", 300)
+
+    def fake_train(data_yaml: Path, out_dir: Path, cfg: Any, ycd: Path, **kw: Any) -> Any:
+        return type("R", (), {"weights": out_dir / kw["name"] / "best.pt"})()
+
+    def fake_predict(weights: Path, images: Any, *a: Any, **kw: Any) -> Any:
+        return [
+            Detections(np.array([[1.0, 1, 15, 15]]), [3], (64, 64), confidence=[0.9])
+            for _ in images
+        ]
+
+    monkeypatch.setattr(model, "train", fake_train)
+    monkeypatch.setattr(model, "predict", fake_predict)
+    cfg_path = root / "defect-loop.yaml"
+    r = CliRunner().invoke(
+        app, ["review-labels", "--folds", "2", "--top", "2", "-c", str(cfg_path)]
+    )
+    assert r.exit_code == 0, r.output
+    assert "0 existing tasks marked, 2 created" in r.output
+    fresh = Project(load_config(cfg_path))
+    pid = fresh.state.ls_project_id
+    run = ReviewRecord(fresh.cfg.paths.label_review).latest()
+    assert run is not None and len(run["tasks"]) == 2
+    assert f"{ls_server.url}/projects/{pid}/data?tab={run['view_id']}" in r.output
+    with fresh.gateway() as gw:
+        tasks = gw.list_tasks(pid)
+    assert sorted(t["data"]["review_rank"] for t in tasks) == [1, 2]
+    # Each shows the model's box that the label lacks (class "patch" at the top-left corner).
+    for t in tasks:
+        (p,) = [p for p in t["predictions"] if p["model_version"] == REVIEW_MODEL_VERSION]
+        assert [x["value"]["rectanglelabels"] for x in p["result"]] == [["patch"]]

@@ -1,4 +1,10 @@
-"""`cycle` flow: pull -> train -> promote -> score -> push, one cycle per workspace at a time.
+"""`cycle` flow: pull -> train -> promote -> score -> push (-> review-labels), one cycle per
+workspace at a time.
+
+With ``review_labels`` (or ``label_review.every_cycle`` in the config) the cycle ends by running
+the label error finder on the current version and pushing its top suspects to Label Studio as
+review tasks (`flows.review`); a version whose suspects were already pushed is skipped. Off by
+default: it costs ``label_review.folds`` trainings per new version.
 
 Every step is named: when one fails the flow fails with `CycleStepError` ("cycle step 'train'
 failed: ModelError: ..."), the steps after it do not run, and no dataset version is left
@@ -23,6 +29,7 @@ from prefect.states import Completed
 
 from flows.common import NETWORK_TASK, Context, acquire_workspace, open_context, run_label
 from flows.report import run_report
+from flows.review import ReviewOutcome, run_review
 from flows.score import run_score
 from flows.sync import model_version_name, push_task, run_pull
 from flows.train import fit_task, record_task
@@ -45,6 +52,7 @@ class CycleOutcome:
     push: PushSummary | None
     skipped: str | None = None
     report: tuple[Path, Path] | None = None  # (HTML, Markdown) of the lead report
+    review: ReviewOutcome | None = None  # the label review, when the cycle ran it
 
 
 @task(name="last-trained-digest", cache_policy=NONE, **NETWORK_TASK)
@@ -63,8 +71,11 @@ def _step(name: str, fn: Callable[[], T]) -> T:
         raise CycleStepError(name, exc) from exc
 
 
-def run_cycle(ctx: Context, pull: bool = True, force_train: bool = False) -> CycleOutcome:
-    """The steps of one cycle (the caller holds the cycle lock)."""
+def run_cycle(
+    ctx: Context, pull: bool = True, force_train: bool = False, review_labels: bool = False
+) -> CycleOutcome:
+    """The steps of one cycle (the caller holds the cycle lock). ``review_labels`` (or
+    ``label_review.every_cycle``): end with the label review (`flows.review.run_review`)."""
     log = get_run_logger()
     pulled = None
     if pull and ctx.project.state.ls_project_id is not None:
@@ -98,15 +109,22 @@ def run_cycle(ctx: Context, pull: bool = True, force_train: bool = False) -> Cyc
         report = run_report(ctx)
     except DefectLoopError as exc:  # a report problem must not fail a cycle that already pushed
         log.warning("report not written: %s", exc)
-    return CycleOutcome(pulled, trained, summary, report=report)
+    review = None
+    if review_labels or ctx.cfg.label_review.every_cycle:
+        review = _step("review-labels", lambda: run_review(ctx, only_new_version=True))
+    return CycleOutcome(pulled, trained, summary, report=report, review=review)
 
 
 @flow(name="cycle", log_prints=True)
-def cycle_flow(config_path: str, pull: bool = True, force_train: bool = False) -> Any:
+def cycle_flow(
+    config_path: str, pull: bool = True, force_train: bool = False, review_labels: bool = False
+) -> Any:
     """One active-learning cycle.
 
     Trains only when the labels changed since the last training run (or when ``force_train``),
-    so a cycle with no new labels just re-scores and pushes. Returns a `CycleOutcome`.
+    so a cycle with no new labels just re-scores and pushes. ``review_labels`` (or
+    ``label_review.every_cycle``): then push the current version's suspect labels as review
+    tasks (``label_review.folds`` trainings per new version). Returns a `CycleOutcome`.
     """
     cfg = load_config(Path(config_path))
     lock = acquire_workspace(cfg, cfg.schedule.concurrency, run_label("cycle"))
@@ -121,6 +139,11 @@ def cycle_flow(config_path: str, pull: bool = True, force_train: bool = False) -
         )
     try:
         # Loaded under the lock: a cycle that waited sees the state its predecessor left.
-        return run_cycle(open_context(config_path), pull=pull, force_train=force_train)
+        return run_cycle(
+            open_context(config_path),
+            pull=pull,
+            force_train=force_train,
+            review_labels=review_labels,
+        )
     finally:
         lock.release()

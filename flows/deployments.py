@@ -7,8 +7,9 @@ the Prefect CLI or UI, e.g. ``prefect deployment run 'cycle/defect-loop' --watch
 - ``cycle/<project>``: on ``schedule.cycle_cron`` (in ``schedule.timezone``) when set.
 - ``check-annotations/<project>``: every ``schedule.check_interval_s`` seconds when
   ``schedule.count_trigger`` is set (starts a cycle when enough annotations are new).
-- ``ingest``, ``train``, ``score``, ``push``, ``pull`` (and ``report`` when `flows.report`
-  exists): no schedule, run on demand (``ingest`` needs ``--param source=/path/to/images``).
+- ``ingest``, ``train``, ``score``, ``push``, ``pull`` (and ``report``, ``review-labels`` when
+  `flows.report`, `flows.review` exist): no schedule, run on demand (``ingest`` needs
+  ``--param source=/path/to/images``).
 - ``monitor/<project>``: every ``monitor.interval_s`` seconds when ``monitor.watch_dir`` is set,
   else on demand (``--param source=/path/to/production/images``).
 """
@@ -38,7 +39,7 @@ TAGS = ["defect-loop"]
 def _optional_flows() -> list[Any]:
     """Flows of modules other developers may add (served when present)."""
     out = []
-    for module, attr in (("flows.report", "report_flow"),):
+    for module, attr in (("flows.report", "report_flow"), ("flows.review", "review_labels_flow")):
         try:
             fl = getattr(importlib.import_module(module), attr, None)
         except ImportError:

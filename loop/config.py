@@ -501,6 +501,25 @@ class QualityConfig(_Section):
     seed: int = Field(0, ge=0)
 
 
+class LabelReviewConfig(_Section):
+    """`defect-loop review-labels` (`loop.review_tasks`): the labeled images whose labels are
+    most likely wrong go back to Label Studio as review tasks.
+
+    ``folds``: cross-fitting folds; each costs one training like a round's (``train.epochs``
+    from the start checkpoint). ``top_k``: suspects pushed per run, most suspect first.
+    ``seed``: fold assignment (None: ``train.seed``). ``shown_conf``: the lowest confidence of
+    the model boxes shown beside the label (None: ``select.preannotation_conf``).
+    ``every_cycle``: the cycle runs the finder after training and pushes its suspects (off by
+    default: it costs ``folds`` trainings; a version already checked trains nothing, see
+    `loop.crossfit.FoldCache`)."""
+
+    folds: int = Field(5, ge=2, description="cross-fitting folds (one training each)")
+    top_k: int = Field(20, ge=1, description="suspects pushed as review tasks per run")
+    seed: int | None = None
+    shown_conf: float | None = Field(None, gt=0, lt=1)
+    every_cycle: bool = False
+
+
 class PrefectConfig(_Section):
     """The local Prefect server `defect-loop prefect-server start` runs (127.0.0.1, SQLite)."""
 
@@ -540,6 +559,7 @@ class ProjectConfig(BaseSettings):
     deploy: DeployConfig = DeployConfig()
     monitor: MonitorConfig = MonitorConfig()
     quality: QualityConfig = QualityConfig()
+    label_review: LabelReviewConfig = LabelReviewConfig()
 
     @classmethod
     def settings_customise_sources(

@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from loop.datasets import DatasetVersion
-from loop.detections import Detections
+from loop.detections import Detections, box_iou
 from loop.errors import LabelQualityError
 from loop.formats.cleanlab import (
     detections_to_cleanlab_labels,
@@ -174,3 +174,19 @@ def suspects_to_json(
             )
         out.append({**asdict(s), "issue": s.issue, "path": row.path, "split": row.split})
     return out
+
+
+def disagreeing_boxes(
+    labels: Detections, predictions: Detections, min_confidence: float, iou: float = 0.5
+) -> Detections:
+    """The boxes of ``predictions`` (confidence >= ``min_confidence``) that no box of
+    ``labels`` confirms, i.e. none of the same class overlaps it with IoU >= ``iou``: a box the
+    label lacks, sees as another class (swap) or places elsewhere (badloc). Pixel xyxy, the
+    predictions' confidences kept, in their order; what a reviewer is shown beside the label."""
+    shown = predictions.with_min_confidence(min_confidence)
+    if not len(shown) or not len(labels):
+        return shown
+    overlap = box_iou(shown.xyxy, labels.xyxy)
+    same = shown.class_id[:, None] == labels.class_id[None, :]
+    confirmed = np.any(same & (overlap >= iou), axis=1)
+    return shown[np.flatnonzero(~confirmed)]

@@ -23,6 +23,7 @@ from loop.labeling import LabelingBackend, PulledLabel, PullResult, PushItem, Pu
 from loop.ledger import RejectionLog, TaskLedger
 from loop.quality import preannotation_filter
 from loop.review_queue import ReviewQueue
+from loop.review_tasks import SeedAnnotations
 
 if TYPE_CHECKING:
     from loop.project import Project, ScoredImage
@@ -280,11 +281,14 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
     judged: list[tuple[PulledLabel, Decision]] = []
     notes: list[str] = []
     waiting = 0
+    seeds = SeedAnnotations.load(project, pid)
     for lab in result.labels:
         problem = _identity_problem(project, pid, lab, ledger, current_rows)
         if problem is not None:
             found[lab.task_id] = problem
             continue
+        if seeds.unchanged(lab, current_rows):
+            continue  # a label review task's current label that nobody edited (loop.review_tasks)
         for name, why in sorted(lab.unusable.items()):
             notes.append(
                 f"Label Studio task {lab.task_id}: {name}'s annotation was left out of the "

@@ -18,6 +18,7 @@ store (``datasets/<digest>/``: manifest and meta, `loop.datasets`), the monitor'
       runs/                   Ultralytics training runs
       ultralytics/            Ultralytics' settings folder (offline configuration)
       scoring-models/         ONNX (and int8) exports of champions for scoring
+      crossfit/<key>/         cached cross-fitted predictions (`defect-loop review-labels`)
       models/v<N>/            model versions downloaded from MLflow
       bundles/                deployment bundles (built, and production ones downloaded)
       monitor/                the production monitor's database
@@ -27,6 +28,7 @@ store (``datasets/<digest>/``: manifest and meta, `loop.datasets`), the monitor'
       simulation.json         an oracle replay's random baseline (for the report)
       labelstudio-tasks.json  ledger of every task pushed
       rejected-tasks.json     Label Studio tasks pulls rejected
+      label-review.json       the suspect labels pushed as review tasks, with their scores
       annotation-log.jsonl    every annotator's raw work and what each pull made of it
       labelstudio/            the local Label Studio's data; credentials.json
       prefect/                PREFECT_HOME of the commands
@@ -93,6 +95,11 @@ class Workspace:
         return self.root / "models" / f"v{version}"
 
     @property
+    def crossfit(self) -> Path:
+        """Cached cross-fitted predictions, one folder per key (`loop.crossfit.FoldCache`)."""
+        return self.root / "crossfit"
+
+    @property
     def evaluation(self) -> Path:
         """The champion's per-class test AP (`loop.quality`)."""
         return self.root / "evaluation.json"
@@ -131,6 +138,11 @@ class Workspace:
     def rejections(self) -> Path:
         """Label Studio tasks that pulls rejected (`loop.ledger.RejectionLog`)."""
         return self.root / "rejected-tasks.json"
+
+    @property
+    def label_review(self) -> Path:
+        """The suspect labels pushed as review tasks (`loop.review_tasks.ReviewRecord`)."""
+        return self.root / "label-review.json"
 
     @property
     def annotation_log(self) -> Path:

@@ -378,3 +378,13 @@ def print_cycle(out: Any) -> None:
     )
     if getattr(out, "report", None):
         console.print(f"report: {out.report[0]}")
+    review = getattr(out, "review", None)
+    if review is not None:
+        if review.push is None:
+            console.print(f"review-labels: skipped ({review.skipped})")
+        else:
+            r = review.push
+            console.print(
+                f"review-labels: {r.flagged} tasks marked, {r.created} created, {r.failed} "
+                'failed (Label Studio view "Label review")'
+            )

@@ -285,15 +285,26 @@ def cycle(
     force_train: Annotated[
         bool, typer.Option(help="train even if the labels did not change")
     ] = False,
+    review_labels: Annotated[
+        bool,
+        typer.Option(
+            "--review-labels",
+            help="end with `review-labels`: push the suspect labels of the current version as "
+            "review tasks (costs label_review.folds trainings per new version; also "
+            "label_review.every_cycle)",
+        ),
+    ] = False,
     config: ConfigOpt = Path(DEFAULT_CONFIG_NAME),
 ) -> None:
-    """One cycle: pull -> train -> promote -> score -> push."""
+    """One cycle: pull -> train -> promote -> score -> push (-> review-labels)."""
 
     def go() -> None:
         prepare(load(config), labelstudio=True, mlflow=True)
         from flows.cycle import cycle_flow
 
-        out = cycle_flow(str(config), pull=not no_pull, force_train=force_train)
+        out = cycle_flow(
+            str(config), pull=not no_pull, force_train=force_train, review_labels=review_labels
+        )
         print_cycle(out)
 
     run(go)

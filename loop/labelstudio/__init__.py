@@ -8,6 +8,7 @@
   webhooks);
 - `loop.labelstudio.push`: pre-annotated tasks, best first, never duplicated;
 - `loop.labelstudio.pull`: incremental export of what changed, judged task by task;
+- `loop.labelstudio.review`: label review tasks (suspect labels beside the model's boxes);
 - `loop.labelstudio.labeler`: a simulated labeler's helpers (demo and tests).
 
 What the JSON means (regions <-> `Detections`, the rules that make an annotation a label) is pure
@@ -22,9 +23,10 @@ from loop.labelstudio.labeler import Labeler
 from loop.labelstudio.projects import ProjectSetup
 from loop.labelstudio.pull import Pulling
 from loop.labelstudio.push import Pushing
+from loop.labelstudio.review import Reviewing
 
 
-class LabelStudioGateway(ProjectSetup, Pushing, Pulling, Labeler):
+class LabelStudioGateway(ProjectSetup, Reviewing, Pushing, Pulling, Labeler):
     """Everything defect-loop does with a Label Studio server (a `loop.labeling.
     LabelingBackend`). ``LabelStudioGateway(url, api_token, timeout_s=30)``: see
     `loop.labelstudio.transport.Transport`. Use it as a context manager to close its

@@ -131,17 +131,69 @@ def test_dry_run_prints_the_image_with_the_missing_box_first(
     assert splits <= {"train", "val"}
 
 
-def test_without_dry_run_it_refuses_and_trains_nothing(
+def test_a_second_run_on_the_same_version_trains_nothing(
     workspace: tuple[Path, str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    cfg, _ = workspace
+    cfg, victim = workspace
     runs = _fake_model(monkeypatch, tmp_path / "data")
-    r = runner.invoke(app, ["review-labels", "-c", str(cfg)])
-    assert r.exit_code == 2
-    assert "--dry-run" in r.output
+    monkeypatch.setattr(console, "_width", 200)
+    doc = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**doc, "label_review": {"folds": 3, "top_k": 2}}))
+    first = runner.invoke(app, ["review-labels", "--dry-run", "-c", str(cfg)])
+    assert first.exit_code == 0, first.output
+    assert len(runs) == 3  # label_review.folds
+    second = runner.invoke(app, ["review-labels", "--dry-run", "-c", str(cfg)])
+    assert second.exit_code == 0, second.output
+    assert len(runs) == 3 and second.output.count("cached predictions") == 3
+    assert victim[:12] in second.output
+    third = runner.invoke(app, ["review-labels", "--dry-run", "--no-cache", "-c", str(cfg)])
+    assert third.exit_code == 0 and len(runs) == 6
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--dry-run", "--folds", "50"], "cannot fill 50 folds"),
+        ([], "is unreachable"),  # checked before any training
+    ],
+    ids=["too-few-images", "label-studio-down"],
+)
+def test_clear_errors_before_any_training(
+    workspace: tuple[Path, str],
+    monkeypatch: pytest.MonkeyPatch,
+    tmp_path: Path,
+    args: list[str],
+    message: str,
+) -> None:
+    cfg, _ = workspace
+    doc = yaml.safe_load(cfg.read_text())
+    cfg.write_text(yaml.safe_dump({**doc, "labelstudio": {"url": f"http://127.0.0.1:{_closed()}"}}))
+    runs = _fake_model(monkeypatch, tmp_path / "data")
+    monkeypatch.setattr(console, "_width", 300)
+    r = runner.invoke(app, ["review-labels", *args, "-c", str(cfg)])
+    assert r.exit_code == 2, r.output
+    assert message in r.output
     assert runs == []
 
 
-def test_help() -> None:
+def test_without_a_dataset_version_it_says_what_to_do(tmp_path: Path) -> None:
+    cfg = tmp_path / "defect-loop.yaml"
+    cfg.write_text(yaml.safe_dump({"classes": ["scratch"]}))
+    r = runner.invoke(app, ["review-labels", "--dry-run", "-c", str(cfg)])
+    assert r.exit_code == 2 and "no labeled dataset version" in r.output
+
+
+def _closed() -> int:
+    from loop.services import free_port
+
+    return free_port()
+
+
+def test_help_says_what_it_costs_and_does() -> None:
     r = runner.invoke(app, ["review-labels", "--help"])
-    assert r.exit_code == 0 and "--folds" in r.output and "--dry-run" in r.output
+    assert r.exit_code == 0
+    for text in ("--folds", "--top", "--dry-run", "--no-cache", "trainings", "cached",
+                 "Label review", "review:crossfit", "pull"):  # fmt: skip
+        assert text in r.output, text
+    cycle = runner.invoke(app, ["cycle", "--help"])
+    assert "--review-labels" in cycle.output

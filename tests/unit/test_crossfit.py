@@ -18,7 +18,14 @@ import yaml
 
 from loop import model
 from loop.config import load_config
-from loop.crossfit import assign_folds, cross_fit, fold_version, project_cross_fit
+from loop.crossfit import (
+    FoldCache,
+    assign_folds,
+    cross_fit,
+    crossfit_key,
+    fold_version,
+    project_cross_fit,
+)
 from loop.detections import Detections
 from loop.errors import DatasetError, LabelQualityError, ModelError
 from loop.project import Project
@@ -113,6 +120,121 @@ def test_a_predictor_that_drops_images_is_an_error() -> None:
         cross_fit(_shas(6), 2, fake.train, short)
 
 
+# ---------------------------------------------------------------- the cache
+
+
+class CountingModels:
+    """Fake training that counts its calls; fake prediction of seeded random boxes with
+    confidences and class probabilities (what a real fold model returns), or a failure on the
+    fold named by ``fail_on``."""
+
+    def __init__(self, fail_on: int | None = None) -> None:
+        self.trainings: list[int] = []
+        self.fail_on = fail_on
+
+    def train(self, fold: int, training: Sequence[str]) -> Path:
+        self.trainings.append(fold)
+        return Path(f"fold{fold}.pt")
+
+    def predict(self, weights: Path, shas: Sequence[str]) -> Iterable[Detections]:
+        if self.fail_on is not None and weights == Path(f"fold{self.fail_on}.pt"):
+            raise RuntimeError("the machine went down")
+        out = []
+        for sha in shas:
+            rng = np.random.default_rng(int(sha[:8], 16))
+            n = int(rng.integers(0, 4))
+            xy = rng.uniform(0, 30, (n, 2))
+            probs = rng.dirichlet(np.ones(3), n)
+            out.append(
+                Detections(
+                    np.hstack([xy, xy + rng.uniform(1, 10, (n, 2))]),
+                    probs.argmax(axis=1),
+                    (40, 32),
+                    confidence=probs.max(axis=1),
+                    class_probs=probs,
+                )
+            )
+        return out
+
+
+def _same(a: Detections, b: Detections) -> bool:
+    return (
+        a.image_wh == b.image_wh
+        and np.array_equal(a.xyxy, b.xyxy)
+        and np.array_equal(a.class_id, b.class_id)
+        and np.array_equal(a.confidence, b.confidence)
+        and np.array_equal(a.class_probs, b.class_probs)
+    )
+
+
+def test_a_second_run_reads_the_cache_and_trains_nothing(tmp_path: Path) -> None:
+    shas = _shas(17)
+    first, second = CountingModels(), CountingModels()
+    cache = FoldCache(tmp_path, "k1")
+    a = cross_fit(shas, 4, first.train, first.predict, seed=1, cache=cache)
+    steps: list[str] = []
+    b = cross_fit(shas, 4, second.train, second.predict, seed=1, progress=steps.append, cache=cache)
+    assert first.trainings == [0, 1, 2, 3] and second.trainings == []
+    assert set(a) == set(b) == set(shas)
+    for sha in shas:
+        assert a[sha].fold == b[sha].fold and _same(a[sha].predictions, b[sha].predictions)
+    assert len(steps) == 4 and all("cached" in m for m in steps)
+    # Without the cache (or with another key) every fold trains again.
+    third = CountingModels()
+    cross_fit(shas, 4, third.train, third.predict, seed=1, cache=FoldCache(tmp_path, "k2"))
+    assert third.trainings == [0, 1, 2, 3]
+
+
+def test_an_interrupted_run_resumes_at_the_first_unfinished_fold(tmp_path: Path) -> None:
+    shas = _shas(12)
+    cache = FoldCache(tmp_path, "key")
+    broken = CountingModels(fail_on=2)
+    with pytest.raises(RuntimeError, match="went down"):
+        cross_fit(shas, 3, broken.train, broken.predict, cache=cache)
+    assert broken.trainings == [0, 1, 2]
+    resumed = CountingModels()
+    out = cross_fit(shas, 3, resumed.train, resumed.predict, cache=cache)
+    assert resumed.trainings == [2] and set(out) == set(shas)
+
+
+def test_a_fold_cached_for_other_images_is_not_used(tmp_path: Path) -> None:
+    cache = FoldCache(tmp_path, "key")
+    fake = CountingModels()
+    preds = list(fake.predict(Path("x.pt"), _shas(3)))
+    cache.save(0, _shas(3), preds)
+    assert cache.load(0, _shas(4)[1:]) is None
+    loaded = cache.load(0, _shas(3)[::-1])  # any order of the same images: in that order
+    assert loaded is not None and _same(loaded[0], preds[2])
+
+
+_KEY = {
+    "version_digest": "a" * 64,
+    "k": 5,
+    "seed": 0,
+    "classes": ["scratch", "pit"],
+    "train": {"epochs": 30, "imgsz": 256, "model": "yolov8n.yaml"},
+    "start_sha256": "b" * 64,
+    "predict": {"candidate_conf": 0.01},
+}
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("version_digest", "c" * 64),
+        ("k", 4),
+        ("seed", 1),
+        ("classes", ["scratch", "pit", "crack"]),
+        ("train", {"epochs": 31, "imgsz": 256, "model": "yolov8n.yaml"}),
+        ("start_sha256", None),
+        ("predict", {"candidate_conf": 0.05}),
+    ],
+)
+def test_the_cache_key_changes_with_what_determines_the_predictions(field: str, value: Any) -> None:
+    assert crossfit_key(**_KEY) == crossfit_key(**dict(_KEY))
+    assert crossfit_key(**{**_KEY, field: value}) != crossfit_key(**_KEY)
+
+
 # ---------------------------------------------------------------- the project binding
 
 
@@ -191,3 +313,32 @@ def test_cross_fit_without_labels_is_refused(tmp_path: Path) -> None:
     cfg.write_text(yaml.safe_dump({"classes": ["a"]}))
     with pytest.raises(DatasetError, match="no labeled dataset version"):
         project_cross_fit(Project(load_config(cfg)), k=2)
+
+
+def test_project_cross_fit_is_cached_per_version_and_settings(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    runs: list[str] = []
+
+    def fake_train(data_yaml: Path, out_dir: Path, cfg: Any, ycd: Path, **kw: Any) -> Any:
+        runs.append(kw["name"])
+        return type("R", (), {"weights": out_dir / kw["name"] / "best.pt"})()
+
+    def fake_predict(weights: Path, images: Iterable[Path], *a: Any, **kw: Any) -> Any:
+        return [Detections.empty((48, 48), num_classes=4) for _ in images]
+
+    monkeypatch.setattr(model, "train", fake_train)
+    monkeypatch.setattr(model, "predict", fake_predict)
+    _, first = project_cross_fit(project, k=3)
+    assert len(runs) == 3
+    _, again = project_cross_fit(project, k=3)
+    assert len(runs) == 3  # the same version and settings: nothing trains
+    assert {s: o.fold for s, o in again.items()} == {s: o.fold for s, o in first.items()}
+    assert len(list(project.cfg.paths.crossfit.iterdir())) == 1
+    project_cross_fit(project, k=3, use_cache=False)
+    assert len(runs) == 6
+    project.cfg.train.epochs = 2  # another training recipe: other predictions
+    project_cross_fit(project, k=3)
+    assert len(runs) == 9
+    project_cross_fit(project, k=3, seed=7)  # other folds
+    assert len(runs) == 12

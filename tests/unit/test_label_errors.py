@@ -22,6 +22,7 @@ from loop.errors import ConversionError, LabelQualityError, UnknownLabelError
 from loop.label_errors import (
     LabelCheck,
     LabelSuspect,
+    disagreeing_boxes,
     find_label_errors,
     label_checks,
     suspects_to_json,
@@ -254,3 +255,33 @@ def test_suspects_to_json_adds_path_split_and_issue() -> None:
     assert set(rows[0]) >= {"quality", "overlooked", "swap", "badloc", "flagged", "issue"}
     with pytest.raises(LabelQualityError, match="not an image of version"):
         suspects_to_json([replace(suspects[0], sha256="d" * 64)], version)
+
+
+# --- what a reviewer is shown beside the label ---------------------------------------------
+_LABELS = Detections(np.array([[0.0, 0, 10, 10], [20, 20, 40, 40]]), [0, 1], (64, 64))
+
+
+@pytest.mark.parametrize(
+    ("xyxy", "cls", "conf", "shown"),
+    [
+        ([[0.0, 0, 10, 10], [20, 20, 40, 40]], [0, 1], [0.9, 0.9], []),  # agrees
+        ([[0.0, 0, 10, 10], [50, 50, 60, 60]], [0, 2], [0.9, 0.9], [1]),  # a box the label lacks
+        ([[0.0, 0, 10, 10], [50, 50, 60, 60]], [0, 2], [0.9, 0.2], []),  # too faint to show
+        ([[0.0, 0, 10, 10], [20, 20, 40, 40]], [0, 2], [0.9, 0.8], [1]),  # another class: swap
+        ([[0.0, 0, 10, 10], [30, 20, 50, 40]], [0, 1], [0.9, 0.8], [1]),  # IoU 1/3: misplaced
+        ([[0.0, 0, 10, 10], [22, 20, 42, 40]], [0, 1], [0.9, 0.8], []),  # IoU 0.82: confirmed
+    ],
+    ids=["agrees", "missing", "faint", "swap", "badloc", "close"],
+)
+def test_disagreeing_boxes(xyxy, cls, conf, shown) -> None:
+    pred = Detections(np.array(xyxy), cls, (64, 64), confidence=conf)
+    got = disagreeing_boxes(_LABELS, pred, min_confidence=0.25)
+    assert got.same_boxes(pred[np.array(shown, dtype=int)])
+    assert got.confidence is not None and list(got.confidence) == [conf[i] for i in shown]
+
+
+def test_disagreeing_boxes_of_a_defect_free_label_are_all_confident_boxes() -> None:
+    pred = Detections(np.array([[1.0, 1, 5, 5], [8, 8, 20, 20]]), [0, 1], (64, 64),
+                      confidence=[0.9, 0.1])  # fmt: skip
+    got = disagreeing_boxes(Detections.empty((64, 64)), pred, min_confidence=0.25)
+    assert got.same_boxes(pred[[0]])

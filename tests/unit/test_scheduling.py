@@ -343,6 +343,7 @@ def test_deployments_carry_the_config_schedules(tmp_path: Path):
     )
     deps = {d.flow_name: d for d in build_deployments(path)}
     assert set(deps) >= {"cycle", "check-annotations", "ingest", "train", "score", "push", "pull"}
+    assert "review-labels" in deps and not deps["review-labels"].schedules  # on demand only
     assert {d.name for d in deps.values()} == {"line-3-A"}
     for d in deps.values():
         assert d.parameters["config_path"] == str(path.resolve())

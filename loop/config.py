@@ -541,6 +541,13 @@ class ProjectConfig(BaseSettings):
                     "labelstudio.polygons: false (a segment project always offers PolygonLabels)"
                 )
             self.labelstudio.polygons = True
+            if self.scoring.backend != "torch":
+                # The ONNX scoring path decodes boxes only: masks (pre-annotation polygons,
+                # mask_stability) need the segmentation model itself.
+                raise ValueError(
+                    f"task: segment scores with the segmentation model itself; set "
+                    f"scoring.backend: torch (got {self.scoring.backend!r})"
+                )
         return self
 
     @model_validator(mode="after")

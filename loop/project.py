@@ -475,7 +475,10 @@ class Project:
             if progress is None:
                 return
             if train_cfg.val_every_epoch or e == n:
-                progress(f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}")
+                text = f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}"
+                if "metrics/mAP50(M)" in m:
+                    text += f", mask mAP50 {m['metrics/mAP50(M)']:.3f}"
+                progress(text)
             else:
                 progress(f"epoch {e}/{n}")
 
@@ -487,7 +490,15 @@ class Project:
             init_weights=init_path,
             name=f"round{round_index}-{version.short}",
             on_epoch=None if progress is None else on_epoch,
+            task=self.cfg.task,
         )
+        if progress and result.transfer is not None:
+            t = result.transfer
+            progress(
+                f"seeded the segmentation model from {Path(t.source).name}: "
+                f"{t.transferred}/{t.total} tensors, backbone {t.backbone_transferred}/"
+                f"{t.backbone_total}"
+            )
         test = None
         if version.split_counts()["test"]:
             test = model.evaluate(

@@ -182,5 +182,5 @@ def test_segment_projects_score_with_torch(tmp_path: Path) -> None:
     path.write_text(
         yaml.safe_dump({"classes": ["pit"], "task": "segment", "scoring": {"backend": "onnx"}})
     )
-    with pytest.raises(ConfigError, match="scoring.backend: torch"):
+    with pytest.raises(ConfigError, match=r"scoring\.backend: torch"):
         load_config(path)

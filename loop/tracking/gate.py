@@ -127,3 +127,26 @@ def gate(
             f"{champion[key]:.4f} - {max_class_drop:g} (drop {d:.4f})"
         )
     return Promotion(False, "; ".join(parts), drops)
+
+
+# Metric families that carry a ``mask_`` variant in segment projects (see `metric_dict` and
+# `loop.quality`).
+_MASK_PREFIXES = ("compared_test_", "gate_diff_", "test_", "val_")
+
+
+def mask_metrics_view(metrics: Mapping[str, float]) -> dict[str, float]:
+    """A segment run's metrics with the mask figures under the box names, for readers that know
+    only the box names (the lead report): ``test_mask_map50`` -> ``test_map50``,
+    ``gate_diff_mask_ap50_95_pit`` -> ``gate_diff_ap50_95_pit`` ...; each box figure that a mask
+    figure replaces stays under ``<prefix>box_<rest>`` (``test_box_map50``). A run without mask
+    figures comes back unchanged."""
+    out = dict(metrics)
+    for key, value in metrics.items():
+        for prefix in _MASK_PREFIXES:
+            if key.startswith(f"{prefix}mask_"):
+                rest = key[len(prefix) + len("mask_") :]
+                if f"{prefix}{rest}" in metrics:
+                    out[f"{prefix}box_{rest}"] = metrics[f"{prefix}{rest}"]
+                out[f"{prefix}{rest}"] = value
+                break
+    return out

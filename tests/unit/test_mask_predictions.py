@@ -184,3 +184,25 @@ def test_segment_projects_score_with_torch(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"scoring\.backend: torch"):
         load_config(path)
+
+
+def test_mask_metrics_view_puts_mask_figures_under_box_names() -> None:
+    from loop.tracking.gate import mask_metrics_view
+
+    run = {
+        "test_map50": 0.6,
+        "test_mask_map50": 0.4,
+        "test_mask_ap50_95_pit": 0.2,
+        "gate_diff_mask_map50_95_lo": -0.1,
+        "gate_diff_map50_95_lo": 0.3,
+        "compared_test_mask_map50": 0.5,
+        "val_mask_recall": 0.7,
+        "epoch_metrics/mAP50(M)": 0.1,
+    }
+    view = mask_metrics_view(run)
+    assert view["test_map50"] == 0.4 and view["test_box_map50"] == 0.6
+    assert view["test_ap50_95_pit"] == 0.2 and "test_box_ap50_95_pit" not in view
+    assert view["gate_diff_map50_95_lo"] == -0.1 and view["gate_diff_box_map50_95_lo"] == 0.3
+    assert view["compared_test_map50"] == 0.5 and view["val_recall"] == 0.7
+    assert view["epoch_metrics/mAP50(M)"] == 0.1
+    assert mask_metrics_view({"test_map50": 0.6}) == {"test_map50": 0.6}

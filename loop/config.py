@@ -551,6 +551,21 @@ class ProjectConfig(BaseSettings):
         return self
 
     @model_validator(mode="after")
+    def _mask_strategies_need_segment(self) -> ProjectConfig:
+        from loop.uncertainty import MASK_STRATEGIES
+
+        if self.task != "segment":
+            for key in ("strategy", "base_strategy"):
+                name = getattr(self.select, key)
+                if name in MASK_STRATEGIES:
+                    raise ValueError(
+                        f"select.{key}: {name} reads the model's instance masks, which only a "
+                        "task: segment project has; choose a box strategy (e.g. "
+                        "localization_stability)"
+                    )
+        return self
+
+    @model_validator(mode="after")
     def _check_onnx_size(self) -> ProjectConfig:
         if self.scoring.backend != "torch" and self.train.imgsz % 32:
             raise ValueError(

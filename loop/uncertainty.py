@@ -113,6 +113,8 @@ class Strategy(Protocol):
 
 STRATEGIES: dict[str, Strategy] = {}
 NEEDS: dict[str, frozenset[Need]] = {}
+# Strategies that read instance outlines (Detections.polygons): segment projects only.
+MASK_STRATEGIES: frozenset[str] = frozenset({"mask_stability"})
 
 
 def register(name: str, needs: Sequence[Need] = ("predictions",)) -> Callable[[Strategy], Strategy]:

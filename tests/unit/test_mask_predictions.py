@@ -206,3 +206,18 @@ def test_mask_metrics_view_puts_mask_figures_under_box_names() -> None:
     assert view["compared_test_map50"] == 0.5 and view["val_recall"] == 0.7
     assert view["epoch_metrics/mAP50(M)"] == 0.1
     assert mask_metrics_view({"test_map50": 0.6}) == {"test_map50": 0.6}
+
+
+@pytest.mark.parametrize("key", ["strategy", "base_strategy"])
+def test_mask_strategies_need_a_segment_project(tmp_path: Path, key: str) -> None:
+    from loop.selection import available_strategies
+
+    select = {"strategy": "hybrid", key: "mask_stability"}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"classes": ["pit"], "select": select}))
+    with pytest.raises(ConfigError, match="task: segment"):
+        load_config(path)
+    path.write_text(yaml.safe_dump({"classes": ["pit"], "task": "segment", "select": select}))
+    assert getattr(load_config(path).select, key) == "mask_stability"
+    assert "mask_stability" not in available_strategies("detect")
+    assert "mask_stability" in available_strategies("segment")

@@ -25,6 +25,7 @@ from loop.scoring import (
     score_batch,
 )
 from loop.selection import available_strategies, rank
+from loop.uncertainty import MASK_STRATEGIES
 
 CLASSES = ["scratch", "pit"]
 MODELS = ScoringModels(
@@ -84,6 +85,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         cfg = ProjectConfig(
             classes=CLASSES,
             workspace=tmp_path / "ws",
+            # The mask strategies read outlines, which only segment projects have.
+            task="segment" if strategy in MASK_STRATEGIES else "detect",
             select={
                 "strategy": strategy,
                 "preannotation_conf": 0.5,

@@ -21,6 +21,9 @@ from loop.model.loading import _names_list, _read_data_yaml, _require_weights, _
 # A prediction counts in the confusion matrix when it scores above this (Ultralytics' default
 # for its confusion-matrix plot); boxes match ground truth at IoU >= 0.45, class-agnostic.
 CONFUSION_CONF = 0.25
+# A detection checkpoint must seed at least this share of a segmentation model's backbone
+# tensors (a matching one seeds all of them); less means another architecture or scale.
+MIN_BACKBONE_TRANSFER = 0.9
 
 
 @dataclass(frozen=True)
@@ -321,6 +324,13 @@ def train(
                     model = YOLO(arch, task="segment")
                     transfer = _transfer(model, Path(source))
                     _log_transfer(transfer)
+                    if transfer.backbone_fraction < MIN_BACKBONE_TRANSFER:
+                        raise ModelError(
+                            f"{Path(source).name} seeds only {transfer.backbone_transferred} of "
+                            f"{transfer.backbone_total} backbone tensors of {segment_architecture(cfg.model)}: "
+                            "it is another architecture or scale. Set train.model to the "
+                            "checkpoint's own architecture (yolov8s.pt -> yolov8s.yaml)"
+                        )
                 elif model.task != "segment":
                     raise ModelError(
                         f"{source} is a '{model.task}' model; a segment project starts from a "

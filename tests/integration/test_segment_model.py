@@ -140,3 +140,35 @@ def test_ultralytics_training_masks_over_cover_the_exact_labels(tmp_path: Path) 
     iou, area = np.array(ious), np.array(areas)
     assert iou.min() >= 0.45 and 0.6 <= float(np.median(iou)) <= 0.85
     assert (iou[area >= 1000] >= 0.9).all() and (area >= 1000).any()
+
+
+def test_a_checkpoint_of_another_scale_is_refused(tmp_path: Path) -> None:
+    """A yolov8s detector cannot seed yolov8n-seg (almost no tensor has the same shape):
+    training stops before it starts instead of silently training from scratch."""
+    from loop import model
+    from loop.config import TrainConfig
+    from loop.errors import ModelError
+    from loop.offline import configure_ultralytics
+
+    configure_ultralytics(tmp_path / "yolo", threads=1)
+    from ultralytics import YOLO
+
+    other = tmp_path / "yolov8s-random.pt"
+    YOLO("yolov8s.yaml").save(str(other))
+    data = tmp_path / "ds"
+    write_dataset(data / "train", 4, seed=1, size=64, polygons=True)
+    (data / "data.yaml").write_text(
+        yaml.safe_dump(
+            {"path": str(data), "train": "train/images", "val": "train/images", "names": CLASSES}
+        )
+    )
+    cfg = TrainConfig(model="yolov8n.yaml", epochs=1, imgsz=64, batch=4)
+    with pytest.raises(ModelError, match=r"seeds only \d+ of \d+ backbone tensors"):
+        model.train(
+            data / "data.yaml",
+            tmp_path / "runs",
+            cfg,
+            tmp_path / "yolo",
+            init_weights=other,
+            task="segment",
+        )

@@ -101,6 +101,9 @@ class TrainOutcome:
     test_map50: float | None
     test_map50_95: float | None
     weights: Path
+    # Segment projects: the test mask figures (what the gate compared); None for detectors.
+    test_mask_map50: float | None = None
+    test_mask_map50_95: float | None = None
 
 
 @dataclass(frozen=True)
@@ -569,6 +572,8 @@ class Project:
             None if test is None else test.map50,
             None if test is None else test.map50_95,
             fit.result.weights,
+            None if test is None else test.mask_map50,
+            None if test is None else test.mask_map50_95,
         )
 
     # ---------------------------------------------------------------- score
@@ -638,7 +643,8 @@ class Project:
 
     def predict(self, weights: Path, shas: list[str]) -> Iterator[Detections]:
         """Candidate boxes with class probabilities for ``shas``, one `Detections` each, in
-        order, through ``scoring.backend`` (see `scoring_model`)."""
+        order, through ``scoring.backend`` (see `scoring_model`); a segment project's model
+        adds each instance's simplified outline (``Detections.polygons``, `loop.model.predict`)."""
         from loop import model
 
         paths = (self.pool.abs_path(s) for s in shas)

@@ -5,8 +5,12 @@ A detect push still sends rectangles."""
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
+import yaml
 
 from loop.detections import Detections
 from loop.labelstudio import LabelStudioGateway, PushItem
@@ -63,3 +67,69 @@ def test_segment_push_sends_scored_polygons_that_pull_keeps(ls_server) -> None:
     np.testing.assert_allclose(label.polygons[1][0], QUAD, atol=1e-6)
     assert label.polygons[2] == ()
     np.testing.assert_allclose(label.detections.xyxy[2], [1, 1, 9, 9], atol=1e-6)
+
+
+PRETRAINED = (
+    Path(os.environ["DEFECT_LOOP_YOLOV8N"])
+    if os.environ.get("DEFECT_LOOP_YOLOV8N")
+    else Path(__file__).resolve().parents[3] / "shared" / "models" / "yolov8n.pt"
+)
+
+
+@pytest.mark.skipif(
+    not PRETRAINED.is_file(),
+    reason=f"the COCO-pretrained yolov8n.pt is not at {PRETRAINED}: set $DEFECT_LOOP_YOLOV8N",
+)
+def test_a_segment_projects_push_carries_its_models_outlines(ls_server, monkeypatch) -> None:
+    """The whole production path: a segment project trains its segmentation model, scores its
+    pool through `loop.scoring` and pushes; each task's prediction holds polygons with scores."""
+    from loop.config import load_config
+    from loop.project import Project
+    from loop.scoring import ScoringModels, plan_scoring, rank_candidates, score_batch
+    from loop.synth import SYNTH_CLASSES, write_dataset
+    from loop.tracking import Tracker
+
+    root = Path(ls_server.document_root) / "segment-push"
+    write_dataset(root / "synth", 40, seed=6, size=64, polygons=True)
+    cfg_path = root / "defect-loop.yaml"
+    cfg_path.write_text(
+        yaml.safe_dump(
+            {
+                "name": "segment-push",
+                "classes": list(SYNTH_CLASSES),
+                "task": "segment",
+                "workspace": "ws",
+                "labelstudio": {
+                    "url": ls_server.url,
+                    "document_root": str(ls_server.document_root),
+                    "project_title": "defect-loop segment push test",
+                    "progress": False,
+                },
+                "train": {"imgsz": 64, "epochs": 1, "batch": 8, "weights": str(PRETRAINED)},
+                # a 1-epoch model is unsure of everything: show all its outlines
+                "select": {"batch_size": 3, "preannotation_conf": 0.0, "min_candidates": 2},
+                "advice": {"preannotation_min_ap50": 0.0},
+            }
+        )
+    )
+    monkeypatch.setenv("DEFECT_LOOP_LABELSTUDIO__API_TOKEN", ls_server.token)
+    project = Project(load_config(cfg_path))
+    project.ingest(root / "synth" / "images", root / "synth" / "labels", label_limit=24, seed=1)
+    tracker = Tracker(project.cfg)
+    fit = project.fit(tracker)
+    plan = plan_scoring(project, ScoringModels(weights=fit.result.weights, name="seg-v1"))
+    shas = project.candidates()
+    assert len(shas) >= 3
+    ranked = rank_candidates(project, plan, score_batch(project, plan, shas))
+    gw = project.gateway()
+    summary = project.push(gw, ranked, "seg-v1")
+    assert summary.created == 3 and summary.failed == 0
+    tasks = gw.list_tasks(project.state.ls_project_id)
+    regions = [r for t in tasks for p in t["predictions"] for r in p["result"]]
+    polygons = [r for r in regions if r["type"] == "polygonlabels"]
+    assert polygons, "a segmentation model's pre-annotations are polygons"
+    for r in polygons:
+        assert 0.0 <= r["score"] <= 1.0 and r["from_name"] == "polygon"
+        assert len(r["value"]["points"]) >= 3 and r["value"]["polygonlabels"][0] in SYNTH_CLASSES
+        pts = np.asarray(r["value"]["points"])
+        assert (pts >= 0).all() and (pts <= 100).all()

@@ -107,7 +107,7 @@ def test_a_segment_projects_push_carries_its_models_outlines(ls_server, monkeypa
                 },
                 "train": {"imgsz": 64, "epochs": 1, "batch": 8, "weights": str(PRETRAINED)},
                 # a 1-epoch model is unsure of everything: show all its outlines
-                "select": {"batch_size": 3, "preannotation_conf": 0.0, "min_candidates": 2},
+                "select": {"batch_size": 3, "preannotation_conf": 0.001, "min_candidates": 2},
                 "advice": {"preannotation_min_ap50": 0.0},
             }
         )

@@ -175,8 +175,8 @@ def predict(
     A segmentation checkpoint's `Detections` also carry ``polygons``: per box the outline of its
     predicted mask (thresholded at the model's 0.5 sigmoid, at the original image's resolution),
     as pixel-edge rings simplified by Douglas-Peucker with ``simplify_px`` pixels of tolerance
-    (`loop.formats.masks.mask_to_instance_rings`; parts under 4 pixels dropped, ``()`` for an
-    empty mask); the box keeps the model's own box.
+    (`loop.formats.masks.mask_to_instance_rings`; parts under 4 pixels or under 10 % of the
+    largest part dropped, ``()`` for an empty mask); the box keeps the model's own box.
 
     ``min_candidates``: an image with fewer boxes above ``conf`` keeps its strongest
     ``min_candidates`` boxes below it instead (still with their true, low confidences), so that

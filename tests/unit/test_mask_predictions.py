@@ -221,3 +221,21 @@ def test_mask_strategies_need_a_segment_project(tmp_path: Path, key: str) -> Non
     assert getattr(load_config(path).select, key) == "mask_stability"
     assert "mask_stability" not in available_strategies("detect")
     assert "mask_stability" in available_strategies("segment")
+
+
+@pytest.mark.parametrize(
+    ("axis", "ring", "box"),
+    [
+        ("hflip", [[19.0, 1], [15, 1], [15, 5], [19, 5]], [15.0, 1, 19, 5]),
+        ("vflip", [[1.0, 9], [5, 9], [5, 5], [1, 5]], [1.0, 5, 5, 9]),
+    ],
+)
+def test_outlines_predicted_on_a_flipped_image_are_flipped_back(axis, ring, box) -> None:
+    from loop.model.prediction import _unflip
+
+    det = Detections(np.array([[1.0, 1, 5, 5]]), [0], WH, confidence=[0.5], polygons=((SQ,),))
+    back = _unflip(det, axis)
+    np.testing.assert_allclose(back.xyxy[0], box)
+    assert back.polygons is not None
+    np.testing.assert_allclose(back.polygons[0][0], ring)
+    assert back.confidence is not None and back.confidence[0] == 0.5

@@ -594,6 +594,28 @@ class ProjectConfig(BaseSettings):
                     "labelstudio.polygons: false (a segment project always offers PolygonLabels)"
                 )
             self.labelstudio.polygons = True
+            if self.scoring.backend != "torch":
+                # The ONNX scoring path decodes boxes only: masks (pre-annotation polygons,
+                # mask_stability) need the segmentation model itself.
+                raise ValueError(
+                    f"task: segment scores with the segmentation model itself; set "
+                    f"scoring.backend: torch (got {self.scoring.backend!r})"
+                )
+        return self
+
+    @model_validator(mode="after")
+    def _mask_strategies_need_segment(self) -> ProjectConfig:
+        from loop.uncertainty import MASK_STRATEGIES
+
+        if self.task != "segment":
+            for key in ("strategy", "base_strategy"):
+                name = getattr(self.select, key)
+                if name in MASK_STRATEGIES:
+                    raise ValueError(
+                        f"select.{key}: {name} reads the model's instance masks, which only a "
+                        "task: segment project has; choose a box strategy (e.g. "
+                        "localization_stability)"
+                    )
         return self
 
     @model_validator(mode="after")

@@ -10,6 +10,10 @@ Parallel numpy arrays for the boxes of ONE image:
   per-class sigmoid scores (rows need not sum to 1); ``class_probs[i, class_id[i]] == confidence[i]``.
 - ``image_wh``: ``(width, height)`` of the image in pixels.
 - ``meta``: where the boxes came from (e.g. ``path``, ``augmentation``), set on construction.
+- ``polygons``: ``None`` (boxes only) or one instance outline per box, parallel to ``xyxy``:
+  a tuple of rings, each a ``(k, 2)`` float64 array of pixel ``x, y`` vertices (k >= 3, even-odd
+  fill, as in `loop.polygons`); ``()`` for a box without an outline. A segmentation model's
+  predictions carry them (`loop.model.predict`); pre-annotations send them as polygons.
 
 Instances are immutable (frozen fields, arrays made read-only) and validated on construction;
 make a changed copy with `dataclasses.replace`, never mutate ``meta``.
@@ -46,6 +50,7 @@ class Detections:
     confidence: FloatArray | None = None
     class_probs: FloatArray | None = None
     meta: dict[str, Any] = field(default_factory=dict)
+    polygons: tuple[tuple[FloatArray, ...], ...] | None = None
 
     def __post_init__(self) -> None:
         xyxy = np.asarray(self.xyxy, dtype=np.float64)
@@ -90,6 +95,8 @@ class Detections:
             if n and np.any(class_id >= probs.shape[1]):
                 raise InvalidDetectionsError("class_id out of range of class_probs columns")
             object.__setattr__(self, "class_probs", _readonly(probs))
+        if self.polygons is not None:
+            object.__setattr__(self, "polygons", _checked_polygons(self.polygons, n))
 
     def __len__(self) -> int:
         return int(self.xyxy.shape[0])
@@ -117,6 +124,9 @@ class Detections:
             confidence=None if self.confidence is None else self.confidence[idx],
             class_probs=None if self.class_probs is None else self.class_probs[idx],
             meta=dict(self.meta),
+            polygons=None
+            if self.polygons is None
+            else tuple(self.polygons[int(i)] for i in np.arange(len(self))[idx].reshape(-1)),
         )
 
     def with_min_confidence(self, threshold: float) -> Detections:
@@ -138,6 +148,30 @@ class Detections:
             and bool(np.array_equal(self.class_id, other.class_id))
             and bool(np.allclose(self.xyxy, other.xyxy, atol=atol))
         )
+
+
+def _checked_polygons(
+    polygons: Sequence[Sequence[npt.ArrayLike]], n: int
+) -> tuple[tuple[FloatArray, ...], ...]:
+    """``polygons`` as read-only rings, one tuple per box; raises `InvalidDetectionsError`."""
+    if len(polygons) != n:
+        raise InvalidDetectionsError(
+            f"polygons must hold one entry per box ({n}), got {len(polygons)}"
+        )
+    out = []
+    for rings in polygons:
+        checked = []
+        for ring in rings:
+            r = np.asarray(ring, dtype=np.float64)
+            if r.ndim != 2 or r.shape[1] != 2 or r.shape[0] < 3:
+                raise InvalidDetectionsError(
+                    f"a polygon ring must have shape (k >= 3, 2), got {r.shape}"
+                )
+            if not np.all(np.isfinite(r)):
+                raise InvalidDetectionsError("a polygon ring contains NaN or infinite values")
+            checked.append(r if not r.flags.writeable else _readonly(r))
+        out.append(tuple(checked))
+    return tuple(out)
 
 
 def box_iou(a: FloatArray, b: FloatArray) -> FloatArray:

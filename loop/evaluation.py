@@ -344,12 +344,15 @@ def paired_gate(
     tolerance: float,
     max_class_drop: float,
     champion_version: str = "?",
+    on: str = "box",
 ) -> GateDecision:
     """Promote when the lower bound of the mAP50-95 difference (candidate - champion) is at
     least ``-tolerance`` and no class's AP50-95 drop is both significant and larger than
     ``max_class_drop``. With ``tolerance`` 0 a candidate must be measurably better: a
-    difference within noise keeps the champion.
+    difference within noise keeps the champion. ``on``: what the matches were made on
+    (``box`` or ``mask`` IoU, `loop.model.evaluate_matches`), named in the reason.
     """
+    what = "" if on == "box" else "mask "
     d = comparison.difference_map50_95
     s = comparison.settings
     verdict: Verdict = "improvement" if d.lo > 0 else "worse" if d.hi < 0 else "noise"
@@ -365,7 +368,7 @@ def paired_gate(
         f"{100 * s.confidence:g}% paired bootstrap, {s.resamples} resamples of "
         f"{comparison.n_images} test images"
     )
-    head = f"test mAP50-95 {d.text(4, signed=True)} vs champion v{champion_version} ({how})"
+    head = f"test {what}mAP50-95 {d.text(4, signed=True)} vs champion v{champion_version} ({how})"
     words = {
         "improvement": "an improvement",
         "noise": "within noise",
@@ -379,7 +382,7 @@ def paired_gate(
         parts.append(f"the lower bound {d.lo:+.4f} does not clear -tolerance {tolerance:g}")
     for c, iv in sorted(drops.items(), key=lambda kv: -kv[1].value):
         parts.append(
-            f"class {c!r} AP50-95 fell by {iv.text(4)}, significantly and by more than "
+            f"class {c!r} {what}AP50-95 fell by {iv.text(4)}, significantly and by more than "
             f"max_class_drop {max_class_drop:g}"
         )
     return GateDecision(promoted, verdict, d, drops, "; ".join(parts))

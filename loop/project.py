@@ -110,6 +110,9 @@ class TrainOutcome:
     test_map50: float | None
     test_map50_95: float | None
     weights: Path
+    # Segment projects: the test mask figures (what the gate compared); None for detectors.
+    test_mask_map50: float | None = None
+    test_mask_map50_95: float | None = None
 
 
 @dataclass(frozen=True)
@@ -506,7 +509,10 @@ class Project:
             if progress is None:
                 return
             if train_cfg.val_every_epoch or e == n:
-                progress(f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}")
+                text = f"epoch {e}/{n}: val mAP50 {m.get('metrics/mAP50(B)', 0.0):.3f}"
+                if "metrics/mAP50(M)" in m:
+                    text += f", mask mAP50 {m['metrics/mAP50(M)']:.3f}"
+                progress(text)
             else:
                 progress(f"epoch {e}/{n}")
 
@@ -518,7 +524,15 @@ class Project:
             init_weights=init_path,
             name=f"round{round_index}-{version.short}",
             on_epoch=None if progress is None else on_epoch,
+            task=self.cfg.task,
         )
+        if progress and result.transfer is not None:
+            t = result.transfer
+            progress(
+                f"seeded the segmentation model from {Path(t.source).name}: "
+                f"{t.transferred}/{t.total} tensors, backbone {t.backbone_transferred}/"
+                f"{t.backbone_total}"
+            )
         test = None
         if version.split_counts()["test"]:
             test = model.evaluate(
@@ -591,6 +605,8 @@ class Project:
             None if test is None else test.map50,
             None if test is None else test.map50_95,
             fit.result.weights,
+            None if test is None else test.mask_map50,
+            None if test is None else test.mask_map50_95,
         )
 
     # ---------------------------------------------------------------- score
@@ -660,7 +676,8 @@ class Project:
 
     def predict(self, weights: Path, shas: list[str]) -> Iterator[Detections]:
         """Candidate boxes with class probabilities for ``shas``, one `Detections` each, in
-        order, through ``scoring.backend`` (see `scoring_model`)."""
+        order, through ``scoring.backend`` (see `scoring_model`); a segment project's model
+        adds each instance's simplified outline (``Detections.polygons``, `loop.model.predict`)."""
         from loop import model
 
         paths = (self.pool.abs_path(s) for s in shas)

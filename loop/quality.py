@@ -12,6 +12,11 @@ MLflow metrics added to the training run: ``test_<metric>_lo``/``_hi`` for mAP50
 precision, recall and per-class AP (``test_ap50_<class>_lo`` ...); with a champion also
 ``gate_diff_map50_95`` (+ ``_lo``/``_hi``), ``gate_diff_map50``, ``gate_diff_ap50_95_<class>``
 and the champion's own figures on this test split, ``compared_test_*``.
+
+``segment`` projects gate on instance masks (`loop.tracking.gate.GATE_METRIC`): the matches are
+made by mask IoU (``matches="mask"``), the keys carry ``_mask`` (``test_mask_map50_lo``,
+``gate_diff_mask_map50_95``, ``compared_test_mask_*``) and `QualityRecord`'s figures are mask
+figures.
 """
 
 from __future__ import annotations
@@ -177,10 +182,15 @@ def gate_and_record(
     once a champion exists)."""
     from loop import model
     from loop.tracking import Promotion
+    from loop.tracking.gate import GATE_METRIC
 
     cfg = project.cfg
     classes = list(cfg.classes)
     settings = bootstrap_settings(cfg)
+    # Segment projects gate on instance masks: predictions matched to labels by mask IoU.
+    on = GATE_METRIC[cfg.task]
+    mask = "mask " if on == "mask" else ""
+    sfx = "_mask" if on == "mask" else ""
     if fit.test is None:
         decision = tracker.promote_if_better(model_version, run_id)
         if decision.promoted:
@@ -190,7 +200,7 @@ def gate_and_record(
     imgsz, ycd, threads = cfg.train.imgsz, cfg.paths.yolo_config, cfg.train.threads
     # The same pass Project.fit ran (loop.model keeps the last few evaluations).
     _, cand = model.evaluate_matches(
-        fit.result.weights, data_yaml, "test", imgsz, ycd, classes, threads=threads
+        fit.result.weights, data_yaml, "test", imgsz, ycd, classes, threads=threads, matches=on
     )
     champ = tracker.champion()
     metrics: dict[str, float] = {}
@@ -200,7 +210,7 @@ def gate_and_record(
         iv = bootstrap(cand, classes, settings)
         decision = Promotion(
             True,
-            f"first model: no champion yet (test mAP50 {iv.map50.text()}, "
+            f"first model: no champion yet (test {mask}mAP50 {iv.map50.text()}, "
             f"{100 * settings.confidence:g}% bootstrap over {cand.n_images} test images)",
         )
         after = iv
@@ -215,11 +225,11 @@ def gate_and_record(
         after = iv
     else:
         _, old = model.evaluate_matches(
-            champ.weights, data_yaml, "test", imgsz, ycd, classes, threads=threads
+            champ.weights, data_yaml, "test", imgsz, ycd, classes, threads=threads, matches=on
         )
         comp = paired_bootstrap(cand, old, classes, settings)
         gate = paired_gate(
-            comp, cfg.promotion.tolerance, cfg.promotion.max_class_drop, champ.version
+            comp, cfg.promotion.tolerance, cfg.promotion.max_class_drop, champ.version, on=on
         )
         decision = Promotion(
             gate.promoted,
@@ -228,12 +238,14 @@ def gate_and_record(
         )
         iv = comp.candidate
         after = comp.candidate if gate.promoted else comp.champion
-        metrics.update(comp.metrics("gate_diff"))
-        metrics.update(comp.champion.metrics("compared_test"))
+        metrics.update(comp.metrics(f"gate_diff{sfx}"))
+        metrics.update(comp.champion.metrics(f"compared_test{sfx}"))
         tags["gate_verdict"] = gate.verdict
         tags["gate_difference"] = gate.difference.text(4, signed=True)
     # The point values are logged already (Ultralytics' own, identical): add the bounds.
-    metrics.update({k: v for k, v in iv.metrics("test").items() if k.endswith(("_lo", "_hi"))})
+    metrics.update(
+        {k: v for k, v in iv.metrics(f"test{sfx}").items() if k.endswith(("_lo", "_hi"))}
+    )
     tracker.log_metrics(run_id, metrics)
     champion_version = model_version if decision.promoted else str(champ.version if champ else "")
     rec = _record(fit, cfg, model_version, champion_version, decision.promoted, after, gate)

@@ -361,6 +361,10 @@ def _eval_record(fit: FitResult) -> dict[str, Any]:
         "test_per_class_ap50": None if test_ev is None else test_ev.per_class_ap50,
         "test_per_class_ap50_95": None if test_ev is None else test_ev.per_class_ap50_95,
         "val_map50": fit.result.val.map50,
+        # Segment projects: the mask figures the gate judges by (None for detectors).
+        "test_mask_map50": None if test_ev is None else test_ev.mask_map50,
+        "test_mask_map50_95": None if test_ev is None else test_ev.mask_map50_95,
+        "test_mask_per_class_ap50": None if test_ev is None else test_ev.mask_per_class_ap50,
         "train_seconds": round(float(fit.result.seconds), 3),
         "epochs": len(fit.result.epochs),
         "init": fit.init,

@@ -487,9 +487,13 @@ def strategy_needs(name: str, base_strategy: str = "entropy") -> frozenset[Need]
     return resolve_strategy(name, base_strategy).needs
 
 
-def available_strategies() -> list[str]:
-    """Every strategy name a project may configure."""
-    return sorted(set(STRATEGIES) | (set(SELECTORS) - {"top"}))
+def available_strategies(task: str | None = None) -> list[str]:
+    """Every strategy name a project may configure; for ``task="detect"`` without those that
+    read instance masks (`loop.uncertainty.MASK_STRATEGIES`)."""
+    from loop.uncertainty import MASK_STRATEGIES
+
+    names = set(STRATEGIES) | (set(SELECTORS) - {"top"})
+    return sorted(names - MASK_STRATEGIES if task == "detect" else names)
 
 
 def select(

@@ -26,7 +26,7 @@ import numpy.typing as npt
 from PIL import Image
 
 from loop.detections import Detections, box_iou
-from loop.formats.yolo import detections_to_yolo_lines
+from loop.formats.yolo import detections_to_yolo_lines, polygons_to_yolo_seg_lines
 
 SYNTH_CLASSES: tuple[str, ...] = ("scratch", "pit", "crack", "patch")
 
@@ -49,11 +49,25 @@ _PLACEMENT_TRIES = 8
 @dataclass(frozen=True)
 class SynthSample:
     """One synthetic image: ``image`` is ``(H, W, 3)`` uint8 (identical channels), ``labels`` the
-    ground-truth pixel boxes (no confidences) with ``class_id`` indexing `SYNTH_CLASSES`."""
+    ground-truth pixel boxes (no confidences) with ``class_id`` indexing `SYNTH_CLASSES`;
+    ``masks``: the ``(H, W)`` bool mask each box was computed from, parallel to ``labels``."""
 
     name: str
     image: np.ndarray
     labels: Detections
+    masks: tuple[BoolArray, ...] = ()
+
+    def polygons(self) -> tuple[tuple[np.ndarray, ...], ...]:
+        """Per defect the pixel-edge rings of its mask (`loop.formats.masks.mask_to_polygons`,
+        every part of it, however small): exact under `loop.polygons.rings_to_mask`."""
+        from loop.formats.masks import mask_to_polygons
+
+        return tuple(
+            tuple(
+                r for inst in mask_to_polygons(m, threshold=1, min_area=1).instances for r in inst
+            )
+            for m in self.masks
+        )
 
 
 def _fixed(xy: np.ndarray) -> npt.NDArray[np.int32]:
@@ -227,6 +241,7 @@ def _sample(
     image = _surface(rng, size)
     boxes: list[np.ndarray] = []
     ids: list[int] = []
+    masks: list[BoolArray] = []
     if rng.random() >= defect_free_fraction:
         for _ in range(int(rng.integers(1, max_defects + 1))):
             cls = int(rng.integers(len(SYNTH_CLASSES)))
@@ -240,6 +255,8 @@ def _sample(
                 image += delta
                 boxes.append(box)
                 ids.append(cls)
+                mask.setflags(write=False)
+                masks.append(mask)
                 break
     gray = np.clip(np.rint(image), 0, 255).astype(np.uint8)
     rgb = np.repeat(gray[:, :, None], 3, axis=2)
@@ -249,7 +266,7 @@ def _sample(
         np.array(ids, dtype=np.int64),
         (size, size),
     )
-    return SynthSample(name=f"synth_{seed}_{i:05d}", image=rgb, labels=labels)
+    return SynthSample(name=f"synth_{seed}_{i:05d}", image=rgb, labels=labels, masks=tuple(masks))
 
 
 def generate(
@@ -281,8 +298,13 @@ def generate(
     return (_sample(seed, i, size, frac, max_defects) for i in range(n))
 
 
-def write_dataset(out_dir: Path, n: int, seed: int, size: int = 128, **kw: Any) -> list[Path]:
+def write_dataset(
+    out_dir: Path, n: int, seed: int, size: int = 128, polygons: bool = False, **kw: Any
+) -> list[Path]:
     """Write ``n`` samples as a YOLO folder and return the image paths in sample order.
+
+    ``polygons``: the label files hold Ultralytics segmentation lines (each defect's mask outline,
+    `SynthSample.polygons`, normalised) instead of boxes: what a ``segment`` project ingests.
 
     Layout: ``out_dir/images/<name>.png`` (8-bit RGB, no metadata, so bytes and sha256 are stable
     for a seed), ``out_dir/labels/<name>.txt`` (YOLO lines; empty for defect-free images) and
@@ -302,7 +324,11 @@ def write_dataset(out_dir: Path, n: int, seed: int, size: int = 128, **kw: Any) 
         # Explicit level, no optimize: PIL emits only IHDR/IDAT/IEND, deterministically; level 1
         # is ~3x faster than the default and only ~10% larger on these noisy surfaces.
         Image.fromarray(sample.image).save(path, format="PNG", compress_level=1)
-        lines = detections_to_yolo_lines(sample.labels)
+        lines = (
+            polygons_to_yolo_seg_lines(sample.labels, sample.polygons())
+            if polygons
+            else detections_to_yolo_lines(sample.labels)
+        )
         label_text = "".join(f"{ln}\n" for ln in lines)
         (labels_dir / f"{sample.name}.txt").write_text(label_text, newline="\n")
         paths.append(path)

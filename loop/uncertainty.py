@@ -113,6 +113,8 @@ class Strategy(Protocol):
 
 STRATEGIES: dict[str, Strategy] = {}
 NEEDS: dict[str, frozenset[Need]] = {}
+# Strategies that read instance outlines (Detections.polygons): segment projects only.
+MASK_STRATEGIES: frozenset[str] = frozenset({"mask_stability"})
 
 
 def register(name: str, needs: Sequence[Need] = ("predictions",)) -> Callable[[Strategy], Strategy]:
@@ -208,6 +210,102 @@ def box_stability(reference: Detections, views: Sequence[Detections]) -> FloatAr
             )
         if len(view) and n:
             total += box_iou(reference.xyxy, view.xyxy).max(axis=1)
+    return total / len(views)
+
+
+def _window_masks(
+    polygons: Sequence[Sequence[FloatArray]],
+) -> list[tuple[int, int, npt.NDArray[np.bool_]] | None]:
+    """Each instance's even-odd fill (`loop.polygons.rings_to_mask`, pixel centres) over its own
+    integer window: ``(x0, y0, mask)``, or None for an instance without rings or pixels."""
+    from loop.polygons import rings_to_mask
+
+    out: list[tuple[int, int, npt.NDArray[np.bool_]] | None] = []
+    for rings in polygons:
+        if not rings:
+            out.append(None)
+            continue
+        pts = np.concatenate([np.asarray(r, dtype=np.float64) for r in rings])
+        x0, y0 = np.floor(pts.min(axis=0)).astype(int)
+        x1, y1 = np.ceil(pts.max(axis=0)).astype(int)
+        shift = np.array([x0, y0], dtype=np.float64)
+        mask = rings_to_mask(
+            [np.asarray(r) - shift for r in rings], (max(x1 - x0, 1), max(y1 - y0, 1))
+        )
+        out.append((int(x0), int(y0), mask) if mask.any() else None)
+    return out
+
+
+def _window_iou(
+    a: tuple[int, int, npt.NDArray[np.bool_]], b: tuple[int, int, npt.NDArray[np.bool_]]
+) -> float:
+    """IoU of two window masks placed in the same image."""
+    (ax, ay, am), (bx, by, bm) = a, b
+    x0, y0 = max(ax, bx), max(ay, by)
+    x1 = min(ax + am.shape[1], bx + bm.shape[1])
+    y1 = min(ay + am.shape[0], by + bm.shape[0])
+    inter = 0
+    if x1 > x0 and y1 > y0:
+        inter = int(
+            np.count_nonzero(
+                am[y0 - ay : y1 - ay, x0 - ax : x1 - ax] & bm[y0 - by : y1 - by, x0 - bx : x1 - bx]
+            )
+        )
+    union = int(am.sum()) + int(bm.sum()) - inter
+    return inter / union if union else 0.0
+
+
+def instance_mask_iou(a: Sequence[FloatArray], b: Sequence[FloatArray]) -> float:
+    """Mask IoU of two instances given as rings (pixels): their even-odd fills sampled at pixel
+    centres (`loop.polygons.rings_to_mask`). 0.0 when either covers no pixel centre."""
+    wa, wb = _window_masks([a, b])
+    return 0.0 if wa is None or wb is None else _window_iou(wa, wb)
+
+
+def box_mask_stability(reference: Detections, views: Sequence[Detections]) -> FloatArray:
+    """``(n,)`` mask stability of each reference instance, in ``[0, 1]``: for every view the
+    instance's best mask IoU (`instance_mask_iou`, class-agnostic) with any instance of that
+    view whose box overlaps its box, 0 when none does, averaged over views. 1 = every
+    augmentation outlines the same pixels. An instance whose own mask covers no pixel centre
+    scores 0 (nothing stable to outline).
+
+    ``reference`` and ``views`` must carry ``polygons`` (a segmentation model's predictions,
+    `loop.model.predict` / ``predict_tta``, in the original image's pixels).
+    """
+    if len(views) == 0:
+        raise StrategyError(
+            "mask stability needs at least one augmented view per image "
+            "(predict with loop.model.predict_tta)"
+        )
+    outlines = [v.polygons for v in views]
+    if reference.polygons is None or any(p is None for p in outlines):
+        raise StrategyError(
+            "mask stability needs instance outlines (Detections.polygons): score a segment "
+            "project with its segmentation model, or choose a box strategy"
+        )
+    n = len(reference)
+    ref = _window_masks(reference.polygons)
+    total = np.zeros(n, dtype=np.float64)
+    for view, polys in zip(views, outlines, strict=True):
+        if view.image_wh != reference.image_wh:
+            raise StrategyError(
+                f"a view of size {view.image_wh} does not match its image {reference.image_wh}: "
+                "map augmented outlines back to the original image first"
+            )
+        if not (n and len(view)) or polys is None:
+            continue
+        overlap = box_iou(reference.xyxy, view.xyxy) > 0
+        cand = _window_masks(polys)
+        for i in range(n):
+            wi = ref[i]
+            if wi is None:
+                continue
+            best = 0.0
+            for j in np.flatnonzero(overlap[i]):
+                wj = cand[int(j)]
+                if wj is not None:
+                    best = max(best, _window_iou(wi, wj))
+            total[i] += best
     return total / len(views)
 
 
@@ -439,6 +537,22 @@ def localization_stability(i: int, det: Detections, inputs: ScoringInputs) -> Fl
     views = _need_views(inputs, "localization_stability", "test-time augmentation predictions")
     conf = det.confidence if det.confidence is not None else _need_probs(det).max(axis=1)
     return np.asarray(conf, dtype=np.float64) * (1.0 - box_stability(det, views[i]))
+
+
+@per_box_strategy("mask_stability", needs=("predictions", "tta"))
+def mask_stability(i: int, det: Detections, inputs: ScoringInputs) -> FloatArray:
+    """Per-instance ``confidence * (1 - mask stability)`` under test-time augmentation, in
+    ``[0, 1]``, reduced per image by the caller's ``reduction`` (``select.reduction``).
+
+    The mask counterpart of `localization_stability` (segment projects): ``inputs.views[i]`` are
+    image ``i``'s predictions under flips/scales with their outlines mapped back to its pixels,
+    and stability is the mean best mask IoU (`box_mask_stability`) instead of box IoU, so an
+    instance whose extent the model cannot pin down (a crack's end, a patch's fuzzy border)
+    scores high even when its box barely moves.
+    """
+    views = _need_views(inputs, "mask_stability", "test-time augmentation predictions")
+    conf = det.confidence if det.confidence is not None else _need_probs(det).max(axis=1)
+    return np.asarray(conf, dtype=np.float64) * (1.0 - box_mask_stability(det, views[i]))
 
 
 @per_box_strategy("committee", needs=("predictions", "committee"))

@@ -368,8 +368,13 @@ def print_cycle(out: Any) -> None:
         t = out.train
         console.print(
             f"train: model v{t.model_version} val mAP50 {t.val_map50:.3f} "
-            f"test mAP50 {_fmt(t.test_map50)} mAP50-95 {_fmt(t.test_map50_95)}; "
-            f"{'promoted' if t.promoted else 'not promoted'} ({t.reason})"
+            f"test mAP50 {_fmt(t.test_map50)} mAP50-95 {_fmt(t.test_map50_95)}"
+            + (
+                f", mask mAP50 {_fmt(t.test_mask_map50)} mAP50-95 {_fmt(t.test_mask_map50_95)}"
+                if t.test_mask_map50 is not None
+                else ""
+            )
+            + f"; {'promoted' if t.promoted else 'not promoted'} ({t.reason})"
         )
     s = out.push
     console.print(

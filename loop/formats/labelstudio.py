@@ -1047,3 +1047,97 @@ def _to_label(
         annotations=tuple(records),
         unusable=unusable,
     )
+
+
+# --- polygon pre-annotations ----------------------------------------------------------------
+def _point_in_ring(point: FloatArray, ring: FloatArray) -> bool:
+    """Whether ``point`` (x, y) lies inside ``ring`` by the even-odd rule (ray towards +x)."""
+    x, y = float(point[0]), float(point[1])
+    x0, y0 = ring[:, 0], ring[:, 1]
+    x1, y1 = np.roll(x0, -1), np.roll(y0, -1)
+    spans = (y0 > y) != (y1 > y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        xc = x0 + (y - y0) * (x1 - x0) / (y1 - y0)
+    return bool(np.count_nonzero(spans & (x < xc)) % 2)
+
+
+def outer_rings(rings: Rings) -> Rings:
+    """The rings of one instance that bound its area from outside: those inside an even number
+    (0, 2 ...) of the instance's other rings. The others are holes, which a Label Studio
+    polygon cannot carry (one region = one simple outline)."""
+    out = []
+    for i, ring in enumerate(rings):
+        # A vertex nudged towards the ring's centroid tests the ring's inside, not its border.
+        probe = ring[0] + 1e-6 * (ring.mean(axis=0) - ring[0])
+        depth = sum(_point_in_ring(probe, other) for j, other in enumerate(rings) if j != i)
+        if depth % 2 == 0:
+            out.append(ring)
+    return tuple(out)
+
+
+def instances_to_ls_results(
+    det: Detections,
+    class_names: list[str],
+    from_name: str = POLYGON_NAME,
+    to_name: str = TO_NAME,
+    box_from_name: str = FROM_NAME,
+) -> list[dict[str, Any]]:
+    """Pixel instances (``det.polygons``, one tuple of rings per box) -> Label Studio
+    ``polygonlabels`` results, ``points`` in percent of the image (`ring_to_ls_points`).
+
+    Each outer ring of an instance (`outer_rings`) becomes one polygon region of the box's class
+    with the box's confidence as its ``score``; holes are left out (Label Studio polygons have
+    none), so an instance with a hole comes back from a labeler without it. A box without rings
+    becomes a rectangle (``box_from_name``), as `detections_to_ls_results` writes it. The inverse,
+    for single-ring instances, is `ls_results_to_instances`. Raises `ConversionError` when
+    ``det`` has no polygons and `UnknownLabelError` for a class id without a name.
+    """
+    if det.polygons is None:
+        raise ConversionError("these detections carry no polygons; use detections_to_ls_results")
+    w, h = det.image_wh
+    results: list[dict[str, Any]] = []
+    for i, (cls, rings) in enumerate(zip(det.class_id, det.polygons, strict=True)):
+        if not 0 <= int(cls) < len(class_names):
+            raise UnknownLabelError(f"class id {int(cls)} has no name in {class_names}")
+        score = None if det.confidence is None else float(det.confidence[i])
+        if not rings:
+            one = det[[i]]
+            results.extend(
+                detections_to_ls_results(
+                    Detections(one.xyxy, one.class_id, one.image_wh, one.confidence),
+                    class_names,
+                    box_from_name,
+                    to_name,
+                )
+            )
+            continue
+        for k, ring in enumerate(outer_rings(rings)):
+            digest = hashlib.sha1(
+                f"{i}:{k}:{int(cls)}:{np.round(ring, 3).tolist()}".encode()
+            ).hexdigest()
+            result: dict[str, Any] = {
+                "id": digest[:10],
+                "type": POLYGON,
+                "from_name": from_name,
+                "to_name": to_name,
+                "original_width": w,
+                "original_height": h,
+                "image_rotation": 0,
+                "value": {
+                    "points": ring_to_ls_points(ring, (w, h)),
+                    "closed": True,
+                    POLYGON: [class_names[int(cls)]],
+                },
+            }
+            if score is not None:
+                result["score"] = score
+            results.append(result)
+    return results
+
+
+def prediction_to_ls_results(det: Detections, class_names: list[str]) -> list[dict[str, Any]]:
+    """The regions of a pre-annotation: polygons (`instances_to_ls_results`) when ``det``
+    carries a segmentation model's outlines, rectangles (`detections_to_ls_results`) otherwise."""
+    if det.polygons is None:
+        return detections_to_ls_results(det, class_names)
+    return instances_to_ls_results(det, class_names)

@@ -143,3 +143,71 @@ def mask_to_polygons(
         found.append((-area, y, x, rings))
     found.sort(key=lambda f: f[:3])
     return MaskPolygons(tuple(f[3] for f in found), tuple(dropped))
+
+
+# Pre-annotation outlines: vertices may move this far (pixels) from the exact pixel-edge outline.
+SIMPLIFY_TOLERANCE_PX = 1.0
+
+
+def simplify_ring(ring: npt.NDArray[np.float64], tolerance: float) -> npt.NDArray[np.float64]:
+    """``ring`` simplified to a SIMPLE outline (no edges crossing or touching, as Label Studio
+    polygons must be on pull): Douglas-Peucker (``cv2.approxPolyDP``, closed) with ``tolerance``
+    pixels, so every dropped vertex lies within ``tolerance`` of the result; where that leaves a
+    ring that touches itself (a pixel-edge outline passing a corner twice) or fewer than 3 points,
+    ``2 x`` and ``4 x`` the tolerance, and last the ring's convex hull (rare: 1-pixel-wide
+    parts)."""
+    import cv2
+
+    from loop.polygons import ring_self_intersects
+
+    if tolerance < 0 or not np.isfinite(tolerance):
+        raise ConversionError(f"tolerance must be a finite number >= 0, got {tolerance}")
+    pts = np.asarray(ring, dtype=np.float32).reshape(-1, 1, 2)
+    candidates = [np.asarray(ring, dtype=np.float64)] if tolerance == 0 else []
+    candidates += [
+        cv2.approxPolyDP(pts, float(t), True).reshape(-1, 2).astype(np.float64)
+        for t in (tolerance, 2 * tolerance, 4 * tolerance)
+        if t > 0
+    ]
+    candidates.append(cv2.convexHull(pts).reshape(-1, 2).astype(np.float64))
+    for cand in candidates:
+        try:
+            out = as_ring(cand)
+        except ConversionError:
+            continue
+        if not ring_self_intersects(out):
+            return out
+    raise ConversionError("the outline has no simple polygon with 3 or more corners")
+
+
+def mask_to_instance_rings(
+    mask: npt.NDArray[np.generic],
+    tolerance: float = SIMPLIFY_TOLERANCE_PX,
+    min_area: int = 4,
+    min_part_fraction: float = 0.1,
+) -> Rings:
+    """One predicted instance mask (``(h, w)``, nonzero = inside) -> its rings in pixels: the
+    pixel-edge outline of every 8-connected part of at least ``min_area`` pixels and at least
+    ``min_part_fraction`` of the largest part (a model's mask of a faint candidate is often
+    speckled: those specks are no outline worth suggesting), holes included (as
+    `mask_to_polygons`), each simplified by `simplify_ring` with ``tolerance`` pixels (so each
+    ring is simple). ``()`` when no part is large enough."""
+    import cv2
+
+    binary = (np.asarray(mask) > 0).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(binary, connectivity=8)
+    if n <= 1:
+        return ()
+    areas = stats[1:, cv2.CC_STAT_AREA]
+    floor = max(float(min_area), min_part_fraction * float(areas.max()))
+    keep = np.flatnonzero(areas >= floor) + 1
+    binary = np.isin(labels, keep).astype(np.uint8)
+    found = mask_to_polygons(binary, threshold=1, min_area=min_area)
+    out = []
+    for rings in found.instances:
+        for r in rings:
+            try:
+                out.append(simplify_ring(r, tolerance))
+            except ConversionError:
+                continue  # a degenerate outline: nothing to suggest for that part
+    return tuple(out)

@@ -28,7 +28,7 @@ from loop.errors import (
     ServiceError,
     UnknownLabelError,
 )
-from loop.formats.labelstudio import detections_to_ls_results
+from loop.formats.labelstudio import prediction_to_ls_results
 from loop.formats.labelstudio_config import check_class_names
 from loop.labeling import PushItem, PushSummary
 from loop.labelstudio.transport import (
@@ -111,8 +111,9 @@ class Pushing(Transport):
             "model_version": model_version,
             # Lowest score is served first by uncertainty sampling: see module docstring.
             "score": 1.0 / (1.0 + priority),
-            # Region scores are the model's confidences (when the detections carry them).
-            "result": detections_to_ls_results(item.detections, class_names),
+            # Region scores are the model's confidences (when the detections carry them);
+            # a segmentation model's outlines go as polygons.
+            "result": prediction_to_ls_results(item.detections, class_names),
         }
 
     @classmethod

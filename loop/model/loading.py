@@ -65,20 +65,40 @@ def _names_list(names: Any) -> list[str]:
     return [str(n) for n in names]
 
 
-def load_model(weights: Path, yolo_config_dir: Path, threads: int = 2) -> YOLO:
-    """Load a detection checkpoint (absolute or relative ``.pt`` path) on the CPU."""
+# The model kinds defect-loop trains and scores with (config ``task``).
+MODEL_TASKS = ("detect", "segment")
+
+
+def load_model(
+    weights: Path, yolo_config_dir: Path, threads: int = 2, task: str | None = "detect"
+) -> YOLO:
+    """Load a checkpoint (absolute or relative ``.pt`` path) on the CPU.
+
+    ``task``: the kind it must be (``detect`` or ``segment``), or None for either; another kind
+    raises `ModelError`.
+    """
     path = _require_weights(weights)
     _setup(yolo_config_dir, threads)
     from ultralytics import YOLO
 
     try:
         # A str(path) of an existing file never triggers Ultralytics' download-by-name logic.
-        model = YOLO(str(path), task="detect")
+        model = YOLO(str(path))
     except Exception as exc:
         raise ModelError(f"could not load model weights {path}: {exc}") from exc
-    if model.task != "detect":
-        raise ModelError(f"{path} is a '{model.task}' model; defect-loop needs a detection model")
+    wanted = MODEL_TASKS if task is None else (task,)
+    if model.task not in wanted:
+        need = " or ".join(f"a {t} model" for t in wanted)
+        raise ModelError(
+            f"{path} is a '{model.task}' model; this needs {need} "
+            "(task: detect trains detectors, task: segment segmentation models)"
+        )
     return model
+
+
+def model_task(weights: Path, yolo_config_dir: Path, threads: int = 2) -> str:
+    """``detect`` or ``segment``: the kind of checkpoint ``weights`` holds."""
+    return str(load_model(weights, yolo_config_dir, threads, task=None).task)
 
 
 def _model_names(model: YOLO) -> list[str]:
@@ -86,8 +106,8 @@ def _model_names(model: YOLO) -> list[str]:
 
 
 def model_class_names(weights: Path, yolo_config_dir: Path, threads: int = 2) -> list[str]:
-    """The class names a detection checkpoint predicts, in id order."""
-    return _model_names(load_model(weights, yolo_config_dir, threads))
+    """The class names a detection or segmentation checkpoint predicts, in id order."""
+    return _model_names(load_model(weights, yolo_config_dir, threads, task=None))
 
 
 def prepare_ultralytics(yolo_config_dir: Path, threads: int = 2) -> None:

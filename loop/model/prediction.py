@@ -14,6 +14,7 @@ import numpy as np
 
 from loop.detections import Detections
 from loop.errors import ModelError
+from loop.formats.masks import SIMPLIFY_TOLERANCE_PX, mask_to_instance_rings
 from loop.model.loading import _batched, _read_images, load_model
 
 
@@ -25,10 +26,12 @@ def _nms_with_floor(
     min_candidates: int,
     classes: Any = None,
     agnostic: bool = False,
+    nc: int | None = None,
 ) -> tuple[list[Any], list[Any]]:
-    """Class-aware NMS over raw head output ``(B, 4 + nc, anchors)`` (centre-xywh in input
-    pixels, sigmoid class scores): per image the kept boxes ``(n, 6)`` (xyxy input pixels, conf,
-    class) and the anchor index of each, so that ``raw[b, 4:, idx]`` are their class scores.
+    """Class-aware NMS over raw head output ``(B, 4 + nc [+ nm], anchors)`` (centre-xywh in input
+    pixels, sigmoid class scores, a segmentation head's ``nm`` mask coefficients): per image the
+    kept boxes ``(n, 6 [+ nm])`` (xyxy input pixels, conf, class, coefficients) and the anchor
+    index of each, so that ``raw[b, 4:4 + nc, idx]`` are their class scores.
 
     Candidate floor (``min_candidates > 0``): an image left with fewer boxes above ``conf`` gets
     NMS at threshold 0 instead, keeping its strongest ``min_candidates`` boxes. Greedy NMS keeps
@@ -41,7 +44,7 @@ def _nms_with_floor(
     import torchvision  # noqa: F401  # Ultralytics uses torchvision's NMS kernel only once imported; its fallback is a Python loop, ~10x slower
     from ultralytics.utils import nms
 
-    nc = raw.shape[1] - 4
+    nc = raw.shape[1] - 4 if nc is None else nc
     dets, keep = nms.non_max_suppression(
         raw, conf, iou, classes, agnostic, max_det=max_det, nc=nc, return_idxs=True
     )
@@ -49,13 +52,13 @@ def _nms_with_floor(
     short = [i for i, d in enumerate(dets) if len(d) < min_candidates]
     if not short:
         return dets, keep
-    sub_raw = raw[short]  # (S, 4 + nc, anchors)
-    scores = sub_raw[:, 4:].amax(1)  # (S, anchors)
+    sub_raw = raw[short]  # (S, 4 + nc [+ mask coefficients], anchors)
+    scores = sub_raw[:, 4 : 4 + nc].amax(1)  # (S, anchors)
     anchors = raw.shape[2]
     m = min(64, anchors)
     while True:
         top = scores.topk(m, dim=1).indices  # (S, m), descending score
-        sub = torch.gather(sub_raw, 2, top[:, None, :].expand(-1, 4 + nc, -1))
+        sub = torch.gather(sub_raw, 2, top[:, None, :].expand(-1, raw.shape[1], -1))
         floor_dets, floor_keep = nms.non_max_suppression(
             sub,
             0.0,
@@ -77,22 +80,34 @@ def _nms_with_floor(
 
 
 @functools.cache
-def _probs_predictor_cls(min_candidates: int = 0) -> type:
-    """DetectionPredictor whose Results carry ``class_probs``: (n, nc) sigmoid scores per kept
-    box, with the candidate floor of `_nms_with_floor`."""
+def _probs_predictor_cls(min_candidates: int = 0, segment: bool = False) -> type:
+    """DetectionPredictor (``segment``: SegmentationPredictor) whose Results carry
+    ``class_probs``: (n, nc) sigmoid scores per kept box, with the candidate floor of
+    `_nms_with_floor`. Segmentation Results keep every kept box, each with its mask at the
+    original image's resolution (`ops.process_mask_native`; an empty mask stays, so masks and
+    class scores stay parallel to the boxes)."""
+    from ultralytics.engine.results import Results
     from ultralytics.models.yolo.detect import DetectionPredictor
+    from ultralytics.models.yolo.segment import SegmentationPredictor
     from ultralytics.utils import ops
 
-    class _ProbsPredictor(DetectionPredictor):
+    base = SegmentationPredictor if segment else DetectionPredictor
+
+    class _ProbsPredictor(base):  # type: ignore[misc,valid-type]
         def postprocess(self, preds: Any, img: Any, orig_imgs: Any, **kwargs: Any) -> list[Any]:
+            protos = None
+            if segment:
+                protos = preds[0][1] if isinstance(preds[0], tuple) else preds[1]
+                preds = preds[0]
             raw = preds[0] if isinstance(preds, (list, tuple)) else preds
             backend: Any = self.model  # set up before any batch is processed
             nc = len(backend.names)
-            if getattr(backend, "end2end", False) or raw.ndim != 3 or raw.shape[1] != 4 + nc:
+            width_ok = raw.shape[1] > 4 + nc if segment else raw.shape[1] == 4 + nc
+            if getattr(backend, "end2end", False) or raw.ndim != 3 or not width_ok:
                 raise ModelError(
-                    f"model output of shape {tuple(raw.shape)} is not (B, 4 + {nc}, anchors): "
-                    "class probabilities need a YOLO detection head with NMS (e.g. yolov8/yolo11; "
-                    "for yolo26 keep nms enabled)"
+                    f"model output of shape {tuple(raw.shape)} is not (B, 4 + {nc}"
+                    f"{' + mask coefficients' if segment else ''}, anchors): class probabilities "
+                    "need a YOLO head with NMS (e.g. yolov8/yolo11; for yolo26 keep nms enabled)"
                 )
             dets, keep = _nms_with_floor(
                 raw,
@@ -102,10 +117,28 @@ def _probs_predictor_cls(min_candidates: int = 0) -> type:
                 min_candidates,
                 self.args.classes,
                 self.args.agnostic_nms,
+                nc=nc,
             )
             if not isinstance(orig_imgs, list):
                 orig_imgs = ops.convert_torch2numpy_batch(orig_imgs)[..., ::-1]
-            results = self.construct_results(dets, img, orig_imgs, **kwargs)
+            if protos is None:
+                results = self.construct_results(dets, img, orig_imgs, **kwargs)
+            else:
+                results = []
+                for pred, orig, path, proto in zip(
+                    dets, orig_imgs, self.batch[0], protos, strict=False
+                ):
+                    pred[:, :4] = ops.scale_boxes(img.shape[2:], pred[:, :4], orig.shape)
+                    masks = (
+                        ops.process_mask_native(proto, pred[:, 6:], pred[:, :4], orig.shape[:2])
+                        if len(pred)
+                        else None
+                    )
+                    results.append(
+                        Results(
+                            orig, path=path, names=backend.names, boxes=pred[:, :6], masks=masks
+                        )
+                    )
             for b, (res, idx) in enumerate(zip(results, keep, strict=True)):
                 # raw[b, 4:, a] are the class scores of anchor a; the kept box's conf is their max.
                 res.class_probs = raw[b, 4 : 4 + nc][:, idx].T.float().cpu()
@@ -135,8 +168,15 @@ def predict(
     iou: float = 0.7,
     threads: int = 2,
     min_candidates: int = 0,
+    simplify_px: float = SIMPLIFY_TOLERANCE_PX,
 ) -> Iterator[Detections]:
     """Stream one `Detections` per image, in input order, with ``confidence`` and ``class_probs``.
+
+    A segmentation checkpoint's `Detections` also carry ``polygons``: per box the outline of its
+    predicted mask (thresholded at the model's 0.5 sigmoid, at the original image's resolution),
+    as pixel-edge rings simplified by Douglas-Peucker with ``simplify_px`` pixels of tolerance
+    (`loop.formats.masks.mask_to_instance_rings`; parts under 4 pixels or under 10 % of the
+    largest part dropped, ``()`` for an empty mask); the box keeps the model's own box.
 
     ``min_candidates``: an image with fewer boxes above ``conf`` keeps its strongest
     ``min_candidates`` boxes below it instead (still with their true, low confidences), so that
@@ -150,13 +190,15 @@ def predict(
     `ModelError` right away, an unreadable image raises `ImageError` when reached.
     """
     _check_predict_args(conf, iou, batch, min_candidates)
-    model = load_model(weights, yolo_config_dir, threads)
+    model = load_model(weights, yolo_config_dir, threads, task=None)
     if len(model.names) != num_classes:
         raise ModelError(
             f"model {weights} predicts {len(model.names)} classes but the project has "
             f"{num_classes}; retrain on the current class list"
         )
-    return _predict_stream(model, images, imgsz, conf, iou, batch, num_classes, min_candidates)
+    return _predict_stream(
+        model, images, imgsz, conf, iou, batch, num_classes, min_candidates, simplify_px
+    )
 
 
 def _predict_stream(
@@ -168,11 +210,12 @@ def _predict_stream(
     batch: int,
     num_classes: int,
     min_candidates: int = 0,
+    simplify_px: float = SIMPLIFY_TOLERANCE_PX,
 ) -> Iterator[Detections]:
     for chunk in _batched(images, batch):
         arrays = _read_images(chunk)
         yield from _predict_arrays(
-            model, arrays, chunk, imgsz, conf, iou, batch, num_classes, min_candidates
+            model, arrays, chunk, imgsz, conf, iou, batch, num_classes, min_candidates, simplify_px
         )
 
 
@@ -186,9 +229,11 @@ def _predict_arrays(
     batch: int,
     num_classes: int,
     min_candidates: int = 0,
+    simplify_px: float = SIMPLIFY_TOLERANCE_PX,
 ) -> list[Detections]:
     """One `Detections` per BGR array (see `predict`); ``paths`` only fill ``meta["path"]``."""
-    predictor = _probs_predictor_cls(min_candidates)
+    segment = model.task == "segment"
+    predictor = _probs_predictor_cls(min_candidates, segment)
     # Arrays, not paths: Ultralytics sorts path lists and skips unreadable files silently.
     results = model.predict(
         arrays,
@@ -212,9 +257,18 @@ def _predict_arrays(
             confidence=boxes.conf.cpu().numpy().astype(np.float64),
             class_probs=res.class_probs.numpy().astype(np.float64).reshape(-1, num_classes),
             meta={"path": str(path)},
+            polygons=_mask_rings(res, len(boxes), simplify_px) if segment else None,
         )
         out.append(_candidate_floor(det, conf, min_candidates))
     return out
+
+
+def _mask_rings(res: Any, n: int, simplify_px: float) -> tuple[tuple[np.ndarray, ...], ...]:
+    """Per box the simplified outline of its mask (see `predict`)."""
+    if n == 0 or res.masks is None:
+        return tuple(() for _ in range(n))
+    masks = res.masks.data.cpu().numpy()
+    return tuple(mask_to_instance_rings(m, simplify_px) for m in masks)
 
 
 def _candidate_floor(det: Detections, conf: float, min_candidates: int) -> Detections:
@@ -244,7 +298,7 @@ def embed(
     """
     if batch < 1:
         raise ModelError(f"batch must be >= 1, got {batch}")
-    model = load_model(weights, yolo_config_dir, threads)
+    model = load_model(weights, yolo_config_dir, threads, task=None)
     net: Any = model.model  # the DetectionModel; .model is its layer list
     n_layers = len(net.model)
     index = n_layers - 2 if layer is None else layer
@@ -306,8 +360,24 @@ def _unflip(det: Detections, axis: str) -> Detections:
         xyxy[:, [0, 2]] = w - det.xyxy[:, [2, 0]]
     else:
         xyxy[:, [1, 3]] = h - det.xyxy[:, [3, 1]]
+    polygons = None
+    if det.polygons is not None:
+        col, size = (0, w) if axis == "hflip" else (1, h)
+
+        def flip(ring: np.ndarray) -> np.ndarray:
+            out = np.array(ring, dtype=np.float64)
+            out[:, col] = size - out[:, col]
+            return out
+
+        polygons = tuple(tuple(flip(r) for r in rings) for rings in det.polygons)
     return Detections(
-        xyxy, det.class_id, det.image_wh, det.confidence, det.class_probs, dict(det.meta)
+        xyxy,
+        det.class_id,
+        det.image_wh,
+        det.confidence,
+        det.class_probs,
+        dict(det.meta),
+        polygons=polygons,
     )
 
 
@@ -340,7 +410,7 @@ def predict_tta(
         raise ModelError(f"conf and iou must be within [0, 1], got conf={conf}, iou={iou}")
     if batch < 1 or min_candidates < 0:
         raise ModelError(f"need batch >= 1 and min_candidates >= 0, got {batch}, {min_candidates}")
-    model = load_model(weights, yolo_config_dir, threads)
+    model = load_model(weights, yolo_config_dir, threads, task=None)
     if len(model.names) != num_classes:
         raise ModelError(
             f"model {weights} predicts {len(model.names)} classes but the project has "

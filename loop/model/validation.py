@@ -26,7 +26,9 @@ def evaluate(
     batch: int = 16,
     threads: int = 2,
 ) -> EvalResult:
-    """Box metrics of ``weights`` on ``split`` (``train``/``val``/``test``) of ``data_yaml``.
+    """Box metrics of ``weights`` on ``split`` (``train``/``val``/``test``) of ``data_yaml``;
+    for a segmentation model also its mask metrics (`EvalResult.mask_map50` ...; the split must
+    then be an Ultralytics segmentation export).
 
     ``class_names`` must equal the model's class list (same order). Classes with no labels in the
     split report AP 0.0 (see `EvalResult`). Raises `ModelError` for missing files, a split the
@@ -41,8 +43,11 @@ def evaluate(
 # The last few evaluations, so that the promotion gate's per-image statistics of a model that
 # `evaluate` just scored cost nothing. Keyed by the weights file (path, size, mtime), the dataset
 # YAML's text, the split's images (names, sizes, mtimes) and label files (names and CONTENT:
-# re-exporting a version rewrites identical labels), size, batch and classes.
-_EVAL_MEMO: OrderedDict[tuple[Any, ...], tuple[EvalResult, ImageMatches]] = OrderedDict()
+# re-exporting a version rewrites identical labels), size, batch and classes. Values: the
+# result, the box matches and (segmentation models) the mask matches.
+_EVAL_MEMO: OrderedDict[tuple[Any, ...], tuple[EvalResult, ImageMatches, ImageMatches | None]] = (
+    OrderedDict()
+)
 
 
 _EVAL_MEMO_SIZE = 4
@@ -84,8 +89,14 @@ def evaluate_matches(
     class_names: list[str],
     batch: int = 16,
     threads: int = 2,
+    matches: str = "box",
 ) -> tuple[EvalResult, ImageMatches]:
     """`evaluate`, plus the per-image match statistics of the same evaluation pass.
+
+    ``matches``: ``box`` (predictions matched to true boxes by box IoU) or ``mask`` (by mask
+    IoU: Ultralytics' ``tp_m``; a segmentation model only, else `ModelError`). The mask matches
+    reproduce `EvalResult.mask_map50` / ``mask_map50_95`` as the box matches reproduce
+    ``map50`` / ``map50_95``.
 
     The statistics are what Ultralytics' ``DetectionValidator`` accumulates per image (each
     predicted box's true-positive flags at IoU 0.50:0.95, confidence and class; each true box's
@@ -93,6 +104,8 @@ def evaluate_matches(
     evaluation order: `loop.evaluation` bootstraps them without running the model again, and
     `loop.matches.box_metrics` of them equals the returned `EvalResult`'s figures.
     """
+    if matches not in ("box", "mask"):
+        raise ModelError(f"matches must be 'box' or 'mask', got {matches!r}")
     data_path, data = _read_data_yaml(data_yaml)
     if not data.get(split):
         raise ModelError(
@@ -113,21 +126,22 @@ def evaluate_matches(
     )
     if key in _EVAL_MEMO:
         _EVAL_MEMO.move_to_end(key)
-        return _EVAL_MEMO[key]
-    model = load_model(wpath, yolo_config_dir, threads)
+        return _pick(*_EVAL_MEMO[key], matches, wpath)
+    model = load_model(wpath, yolo_config_dir, threads, task=None)
     names = _model_names(model)
     if names != list(class_names):
         raise ModelError(
             f"model {weights} was trained for classes {names}, not {list(class_names)}; "
             "evaluate with the project's class list or retrain"
         )
-    validator_cls = _validator_cls()
+    validator_cls = _validator_cls(str(model.task))
     captured: list[Any] = []
 
     class _Capturing(validator_cls):  # type: ignore[valid-type,misc]
         def __init__(self, *args: Any, **kwargs: Any) -> None:
             super().__init__(*args, **kwargs)
             self.image_stats: list[tuple[str, Any, Any, Any, Any]] = []
+            self.mask_stats: list[tuple[str, Any, Any, Any, Any]] = []
             captured.append(self)
 
         def update_metrics(self, preds: list[dict[str, Any]], batch: dict[str, Any]) -> None:
@@ -135,17 +149,14 @@ def evaluate_matches(
             first = len(stats["tp"])
             super().update_metrics(preds, batch)
             # DetectionValidator appends one entry per image; get_stats() clears them later.
+            # SegmentationValidator adds "tp_m": the same predictions matched by mask IoU.
             for si in range(len(preds)):
                 j = first + si
-                self.image_stats.append(
-                    (
-                        str(batch["im_file"][si]),
-                        stats["tp"][j],
-                        stats["conf"][j],
-                        stats["pred_cls"][j],
-                        stats["target_cls"][j],
-                    )
-                )
+                rest = (stats["conf"][j], stats["pred_cls"][j], stats["target_cls"][j])
+                name = str(batch["im_file"][si])
+                self.image_stats.append((name, stats["tp"][j], *rest))
+                if "tp_m" in stats:
+                    self.mask_stats.append((name, stats["tp_m"][j], *rest))
 
     try:
         model.val(
@@ -171,11 +182,33 @@ def evaluate_matches(
         ) from exc
     validator = captured[-1]
     result = _eval_result(validator, list(class_names))
-    matches = _image_matches(validator.image_stats, len(class_names), data_path, split)
-    _EVAL_MEMO[key] = (result, matches)
+    box = _image_matches(validator.image_stats, len(class_names), data_path, split)
+    mask = (
+        _image_matches(validator.mask_stats, len(class_names), data_path, split)
+        if validator.mask_stats
+        else None
+    )
+    _EVAL_MEMO[key] = (result, box, mask)
     while len(_EVAL_MEMO) > _EVAL_MEMO_SIZE:
         _EVAL_MEMO.popitem(last=False)
-    return result, matches
+    return _pick(result, box, mask, matches, wpath)
+
+
+def _pick(
+    result: EvalResult,
+    box: ImageMatches,
+    mask: ImageMatches | None,
+    matches: str,
+    weights: Path,
+) -> tuple[EvalResult, ImageMatches]:
+    if matches == "box":
+        return result, box
+    if mask is None:
+        raise ModelError(
+            f"model {weights} predicts no masks (a detection model): mask matches need a "
+            "segmentation model evaluated on a segmentation export"
+        )
+    return result, mask
 
 
 def _image_matches(

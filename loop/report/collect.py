@@ -250,6 +250,18 @@ def collect_report_data(project: Project, tracker: Tracker, round: int | None = 
     production = safe_collect(project, notes)
     label_quality = collect_label_quality(project, notes)
     runs = tracker.finished_training_runs()
+    if cfg.task == "segment":
+        # Segment projects are judged on masks: the report's mAP and AP figures are mask ones.
+        from dataclasses import replace
+
+        from loop.tracking.gate import mask_metrics_view
+
+        runs = [replace(r, metrics=mask_metrics_view(r.metrics)) for r in runs]
+        notes.append(
+            "Segment project: every mAP, AP and recall figure here is measured on instance "
+            "masks (mask IoU), as the promotion gate is; the box figures are in MLflow "
+            "(test_map50 ...)."
+        )
     if not runs:
         if round is not None:
             raise ModelError(

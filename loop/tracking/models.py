@@ -21,7 +21,14 @@ from loop.tracking.base import (
     TAG,
     TrackerBase,
 )
-from loop.tracking.gate import Promotion, class_metric, gate, metric_dict, metric_name
+from loop.tracking.gate import (
+    GATE_METRIC,
+    Promotion,
+    class_metric,
+    gate,
+    metric_dict,
+    metric_name,
+)
 from loop.tracking.sources import manifest_source
 
 if TYPE_CHECKING:
@@ -90,6 +97,11 @@ class ModelRegistry(TrackerBase):
         manifest_uri = f"runs:/{run_id}/dataset/{MANIFEST_FILE}"
         try:
             all_params = {**params, "dataset_digest": version.digest, "n_images": len(version)}
+            if result.transfer is not None:
+                # A detector seeded a segmentation model: how much of it carried over.
+                t = result.transfer
+                all_params["weights_transferred"] = f"{t.transferred}/{t.total}"
+                all_params["backbone_transferred"] = f"{t.backbone_transferred}/{t.backbone_total}"
             client.log_batch(
                 run_id, params=[Param(k, str(v)[:6000]) for k, v in sorted(all_params.items())]
             )
@@ -336,6 +348,7 @@ class ModelRegistry(TrackerBase):
             tol,
             mcd,
             "?" if current is None else current[0],
+            metric=GATE_METRIC[self.cfg.task],
         )
         reason = decision.reason
         if current is not None:

@@ -100,7 +100,7 @@ def test_the_registry_gives_production_what_the_strategies_read(two_rounds: Path
     assert models.val_instances is not None and sum(models.val_instances.values()) > 0
 
 
-@pytest.mark.parametrize("strategy", available_strategies())
+@pytest.mark.parametrize("strategy", available_strategies("detect"))
 def test_every_strategy_runs_a_real_cycle(
     two_rounds: Path, strategy: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

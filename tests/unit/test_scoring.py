@@ -25,6 +25,7 @@ from loop.scoring import (
     score_batch,
 )
 from loop.selection import available_strategies, rank
+from loop.uncertainty import MASK_STRATEGIES
 
 CLASSES = ["scratch", "pit"]
 MODELS = ScoringModels(
@@ -41,12 +42,15 @@ def _det(seed: int, n: int) -> Detections:
     xy = rng.uniform(0, 40, size=(n, 2))
     probs = rng.uniform(0, 1, size=(n, len(CLASSES)))
     cls = probs.argmax(axis=1)
+    # Outlines (each box's own rectangle) let the mask strategies score these fakes too.
+    corners = [np.array([[x, y], [x + 5, y], [x + 5, y + 5], [x, y + 5]]) for x, y in xy]
     return Detections(
         np.hstack([xy, xy + 5]),
         cls,
         (64, 64),
         confidence=probs[np.arange(n), cls],
         class_probs=probs,
+        polygons=tuple((c,) for c in corners),
     )
 
 
@@ -81,6 +85,8 @@ def fake(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Any:
         cfg = ProjectConfig(
             classes=CLASSES,
             workspace=tmp_path / "ws",
+            # The mask strategies read outlines, which only segment projects have.
+            task="segment" if strategy in MASK_STRATEGIES else "detect",
             select={
                 "strategy": strategy,
                 "preannotation_conf": 0.5,

@@ -41,7 +41,16 @@ def det(probs: list[list[float]], wh: tuple[int, int] = (64, 64)) -> Detections:
     n = len(p)
     boxes = np.tile([1.0, 1.0, 9.0, 9.0], (n, 1))
     cls = p.argmax(axis=1) if n else np.zeros(0, dtype=int)
-    return Detections(boxes, cls, wh, confidence=p.max(axis=1) if n else np.zeros(0), class_probs=p)
+    # Each box's outline is the box itself, so the mask strategies score these too.
+    outline = (np.array([[1.0, 1.0], [9.0, 1.0], [9.0, 9.0], [1.0, 9.0]]),)
+    return Detections(
+        boxes,
+        cls,
+        wh,
+        confidence=p.max(axis=1) if n else np.zeros(0),
+        class_probs=p,
+        polygons=tuple(outline for _ in range(n)),
+    )
 
 
 def test_k_center_greedy_known_order_with_labeled_centres():

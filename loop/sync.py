@@ -405,13 +405,16 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
     # pull (the queue not empty) tries again.
     queue_changed = bool(review_now or left)
     version = _next_version(project, current, rows, drop) if rows or drop else current
+    # The log is appended BEFORE the state (and its cursor) is saved: a crash in between makes
+    # the next pull judge these tasks again and log them twice (the newest line wins), never
+    # lose an annotator's work. Versions are content-addressed, so the digest is the same.
     if version is None or (current is not None and version.digest == current.digest):
-        project.save_state()
         _log_outcomes(project, judged, project.state.current_version)
+        project.save_state()
         review_url = _update_review_view(project, gw, pid, queue_changed)
         return outcome(None, project.state.current_version, {})
-    project.set_version(version)
     _log_outcomes(project, judged, version.digest)
+    project.set_version(version)
     report = build_corrections(inputs, classes)
     write_corrections(project.cfg.paths.corrections(version.digest), report)
     review_url = _update_review_view(project, gw, pid, queue_changed)

@@ -352,3 +352,48 @@ def test_pull_prints_the_review_queue_and_its_view():
     with console.capture() as cap:
         print_consensus(PullOutcome(0, [], None, None))
     assert cap.get() == ""
+
+
+def test_a_crash_after_the_log_loses_no_annotation_and_the_retry_logs_again(tmp_path, monkeypatch):
+    import yaml
+    from PIL import Image
+
+    from loop.annotation_log import latest_per_task, read_outcomes
+    from loop.config import load_config
+    from loop.datasets import assign_split
+    from loop.labeling import PulledLabel, PullResult
+    from loop.project import Project, ScoredImage
+
+    cfg_path = tmp_path / "defect-loop.yaml"
+    cfg_path.write_text(yaml.safe_dump({"classes": ["scratch", "dent"], "workspace": "ws"}))
+    project = Project(load_config(cfg_path))
+    for i in range(12):
+        Image.new("RGB", (32, 32), (i * 9, 40, 180)).save(tmp_path / f"im{i}.png")
+    report, _ = project.ingest(tmp_path)
+    a = next(p.sha256 for p in report.added if assign_split(p.sha256, project.cfg.split) != "test")
+    det = Detections(np.array([[2.0, 2, 12, 12]]), np.array([0]), (32, 32), confidence=[0.5])
+    gw = _Backend()
+    project.push(gw, [ScoredImage(a, 1.0, det)], "m1")
+    rec = _rec("ann", Detections(np.array([[2.0, 2, 12, 12]]), np.array([0]), (32, 32)), 1)
+    gw.result = PullResult(
+        labels=[PulledLabel(10, a, rec.boxes, rec.annotation_id, "ann", None, rec.updated_at,
+                            image_url=project.image_url(a), annotations=(rec,))],
+        cursor="2026-12-01T10:00:00.000000Z",
+    )  # fmt: skip
+
+    def crash(*_a, **_k):
+        raise RuntimeError("power cut")
+
+    monkeypatch.setattr(Project, "set_version", crash)
+    with pytest.raises(RuntimeError, match="power cut"):
+        project.pull(gw)
+    log = project.cfg.paths.annotation_log
+    first = read_outcomes(log, ["scratch", "dent"])
+    assert [(o.task_id, o.status) for o in first] == [(10, "single")]
+    monkeypatch.undo()
+    fresh = Project(load_config(cfg_path))  # what a restarted process reads
+    assert fresh.state.pull_cursor is None and fresh.current_version() is None
+    out = fresh.pull(gw)
+    assert out.new_version == first[0].version  # content-addressed: the same digest
+    assert len(read_outcomes(log, ["scratch", "dent"])) == 2
+    assert set(latest_per_task(read_outcomes(log, ["scratch", "dent"]))) == {10}

@@ -16,10 +16,13 @@ Label Studio API, as labelers and scripts would:
 Every ``--pull-every`` operations `Project.pull` runs, and Label Studio is stopped and started
 again ``--restarts`` times in the middle (each restart is followed by a push of fresh images).
 After each pull the current dataset version is compared with an expectation computed here, from
-the operations alone: per task, the latest submitted annotation wins when it is valid and the
-task data is intact; when it is hostile or the task is forged the task must be reported as
-rejected and its image keep the label it had; with no submitted annotation left the image has
-no label; test-split labels never change.
+the operations alone: per task, the latest submitted annotation decides when it is valid and
+the task data is intact: with one annotator it is the label; with several, each annotator's
+latest usable annotation goes through the consensus rule (`loop.consensus.decide`, defaults:
+agreement >= 0.7 merges by box fusion, below sends the task to the review queue and the image
+has no label); when the latest annotation is hostile or the task is forged the task must be
+reported as rejected and its image keep the label it had; with no submitted annotation left
+the image has no label; test-split labels never change.
 
 Prints ONE JSON line: ``operations``, ``hostile``, ``pulls``, ``pushes``, ``restarts``, ``lost``
 (expected labels that are missing, summed over pulls), ``wrong`` (labels that differ, or that
@@ -53,7 +56,9 @@ import httpx
 import numpy as np
 import yaml
 
+from loop.annotation_log import AnnotationRecord
 from loop.config import load_config
+from loop.consensus import decide
 from loop.datasets import assign_split
 from loop.detections import Detections
 from loop.project import Project, ScoredImage
@@ -164,6 +169,7 @@ class Ann:
     boxes: list[Box] | None  # None: hostile (unusable)
     cancelled: bool
     seq: int  # order of the last successful change (Label Studio's updated_at order)
+    user: int  # completed_by
 
 
 @dataclass
@@ -184,8 +190,32 @@ class TaskModel:
         chosen = max(live, key=lambda a: a.seq)
         if self.forged or chosen.boxes is None:
             return True  # rejected: the image keeps what it had
-        self.holds = list(chosen.boxes)
+        # Each annotator's latest annotation, in the order the pull meets the annotators.
+        latest: dict[int, Ann] = {}
+        for a in sorted(live, key=lambda a: a.seq):
+            latest[a.user] = a
+        wh = (SIZE, SIZE)
+        records = [
+            AnnotationRecord(str(u), a.id, _detections(a.boxes, wh))
+            for u, a in latest.items()
+            if a.boxes is not None  # another annotator's hostile annotation: left out
+        ]
+        decision = decide(records)
+        ref = decision.reference
+        self.holds = None if ref is None else _boxes(ref)
         return False
+
+
+def _detections(boxes: list[Box], wh: tuple[int, int]) -> Detections:
+    arr = np.asarray([b[1:] for b in boxes], dtype=np.float64).reshape(-1, 4)
+    return Detections(arr, np.asarray([b[0] for b in boxes], dtype=np.int64), wh)
+
+
+def _boxes(det: Detections) -> list[Box]:
+    return [
+        (int(c), *(float(v) for v in xyxy))  # type: ignore[misc]
+        for xyxy, c in zip(det.xyxy.tolist(), det.class_id.tolist(), strict=True)
+    ]
 
 
 def same(boxes: list[Box], det: Detections) -> bool:
@@ -323,9 +353,13 @@ class Bench:
             seen.add(aid)
             old = t.anns.get(aid)
             if old is None:  # created although the answer was an error
-                t.anns[aid] = Ann(aid, a["result"], boxes, bool(a["was_cancelled"]), self._next())
+                by = a.get("completed_by")
+                user = int(by["id"] if isinstance(by, dict) else by)
+                t.anns[aid] = Ann(
+                    aid, a["result"], boxes, bool(a["was_cancelled"]), self._next(), user
+                )
             elif attempt is not None and a["result"] == attempt and old.result != attempt:
-                t.anns[aid] = Ann(aid, attempt, boxes, old.cancelled, self._next())
+                t.anns[aid] = Ann(aid, attempt, boxes, old.cancelled, self._next(), old.user)
         for aid in [a for a in t.anns if a not in seen]:
             del t.anns[aid]
 
@@ -333,7 +367,7 @@ class Bench:
         body = {
             "result": result,
             "was_cancelled": cancel,
-            "completed_by": self.rng.choice(self.users),
+            "completed_by": (user := self.rng.choice(self.users)),
             "lead_time": round(self.rng.uniform(1, 60), 2),
         }
         try:
@@ -345,7 +379,7 @@ class Bench:
             self._reconcile(t, result, boxes)
             return
         aid = int(r.json()["id"])
-        t.anns[aid] = Ann(aid, result, boxes, cancel, self._next())
+        t.anns[aid] = Ann(aid, result, boxes, cancel, self._next(), user)
 
     def update(self, t: TaskModel, result: list[dict[str, Any]], boxes: Any) -> None:
         aid = self.rng.choice(sorted(t.anns))
@@ -358,7 +392,7 @@ class Bench:
             self._reconcile(t, result, boxes)
             return
         old = t.anns[aid]
-        t.anns[aid] = Ann(aid, result, boxes, old.cancelled, self._next())
+        t.anns[aid] = Ann(aid, result, boxes, old.cancelled, self._next(), old.user)
 
     def delete(self, t: TaskModel) -> None:
         aid = self.rng.choice(sorted(t.anns))

@@ -12,6 +12,13 @@ line, appended by each pull (a task pulled again gets a newer line; `latest_per_
 newest). Boxes are stored as ``[class name, x1, y1, x2, y2]`` in pixels, so the log is readable
 without the class list; reading maps names through the project's fixed class list and an
 unknown name raises `UnknownLabelError`. Times are ISO 8601 with a timezone.
+
+An annotation's polygons and keypoints (``segment`` projects, ``keypoints:`` in the config) are
+kept too, losslessly, under two optional keys of each annotation, present only when it has
+some: ``polygons``, one entry per box (its rings as ``[[x, y], ...]`` pixel lists, ``[]`` for a
+rectangle), and ``keypoints``, one entry per box (``[[name, x, y, visibility], ...]`` pixels,
+``[]`` for an instance without keypoints). Lines written before these keys existed read as
+boxes only.
 """
 
 from __future__ import annotations
@@ -27,7 +34,9 @@ from typing import Any, Literal, get_args
 import numpy as np
 
 from loop.detections import Detections
-from loop.errors import DatasetError, UnknownLabelError
+from loop.errors import ConversionError, DatasetError, UnknownLabelError
+from loop.keypoints import InstanceKeypoints, Keypoint, check_instance_keypoints
+from loop.polygons import Rings, as_ring
 
 OutcomeStatus = Literal["single", "ground_truth", "merged", "review"]
 """How a pull turned a task's annotations into a label: ``single`` one annotator;
@@ -39,7 +48,11 @@ STATUSES: tuple[str, ...] = get_args(OutcomeStatus)
 
 @dataclass(frozen=True)
 class AnnotationRecord:
-    """One annotator's latest submitted annotation of a task: pixel xyxy boxes, no scores."""
+    """One annotator's latest submitted annotation of a task: pixel xyxy boxes, no scores.
+
+    ``polygons``: empty, or one `loop.polygons.Rings` per box (pixels; ``()`` for a rectangle);
+    ``keypoints``: empty, or one `loop.keypoints.InstanceKeypoints` per box (pixels).
+    """
 
     annotator: str
     annotation_id: int
@@ -47,6 +60,16 @@ class AnnotationRecord:
     lead_time: float | None = None
     updated_at: datetime | None = None
     ground_truth: bool = False
+    polygons: tuple[Rings, ...] = ()
+    keypoints: tuple[InstanceKeypoints, ...] = ()
+
+    def __post_init__(self) -> None:
+        for what, items in (("polygons", self.polygons), ("keypoints", self.keypoints)):
+            if items and len(items) != len(self.boxes):
+                raise DatasetError(
+                    f"annotation {self.annotation_id}: {len(self.boxes)} boxes but "
+                    f"{len(items)} entries of {what}"
+                )
 
 
 @dataclass(frozen=True)
@@ -105,6 +128,52 @@ def _boxes_from_json(
     return Detections(np.asarray(xyxy, dtype=np.float64).reshape(-1, 4), np.asarray(ids), image_wh)
 
 
+def _polygons_to_json(polygons: Sequence[Rings]) -> list[list[list[list[float]]]]:
+    return [[[[float(x), float(y)] for x, y in ring] for ring in rings] for rings in polygons]
+
+
+def _polygons_from_json(rows: Any) -> tuple[Rings, ...]:
+    try:
+        return tuple(tuple(as_ring(ring) for ring in rings) for rings in rows)
+    except ConversionError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _keypoints_to_json(keypoints: Sequence[InstanceKeypoints]) -> list[list[list[Any]]]:
+    return [
+        [[k.name, float(k.x), float(k.y), int(k.visibility)] for k in inst] for inst in keypoints
+    ]
+
+
+def _keypoints_from_json(rows: Any, image_wh: tuple[int, int]) -> tuple[InstanceKeypoints, ...]:
+    try:
+        return tuple(
+            check_instance_keypoints(
+                (Keypoint(str(k[0]), float(k[1]), float(k[2]), int(k[3])) for k in inst), image_wh
+            )
+            for inst in rows
+        )
+    except ConversionError as exc:
+        raise ValueError(str(exc)) from exc
+
+
+def _annotation_to_json(a: AnnotationRecord, class_names: Sequence[str]) -> dict[str, Any]:
+    out: dict[str, Any] = {
+        "annotator": a.annotator,
+        "annotation_id": int(a.annotation_id),
+        "boxes": _boxes_to_json(a.boxes, class_names),
+        "lead_time": a.lead_time,
+        "updated_at": _time(a.updated_at),
+        "ground_truth": a.ground_truth,
+    }
+    # Only when present: a boxes-only annotation's line is what it was before these keys.
+    if a.polygons:
+        out["polygons"] = _polygons_to_json(a.polygons)
+    if a.keypoints:
+        out["keypoints"] = _keypoints_to_json(a.keypoints)
+    return out
+
+
 def _time(value: datetime | None) -> str | None:
     return None if value is None else value.isoformat()
 
@@ -131,17 +200,7 @@ def outcome_to_json(outcome: TaskOutcome, class_names: Sequence[str]) -> dict[st
         "reference": None
         if outcome.reference is None
         else _boxes_to_json(outcome.reference, class_names),
-        "annotations": [
-            {
-                "annotator": a.annotator,
-                "annotation_id": int(a.annotation_id),
-                "boxes": _boxes_to_json(a.boxes, class_names),
-                "lead_time": a.lead_time,
-                "updated_at": _time(a.updated_at),
-                "ground_truth": a.ground_truth,
-            }
-            for a in outcome.annotations
-        ],
+        "annotations": [_annotation_to_json(a, class_names) for a in outcome.annotations],
     }
 
 
@@ -167,6 +226,8 @@ def json_to_outcome(data: dict[str, Any], class_names: Sequence[str]) -> TaskOut
                     lead_time=None if a.get("lead_time") is None else float(a["lead_time"]),
                     updated_at=_parse_time(a.get("updated_at")),
                     ground_truth=bool(a.get("ground_truth", False)),
+                    polygons=_polygons_from_json(a.get("polygons") or ()),
+                    keypoints=_keypoints_from_json(a.get("keypoints") or (), wh),
                 )
                 for a in data["annotations"]
             ),

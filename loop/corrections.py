@@ -30,9 +30,14 @@ The analytics document (`build_corrections`) has the shape stored as
      "lead_times": [seconds, ...], "tasks": n,
      "images": [{"sha256", "task_id", "disagreement", "match",
                  "predicted": [[x1, y1, x2, y2, cls, score], ...],
-                 "final": [[x1, y1, x2, y2, cls], ...]}]}
+                 "final": [[x1, y1, x2, y2, cls], ...],
+                 "predicted_rings": [[[[x, y], ...], ...], ...],   # optional, see below
+                 "final_rings": [[[[x, y], ...], ...], ...]}]}     # optional
 
 where ``cls`` is the class NAME and ``score`` the model confidence (None when unknown).
+``predicted_rings``/``final_rings`` are present only when that side has polygons: one entry per
+box of ``predicted``/``final`` (same order), each a list of rings of pixel ``[x, y]`` points
+(``[]`` for a box without an outline); the report draws them as mask overlays.
 """
 
 from __future__ import annotations
@@ -234,6 +239,14 @@ def _boxes(det: Detections, class_names: Sequence[str], with_score: bool) -> lis
     return out
 
 
+def _rings_json(rings: Sequence[Rings]) -> list[list[list[list[float]]]]:
+    """One entry per instance: its rings as ``[[x, y], ...]`` pixel lists (``[]``: a box)."""
+    return [
+        [[[round(float(x), 3), round(float(y), 3)] for x, y in ring] for ring in inst]
+        for inst in rings
+    ]
+
+
 def build_corrections(
     items: Iterable[CorrectionInput], class_names: Sequence[str]
 ) -> dict[str, Any]:
@@ -250,16 +263,20 @@ def build_corrections(
                 per_class[cls][outcome] += n
         if it.lead_time is not None and math.isfinite(it.lead_time):
             lead_times.append(float(it.lead_time))
-        images.append(
-            {
-                "sha256": it.sha256,
-                "task_id": int(it.task_id),
-                "disagreement": round(tc.disagreement, 6),
-                "match": "mask" if by_mask else "box",
-                "predicted": _boxes(it.predicted, class_names, with_score=True),
-                "final": _boxes(it.final, class_names, with_score=False),
-            }
-        )
+        image: dict[str, Any] = {
+            "sha256": it.sha256,
+            "task_id": int(it.task_id),
+            "disagreement": round(tc.disagreement, 6),
+            "match": "mask" if by_mask else "box",
+            "predicted": _boxes(it.predicted, class_names, with_score=True),
+            "final": _boxes(it.final, class_names, with_score=False),
+        }
+        # Polygons only where a side has them: box-only documents stay as they were.
+        if it.predicted_rings:
+            image["predicted_rings"] = _rings_json(it.predicted_rings)
+        if it.final_rings:
+            image["final_rings"] = _rings_json(it.final_rings)
+        images.append(image)
     return {
         "per_class": per_class,
         "lead_times": lead_times,

@@ -82,6 +82,8 @@ class PulledLabel:
     for a rectangle), when the pull kept polygons (``segment`` projects; brush masks too).
     ``keypoints``: empty, or one `loop.keypoints.InstanceKeypoints` per box (pixels), when the
     pull was given the config's keypoints and the annotation holds some.
+    ``prediction_polygons``: empty, or one `loop.polygons.Rings` per box of ``prediction``
+    (pixels; ``()`` for a rectangle), when the pull kept polygons and the prediction had some.
     ``annotations``: every annotator's latest submitted, usable annotation (one per annotator,
     boxes in pixels; the chosen one included), for consensus and the annotation log;
     ``unusable``: annotator -> why their latest annotation could not be read (it is left out of
@@ -106,6 +108,7 @@ class PulledLabel:
     keypoints: tuple[InstanceKeypoints, ...] = ()
     annotations: tuple[AnnotationRecord, ...] = ()
     unusable: dict[str, str] = field(default_factory=dict)
+    prediction_polygons: tuple[Rings, ...] = ()
 
 
 @dataclass

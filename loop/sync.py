@@ -346,7 +346,14 @@ def _pull(project: Project, gw: LabelingBackend) -> PullOutcome:
         if lab.prediction is not None:
             inputs.append(
                 CorrectionInput(
-                    lab.sha256, lab.task_id, lab.prediction, lab.detections, lab.lead_time
+                    lab.sha256,
+                    lab.task_id,
+                    lab.prediction,
+                    lab.detections,
+                    lab.lead_time,
+                    # segment projects: pairs of polygon instances are compared by mask IoU
+                    predicted_rings=lab.prediction_polygons,
+                    final_rings=lab.polygons,
                 )
             )
     # The review queue: tasks whose annotators disagree. Their images get no label (an earlier
@@ -434,6 +441,8 @@ def _records(lab: PulledLabel) -> tuple[AnnotationRecord, ...]:
             lead_time=lab.lead_time,
             updated_at=lab.updated_at,
             ground_truth=lab.ground_truth,
+            polygons=lab.polygons,
+            keypoints=lab.keypoints,
         ),
     )
 

@@ -650,6 +650,32 @@ def _prediction_detections(
     return det
 
 
+def _prediction_instances(
+    results: Iterable[dict[str, Any]],
+    class_names: list[str],
+    wh: tuple[int, int],
+    polygons: bool,
+) -> tuple[Detections | None, tuple[Rings, ...]]:
+    """Prediction regions -> `Detections` (confidences from region scores) and, with
+    ``polygons`` (``segment`` projects), one `Rings` per region parallel to it (a polygon
+    region's ring in pixels, ``()`` for a rectangle; ``()`` overall without any polygon).
+    Without ``polygons`` it is `_prediction_detections` (rectangles only). ``(None, ())`` when
+    the prediction is unusable."""
+    if not polygons:
+        return _prediction_detections(results, class_names, wh), ()
+    regions = [r for r in results if isinstance(r, dict) and r.get("type") in (RECTANGLE, POLYGON)]
+    try:
+        det, rings = ls_results_to_instances(regions, class_names, image_wh=wh)
+    except (*_TASK_ERRORS, *_MALFORMED):
+        return None, ()
+    scores = [r.get("score") for r in regions]
+    ok = all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+    if regions and ok and np.all(np.isfinite(np.asarray(scores, dtype=np.float64))):
+        conf = np.clip(np.asarray(scores, dtype=np.float64), 0.0, 1.0)
+        det = Detections(det.xyxy, det.class_id, det.image_wh, confidence=conf)
+    return det, rings
+
+
 # --- fields of an exported task --------------------------------------------------------------
 def _whole(value: Any) -> int | None:
     """``value`` as an int when it is a whole number (int or numeric string), else None."""
@@ -868,18 +894,6 @@ def _annotator(ann: dict[str, Any], users: Mapping[int, str]) -> str:
     return "unknown" if completed_by is None else str(completed_by)
 
 
-def _annotation_detections(
-    ann: dict[str, Any],
-    class_names: list[str],
-    data_wh: tuple[int, int] | None,
-    max_regions: int | None = None,
-    polygons: bool = False,
-) -> tuple[Detections, tuple[Rings, ...]]:
-    """One annotation's boxes and, with ``polygons``, their rings (else ``()``)."""
-    det, rings, _ = _annotation_labels(ann, class_names, data_wh, max_regions, polygons)
-    return det, rings
-
-
 def _annotation_labels(
     ann: dict[str, Any],
     class_names: list[str],
@@ -989,14 +1003,14 @@ def _to_label(
     records: list[AnnotationRecord] = []
     for name, a in latest.items():
         if a is ann:
-            boxes = det
+            boxes, a_rings, a_kps = det, rings, kps
         else:
             # Only the chosen annotation makes the label: another annotator's unusable
             # annotation just leaves the agreement (and the log) without it, with the reason.
             try:
-                boxes = _annotation_detections(
-                    a, class_names, data_wh or det.image_wh, max_regions
-                )[0]
+                boxes, a_rings, a_kps = _annotation_labels(
+                    a, class_names, data_wh or det.image_wh, max_regions, polygons, keypoints, brush
+                )
             except (*_TASK_ERRORS, *_MALFORMED) as exc:
                 unusable[name] = f"annotation {a.get('id')}: {type(exc).__name__}: {exc}"
                 continue
@@ -1010,6 +1024,8 @@ def _to_label(
                 lead_time=float(a_lead) if a_lead is not None else None,
                 updated_at=parse_time(a.get("updated_at") or a.get("created_at")),
                 ground_truth=bool(a.get("ground_truth")),
+                polygons=a_rings,
+                keypoints=a_kps,
             )
         )
     agreement: float | None = None
@@ -1019,12 +1035,15 @@ def _to_label(
         per_annotator = {}
 
     pred_det: Detections | None = None
+    pred_rings: tuple[Rings, ...] = ()
     pred_mv: str | None = None
     pred = ann.get("prediction")
     if isinstance(pred, dict) and isinstance(pred.get("result"), list):
         mv = pred.get("model_version")
         pred_mv = mv if isinstance(mv, str) else None
-        pred_det = _prediction_detections(pred["result"], class_names, data_wh or det.image_wh)
+        pred_det, pred_rings = _prediction_instances(
+            pred["result"], class_names, data_wh or det.image_wh, polygons
+        )
 
     lead = ann.get("lead_time")
     return PulledLabel(
@@ -1038,6 +1057,7 @@ def _to_label(
         ground_truth=bool(ann.get("ground_truth")),
         prediction=pred_det,
         prediction_model_version=pred_mv,
+        prediction_polygons=pred_rings,
         annotators=tuple(latest),
         agreement=agreement,
         per_annotator=per_annotator,

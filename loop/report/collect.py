@@ -9,7 +9,7 @@ import json
 import tempfile
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -141,6 +141,21 @@ def _version_chain(project: Project, start: str, stop: str | None) -> list[str]:
     return out
 
 
+def _with_rings(boxes: tuple[Box, ...], rings: Any) -> tuple[Box, ...]:
+    """``boxes`` with the outlines of a corrections.json ``*_rings`` list (one entry per box:
+    rings of ``[x, y]`` pixel points); unchanged when absent. Raises ValueError on a wrong
+    shape."""
+    if rings is None:
+        return boxes
+    if not isinstance(rings, list) or len(rings) != len(boxes):
+        raise ValueError(f"{len(boxes)} boxes need as many polygon entries")
+    out = []
+    for box, inst in zip(boxes, rings, strict=True):
+        parsed = tuple(tuple((float(p[0]), float(p[1])) for p in ring) for ring in inst)
+        out.append(replace(box, rings=tuple(r for r in parsed if len(r) >= 3)))
+    return tuple(out)
+
+
 def _disagreement(project: Project, item: dict[str, Any], classes: Sequence[str]) -> Disagreement:
     sha = str(item["sha256"])
 
@@ -151,12 +166,14 @@ def _disagreement(project: Project, item: dict[str, Any], classes: Sequence[str]
         size: tuple[int, int] | None = (entry.width, entry.height)
     except ImageError:
         name, path, size = sha[:12], None, None
+    predicted = tuple(_box(b, classes, True) for b in item.get("predicted", []) or [])
+    final = tuple(_box(b, classes, False) for b in item.get("final", []) or [])
     return Disagreement(
         sha256=sha,
         file_name=name,
         disagreement=float(item.get("disagreement", 0.0) or 0.0),
-        predicted=tuple(_box(b, classes, True) for b in item.get("predicted", []) or []),
-        final=tuple(_box(b, classes, False) for b in item.get("final", []) or []),
+        predicted=_with_rings(predicted, item.get("predicted_rings")),
+        final=_with_rings(final, item.get("final_rings")),
         image_path=path,
         size=size,
     )

@@ -183,6 +183,9 @@ class Box:
     y2: float
     cls: str
     score: float | None = None
+    # Segment projects: the instance's outline, rings of pixel (x, y) points (even-odd fill);
+    # empty for a box without one.
+    rings: Sequence[Sequence[tuple[float, float]]] = ()
 
 
 @dataclass(frozen=True)

@@ -48,7 +48,8 @@ Resumable: the replay state is saved after every finished curve; a rerun continu
     nohup .venv/bin/python bench/label_efficiency_magnetic_tile.py \\
         > bench/work/label_efficiency_magnetic_tile.log 2>&1 &
 
-Writes ``bench/results/label_efficiency_magnetic_tile.json`` (+ ``.png``) after every curve
+Writes ``bench/results/label_efficiency_magnetic_tile.json`` (+ ``.png``: mask mAP50, box mAP50
+and defect-free images labeled, each against labeled images) after every curve
 (``complete`` says whether all curves are in) and prints ONE JSON line at the end. ``--smoke``: a
 tiny configuration (a 120-image subset, 64 px, 1 epoch, 2 rounds, one seed) that writes
 ``*_smoke`` files instead.
@@ -342,6 +343,73 @@ def result_doc(doc: dict[str, Any], settings: ReplaySettings, elapsed: float) ->
     )
 
 
+def plot_result(doc: dict[str, Any], png: Path, title: str) -> None:
+    """Three panels, mean over seeds with the min-max band: test mask mAP50, test box mAP50 and
+    the defect-free images labeled, each against labeled images (the dotted line: the share of
+    defect-free images in the dataset, what random spends on average)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from loop.savings import mean_curve
+
+    curves = doc["curves"]
+    names = sorted({c["strategy"] for c in curves}, key=lambda n: (n != "random", n))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.5), dpi=110)
+    panels = (
+        ("mask_map50", "test mask mAP50"),
+        ("map50", "test box mAP50"),
+        ("defect_free", "defect-free images labeled"),
+    )
+    for name in names:
+        mine = [c for c in curves if c["strategy"] == name]
+        mc = [p for p in mean_curve(mine) if p.get("mask_map50_mean") is not None]
+        if not mc:
+            continue
+        xs = [p["labeled"] for p in mc]
+        style = "--" if name == "random" else "-"
+        by_round = {
+            i: [float(c["rounds"][i]["defect_free"]) for c in mine if len(c["rounds"]) > i]
+            for i in range(len(mc))
+        }
+        for ax, (key, _) in zip(axes, panels, strict=True):
+            if key == "defect_free":
+                ys = [p["defect_free_mean"] for p in mc]
+                lo = [min(by_round[i]) for i in range(len(mc))]
+                hi = [max(by_round[i]) for i in range(len(mc))]
+            else:
+                ys = [p[f"{key}_mean"] for p in mc]
+                lo = [p[f"{key}_min"] for p in mc]
+                hi = [p[f"{key}_max"] for p in mc]
+            (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=f"{name} ({len(mine)} seeds)")
+            ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
+    share = (doc.get("n_defect_free") or 0) / max(1, doc.get("n_images") or 1)
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        if key == "defect_free" and share:
+            lim = ax.get_xlim()
+            ax.plot(
+                lim,
+                [share * v for v in lim],
+                ":",
+                color="k",
+                linewidth=0.8,
+                label=f"{share:.0%} of the labels",
+            )
+        ax.set_xlabel("labeled images (train + val)")
+        ax.set_ylabel(label)
+        ax.set_ylim(bottom=0.0, top=max(0.05, ax.get_ylim()[1]))
+        ax.grid(alpha=0.3)
+        ax.legend(loc="upper left" if key == "defect_free" else "lower right", fontsize=8)
+    axes[0].set_title(title)
+    fig.tight_layout()
+    png.parent.mkdir(parents=True, exist_ok=True)
+    tmp = png.with_name(png.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, png)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = sys.stdout
@@ -369,6 +437,8 @@ def main(argv: list[str] | None = None) -> int:
         res = result_doc(doc, settings, time.monotonic() - started)
         res["png"] = png.name  # beside this file
         atomic_write_text(results, json.dumps(res, indent=1))
+        if doc["curves"]:
+            plot_result(doc, png, f"oracle replay (segment): {dataset.name}")
 
     def log(msg: str) -> None:
         print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
@@ -379,7 +449,7 @@ def main(argv: list[str] | None = None) -> int:
             settings,
             work / "replay.json",
             work_dir=work,
-            png=png,
+            png=None,  # this benchmark draws its own figure (`plot_result`)
             resume=not args.fresh,
             log=log,
             on_save=on_save,

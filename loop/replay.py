@@ -27,6 +27,13 @@ the work folder). `replay_ceiling` trains once on every non-test label with the 
 Results are written after every finished curve; a rerun with the same settings skips the curves
 already done (add strategies or seeds freely). Savings: `loop.savings`.
 
+Segment replays (``task: segment``, a mask-PNG dataset prepared by the product's mask import,
+`loop.replay_dataset.prepare_mask_dataset`): the project is a ``segment`` project, the oracle
+answers with the ground-truth polygon instances (defect-free images with none), so dataset versions
+hold polygons and every round trains the segmentation model; rounds record mask and box metrics,
+and the savings are computed on test mask mAP50 (``ReplaySettings.metric``). ``defect_free``
+counts the labeled (train + val) images without any instance.
+
 MLflow (optional): each round is a training run (`Tracker.log_training`: params, metrics, dataset
 version, weights) tagged with the strategy and seed, plus one ``replay`` run per curve with
 ``test_map50``/``test_map50_95``/``labeled`` per round (step = round). No model is registered.
@@ -45,13 +52,25 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from loop.config import MlflowConfig, ProjectConfig, SelectConfig, SplitConfig, TrainConfig
+from loop.config import (
+    MlflowConfig,
+    ProjectConfig,
+    SelectConfig,
+    SplitConfig,
+    TaskType,
+    TrainConfig,
+)
 from loop.datasets import DatasetVersion, LabeledImage, Split, assign_split
 from loop.detections import Detections
 from loop.errors import ConfigError, DatasetError
 from loop.images import atomic_write_text
 from loop.project import FitResult, Project, ScoredImage
-from loop.replay_dataset import PreparedDataset, initial_set, prepare_dataset
+from loop.replay_dataset import (
+    PreparedDataset,
+    initial_set,
+    prepare_dataset,
+    prepare_mask_dataset,
+)
 from loop.report.plots import plot_curves
 from loop.savings import summarize
 from loop.scheduling import batches
@@ -64,7 +83,12 @@ from loop.scoring import (
     score_batch,
 )
 from loop.selection import strategy_needs
-from loop.simulate import OracleGateway, truth_from_yolo_dir
+from loop.simulate import (
+    OracleGateway,
+    boxes_and_polygons,
+    truth_from_json,
+    truth_from_yolo_dir,
+)
 from loop.tracking import TAG, Champion, Tracker
 from loop.workspace import Workspace
 
@@ -85,7 +109,13 @@ class ReplaySettings:
     ``train.finetune_epochs``; ``train.seed`` and ``select.seed``/``strategy``/``batch_size`` are
     set per curve). ``max_images``: use a seeded
     random subset of the dataset (smoke runs). ``ceiling``: also train once on every non-test
-    label with the same recipe (`replay_ceiling`)."""
+    label with the same recipe (`replay_ceiling`).
+
+    ``task``: ``detect`` (boxes) or ``segment`` (a segment project: polygon labels, the
+    segmentation model, savings on mask mAP50). ``mask_classes``: the dataset is a mask-PNG folder
+    (`prepare_mask_dataset`), its top folders mapped to classes (``(("MT_Crack", "crack"),
+    ...)``, classes in first-seen order); a ``segment`` replay needs one. ``mask_threshold`` and
+    ``mask_min_area``: the mask import's options."""
 
     dataset: Path
     strategies: tuple[str, ...] = ("random", "entropy", "hybrid")
@@ -101,6 +131,15 @@ class ReplaySettings:
     mlflow_uri: str | None = None
     keep_work: bool = False
     ceiling: bool = False
+    task: TaskType = "detect"
+    mask_classes: tuple[tuple[str, str], ...] = ()
+    mask_threshold: float = 128
+    mask_min_area: int = 4
+
+    @property
+    def metric(self) -> str:
+        """The round metric the savings and the plot use."""
+        return "test_mask_map50" if self.task == "segment" else "test_map50"
 
     def check(self) -> None:
         """Raise `ConfigError`/`StrategyError` for settings that cannot run."""
@@ -123,6 +162,22 @@ class ReplaySettings:
             raise ConfigError(f"max_images ({self.max_images}) is below initial ({self.initial})")
         if self.split.test <= 0:
             raise ConfigError("split.test must be > 0: the replay evaluates on the test split")
+        if self.task not in ("detect", "segment"):
+            raise ConfigError(f"task must be detect or segment, got {self.task!r}")
+        if self.task == "segment" and not self.mask_classes:
+            raise ConfigError(
+                "a segment replay needs a mask dataset: give its folder -> class map "
+                "(mask_classes, e.g. MT_Crack=crack)"
+            )
+        if self.task != "segment":
+            from loop.uncertainty import MASK_STRATEGIES
+
+            masked = [n for n in self.strategies if n in MASK_STRATEGIES]
+            if masked or self.select.base_strategy in MASK_STRATEGIES:
+                raise ConfigError(
+                    f"{masked or self.select.base_strategy} read instance masks: run a segment "
+                    "replay (task segment) or choose box strategies"
+                )
 
     def fingerprint(self) -> dict[str, Any]:
         """What finished curves depend on (everything but the strategy/seed lists and logging)."""
@@ -130,7 +185,7 @@ class ReplaySettings:
         select = self.select.model_dump(
             mode="json", exclude={"strategy", "seed", "batch_size", "preannotation_conf"}
         )
-        return {
+        out: dict[str, Any] = {
             "dataset": str(Path(self.dataset).resolve()),
             "max_images": self.max_images,
             "initial": self.initial,
@@ -140,6 +195,16 @@ class ReplaySettings:
             "select": select,
             "split": self.split.model_dump(mode="json"),
         }
+        # Only where set, so that detect replays of box datasets keep their fingerprints.
+        if self.task != "detect":
+            out["task"] = self.task
+        if self.mask_classes:
+            out["mask_import"] = {
+                "folder_classes": [list(p) for p in self.mask_classes],
+                "threshold": self.mask_threshold,
+                "min_area": self.mask_min_area,
+            }
+        return out
 
 
 # ------------------------------------------------------------------------------------------
@@ -214,10 +279,15 @@ def _save_round0(cache: Path, fit: FitResult) -> None:
 
 
 def _labeled_stats(version: DatasetVersion) -> dict[str, Any]:
+    """Labeled (train + val) images, per split, their boxes per class, ``defect_free`` images
+    (no instance) and ``polygon_instances`` (instances stored with an outline)."""
     counts = version.split_counts()
     per_class = dict.fromkeys(version.classes, 0)
+    defect_free = outlined = 0
     for r in version.rows:
         if r.split != "test":
+            defect_free += len(r.boxes) == 0
+            outlined += sum(1 for rings in r.polygons if rings)
             for c in r.boxes.class_id:
                 per_class[version.classes[int(c)]] += 1
     return {
@@ -226,6 +296,8 @@ def _labeled_stats(version: DatasetVersion) -> dict[str, Any]:
         "n_val": counts["val"],
         "n_test": counts["test"],
         "labeled_boxes": per_class,
+        "defect_free": defect_free,
+        "polygon_instances": outlined,
     }
 
 
@@ -318,6 +390,7 @@ def _seeded_project(
     cfg = ProjectConfig(
         name=name,
         classes=ds.classes,
+        task=settings.task,
         workspace=work.resolve(),
         train=settings.train.model_copy(update={"seed": seed}),
         split=settings.split,
@@ -332,12 +405,24 @@ def _seeded_project(
     )
     project = Project(cfg)
     project.ingest(ds.images_dir)
-    truth = truth_from_yolo_dir(project.pool, ds.labels_dir, len(ds.classes))
+    truth = _truth(project, ds, settings.task)
     test = sorted(s for s in truth if assign_split(s, cfg.split) == "test")
     if not test:
         raise DatasetError("no image fell into the test split; use more images or a larger split")
     rest = sorted(s for s in truth if assign_split(s, cfg.split) != "test")
     return project, truth, test, rest
+
+
+def _truth(project: Project, ds: PreparedDataset, task: str) -> dict[str, Detections]:
+    """Ground truth of the pool's images: sha256 -> pixel boxes, with their polygon rings in a
+    segment replay (a detect replay of a mask dataset keeps the boxes only)."""
+    if ds.truth_file is None:
+        return truth_from_yolo_dir(project.pool, ds.labels_dir, len(ds.classes))
+    stored = truth_from_json(ds.truth_file.read_text())
+    truth = {e.sha256: stored[e.sha256] for e in project.pool if e.sha256 in stored}
+    if task != "segment":
+        truth = {sha: boxes_and_polygons(det)[0] for sha, det in truth.items()}
+    return truth
 
 
 def _label(project: Project, truth: dict[str, Detections], shas: list[str]) -> None:
@@ -347,8 +432,11 @@ def _label(project: Project, truth: dict[str, Detections], shas: list[str]) -> N
     for sha in shas:
         e = project.pool.get(sha)
         split = assign_split(sha, project.cfg.split)
+        boxes, polygons = boxes_and_polygons(truth[sha])
         rows.append(
-            LabeledImage(sha, e.path, e.width, e.height, split, truth[sha], {"source": "oracle"})
+            LabeledImage(
+                sha, e.path, e.width, e.height, split, boxes, {"source": "oracle"}, polygons
+            )
         )
     project.set_version(DatasetVersion.create(project.cfg.classes, rows))
 
@@ -460,8 +548,13 @@ def replay_curve(
         rounds.append(rec)
         log(
             f"{strategy}/s{seed} round {r}: {stats['labeled']} labeled, test mAP50 "
-            f"{rec['test_map50'] if rec['test_map50'] is None else round(rec['test_map50'], 4)} "
-            f"({rec['wall_seconds']:.0f}s{', cached' if cached else ''})"
+            f"{rec['test_map50'] if rec['test_map50'] is None else round(rec['test_map50'], 4)}"
+            + (
+                f", mask mAP50 {_fmt(rec['test_mask_map50'])}, {stats['defect_free']} defect-free"
+                if settings.task == "segment"
+                else ""
+            )
+            + f" ({rec['wall_seconds']:.0f}s{', cached' if cached else ''})"
         )
         if tracker is not None:
             _log_round(tracker, project, fit, strategy, seed, r)
@@ -503,6 +596,10 @@ def replay_ceiling(
     if not settings.keep_work:
         shutil.rmtree(work, ignore_errors=True)
     return rec
+
+
+def _fmt(value: float | None) -> str:
+    return "None" if value is None else str(round(value, 4))
 
 
 def _champion(round_index: int, fit: FitResult) -> Champion:
@@ -589,25 +686,42 @@ def run_replay(
             doc["curves"] = list(old.get("curves", []))
             if old.get("ceiling") is not None:
                 doc["ceiling"] = old["ceiling"]
-    ds = prepare_dataset(settings.dataset, work / "dataset", settings.max_images)
+    ds = (
+        prepare_mask_dataset(
+            settings.dataset,
+            work / "dataset",
+            dict(settings.mask_classes),
+            settings.max_images,
+            settings.mask_threshold,
+            settings.mask_min_area,
+        )
+        if settings.mask_classes
+        else prepare_dataset(settings.dataset, work / "dataset", settings.max_images)
+    )
     from loop.model import prepare_ultralytics
 
     # Bind Ultralytics' settings folder to one that outlives the per-curve workspaces.
     prepare_ultralytics(work / "ultralytics", settings.train.threads)
     doc.update({"dataset": str(ds.source), "classes": ds.classes, "n_images": ds.n_images})
+    if ds.n_defect_free is not None:
+        doc["n_defect_free"] = ds.n_defect_free
+    if settings.task != "detect":
+        doc["task"] = settings.task
+        doc["metric"] = settings.metric
     done = {(c["strategy"], int(c["seed"])) for c in doc["curves"]}
     tracker = _open_tracker(settings, out_dir, ds.classes) if settings.log_mlflow else None
 
     def save() -> None:
         doc["strategies"] = sorted({c["strategy"] for c in doc["curves"]})
         doc["seeds"] = sorted({int(c["seed"]) for c in doc["curves"]})
-        doc["summary"] = summarize(doc["curves"], doc.get("ceiling"))
+        doc["summary"] = summarize(doc["curves"], doc.get("ceiling"), metric=settings.metric)
         doc["updated_at"] = datetime.now(UTC).isoformat(timespec="seconds")
         atomic_write_text(out_json, json.dumps(doc, indent=1))
         if png is not None and doc["curves"]:
             plot_curves(
                 doc["curves"],
                 png,
+                metric=settings.metric,
                 title=f"oracle replay: {ds.source.name}",
                 ceiling=doc.get("ceiling"),
             )

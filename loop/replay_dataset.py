@@ -1,6 +1,7 @@
 """The dataset of an oracle replay: a fully labeled folder (YOLO or Pascal VOC) prepared once
-(`prepare_dataset`: hard-linked images and YOLO labels, seeded subset), and the seeded initial
-labeled set of a curve (`initial_set`)."""
+(`prepare_dataset`: hard-linked images and YOLO labels, seeded subset), a mask-PNG folder such as
+magnetic-tile prepared once through the product's own mask import (`prepare_mask_dataset`), and
+the seeded initial labeled set of a curve (`initial_set`)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import dataclasses
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,7 +25,11 @@ _INIT_STREAM = 7919  # second seed word of the initial-set draw (independent of 
 @dataclass(frozen=True)
 class PreparedDataset:
     """A labeled dataset as a YOLO folder: ``images_dir`` (symlinks to the originals),
-    ``labels_dir`` (one ``.txt`` per image, same stem) and the class list (id order)."""
+    ``labels_dir`` (one ``.txt`` per image, same stem) and the class list (id order).
+
+    ``truth_file`` (kind ``masks``): the ground truth as `loop.simulate.truth_to_json` text, keyed
+    by sha256, with pixel polygon rings; ``labels_dir`` is then unused. ``n_defect_free``: images
+    without any instance (masks only; None otherwise)."""
 
     source: Path
     kind: str
@@ -32,6 +37,8 @@ class PreparedDataset:
     labels_dir: Path
     classes: list[str]
     n_images: int
+    truth_file: Path | None = None
+    n_defect_free: int | None = None
 
 
 def _subset(stems: list[str], max_images: int | None, seed: int = 0) -> list[str]:
@@ -105,6 +112,144 @@ def prepare_dataset(source: Path, dest: Path, max_images: int | None = None) -> 
     info = {"key": key, "kind": kind, "classes": classes, "n_images": n}
     atomic_write_text(marker, json.dumps(info, indent=1))
     return PreparedDataset(source, kind, dest / "images", dest / "labels", classes, n)
+
+
+def prepare_mask_dataset(
+    source: Path,
+    dest: Path,
+    folder_classes: Mapping[str, str],
+    max_images: int | None = None,
+    threshold: float = 128,
+    min_area: int = 4,
+) -> PreparedDataset:
+    """Prepare a mask-PNG folder (`loop.mask_import`'s layout: ``<Folder>/.../<stem>.jpg`` with its
+    mask ``<stem>.png`` beside it) under ``dest`` with the product's own mask import
+    (`loop.project.Project.ingest_masks` in a throw-away ``segment`` workspace): each region is one
+    polygon instance of its folder's class (``folder_classes``: folder -> class; the classes, in
+    id order, are its values in first-seen order), an all-zero mask an image without instances
+    (defect-free: kept, the oracle answers it with no instance). ``max_images``: a seeded random
+    subset of the images that have a mask, chosen before the import. Images the import leaves
+    unlabeled (unreadable, a mask of another size, ...) are left out: the oracle must answer for
+    every image. Writes ``images/`` (symlinks, named ``<folder>__<stem><ext>``), ``truth.json``
+    and ``import-report.json`` (what the import dropped or refused). Reuses ``dest`` when it was
+    prepared from the same source and options.
+    """
+    from loop.config import ProjectConfig
+    from loop.detections import Detections
+    from loop.mask_import import pair_mask_files
+    from loop.project import Project
+    from loop.simulate import truth_to_json
+
+    source, dest = Path(source).resolve(), Path(dest).resolve()
+    if not source.is_dir():
+        raise DatasetError(f"dataset {source} is not a folder; pass a folder of images and masks")
+    if not folder_classes:
+        raise DatasetError(
+            "a mask dataset needs its folder -> class map (e.g. MT_Crack=crack); none given"
+        )
+    classes = list(dict.fromkeys(folder_classes.values()))
+    marker = dest / "prepared.json"
+    key = {
+        "source": str(source),
+        "max_images": max_images,
+        "folder_classes": dict(sorted(folder_classes.items())),
+        "threshold": threshold,
+        "min_area": min_area,
+    }
+    if marker.is_file():
+        info = json.loads(marker.read_text())
+        if info.get("key") == key:
+            return PreparedDataset(
+                source,
+                "masks",
+                dest / "images",
+                dest / "labels",
+                list(info["classes"]),
+                int(info["n_images"]),
+                dest / "truth.json",
+                int(info["n_defect_free"]),
+            )
+    if dest.exists():
+        shutil.rmtree(dest)
+    from loop.images import iter_image_files
+
+    pairs = pair_mask_files(iter_image_files(source))
+    if not pairs.masks:
+        raise DatasetError(f"{source} holds no image with a mask <stem>.png beside it")
+    by_name = {str(img.relative_to(source)): img for img in pairs.masks}
+    chosen = _subset(sorted(by_name), max_images)
+    # The subset as a folder of links in the source's layout, so that the import sees each
+    # image's folder (its class) exactly as in the source.
+    staged = dest / "staged"
+    for name in chosen:
+        img = by_name[name]
+        for f in (img, pairs.masks[img]):
+            link = staged / f.relative_to(source)
+            link.parent.mkdir(parents=True, exist_ok=True)
+            os.symlink(f, link)
+    cfg = ProjectConfig(
+        name="replay-mask-import",
+        classes=classes,
+        workspace=(dest / "import").resolve(),
+        task="segment",
+    )
+    project = Project(cfg)
+    report, version = project.ingest_masks(staged, folder_classes, threshold, min_area)
+    if version is None:
+        raise DatasetError(f"the mask import of {source} labeled no image; see its report")
+    rows = {r.sha256: r for r in version.rows}
+    (dest / "images").mkdir(parents=True)
+    truth: dict[str, Detections] = {}
+    sources: dict[str, str] = {}
+    for name, entry in sorted(report.accepted.items()):
+        row = rows.get(entry.sha256)
+        if row is None or entry.sha256 in sources:
+            continue  # unlabeled (listed in the report) or the same image under another name
+        rel = Path(name).relative_to(staged)
+        original = source / rel
+        link = dest / "images" / f"{rel.parts[0]}__{rel.stem}{rel.suffix}"
+        if link.exists():
+            raise DatasetError(f"two images of {source} would both be staged as {link.name}")
+        os.symlink(original, link)
+        sources[entry.sha256] = str(rel)
+        truth[entry.sha256] = dataclasses.replace(
+            row.boxes,
+            polygons=tuple(row.polygons) if row.polygons else tuple(() for _ in row.boxes.class_id),
+        )
+    n_free = sum(1 for det in truth.values() if len(det) == 0)
+    atomic_write_text(dest / "truth.json", truth_to_json(truth))
+    atomic_write_text(
+        dest / "import-report.json",
+        json.dumps(
+            {
+                "label_problems": [dataclasses.asdict(r) for r in report.label_problems],
+                "dropped_regions": [dataclasses.asdict(r) for r in report.dropped_regions],
+                "rejected_images": [dataclasses.asdict(r) for r in report.rejected],
+                "sources": sources,
+            },
+            indent=1,
+        ),
+    )
+    shutil.rmtree(dest / "import", ignore_errors=True)
+    shutil.rmtree(staged, ignore_errors=True)
+    info = {
+        "key": key,
+        "kind": "masks",
+        "classes": classes,
+        "n_images": len(truth),
+        "n_defect_free": n_free,
+    }
+    atomic_write_text(marker, json.dumps(info, indent=1))
+    return PreparedDataset(
+        source,
+        "masks",
+        dest / "images",
+        dest / "labels",
+        classes,
+        len(truth),
+        dest / "truth.json",
+        n_free,
+    )
 
 
 def initial_set(

@@ -262,33 +262,37 @@ def summarize(
     curves: Sequence[dict[str, Any]],
     ceiling: dict[str, Any] | None = None,
     baseline: str = "random",
+    metric: str = "test_map50",
 ) -> dict[str, Any] | None:
     """Everything a replay reports against ``baseline`` (None without a baseline curve):
-    `label_savings` on test mAP50 (the headline), the same with correction actions as the cost
-    (``actions_savings``), `effort_summary`, and with a ``ceiling`` record `ceiling_savings`."""
+    `label_savings` on ``metric`` (test mAP50, the headline; ``test_mask_map50`` for segment
+    replays), the same with correction actions as the cost (``actions_savings``),
+    `effort_summary`, and with a ``ceiling`` record `ceiling_savings` (at its ``metric``)."""
     if not any(c["strategy"] == baseline for c in curves):
         return None
-    out = label_savings(curves, baseline)
-    actions = label_savings(curves, baseline, x="actions_total")
+    out = label_savings(curves, baseline, metric=metric)
+    actions = label_savings(curves, baseline, metric=metric, x="actions_total")
     for name, s in out["strategies"].items():
         a = actions["strategies"].get(name, {})
         s["actions_savings_mean"] = a.get("savings_mean")
         s["actions_savings_min"] = a.get("savings_min")
         s["actions_savings_max"] = a.get("savings_max")
     out["effort"] = effort_summary(curves)
-    if ceiling is not None and ceiling.get("test_map50") is not None:
+    if ceiling is not None and ceiling.get(metric) is not None:
         out["ceiling"] = {
             "test_map50": ceiling["test_map50"],
             "test_map50_95": ceiling.get("test_map50_95"),
             "labeled": ceiling.get("labeled"),
-            **ceiling_savings(curves, ceiling["test_map50"], baseline=baseline),
+            **({metric: ceiling[metric]} if metric != "test_map50" else {}),
+            **ceiling_savings(curves, ceiling[metric], baseline=baseline, metric=metric),
         }
     return out
 
 
 def mean_curve(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per round: mean labeled count and mean/min/max test mAP50 (and mean mAP50-95) over the
-    curves (seeds) that reached that round."""
+    curves (seeds) that reached that round; for curves with mask metrics (segment replays) the
+    same of test mask mAP50 (``mask_map50_*``) and the mean defect-free labeled images."""
     by_round: dict[int, list[dict[str, Any]]] = {}
     for c in curves:
         for r in c["rounds"]:
@@ -310,4 +314,16 @@ def mean_curve(curves: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
                 "n_seeds": len(recs),
             }
         )
+        k50 = [r["test_mask_map50"] for r in recs if r.get("test_mask_map50") is not None]
+        if k50:  # segment replays only: detect curves keep exactly the keys above
+            k95 = [r["test_mask_map50_95"] for r in recs if r.get("test_mask_map50_95") is not None]
+            out[-1].update(
+                {
+                    "mask_map50_mean": float(np.mean(k50)),
+                    "mask_map50_min": float(np.min(k50)),
+                    "mask_map50_max": float(np.max(k50)),
+                    "mask_map50_95_mean": float(np.mean(k95)) if k95 else None,
+                    "defect_free_mean": float(np.mean([r.get("defect_free", 0) for r in recs])),
+                }
+            )
     return out

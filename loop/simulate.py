@@ -6,16 +6,20 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+import numpy as np
 
 from loop.detections import Detections
 from loop.errors import DatasetError
 from loop.formats.yolo import yolo_lines_to_detections
 from loop.images import ImagePool
 from loop.labeling import PulledLabel, PullResult, PushItem, PushSummary
+from loop.polygons import Rings
 
 if TYPE_CHECKING:
     from loop.labelstudio import LabelStudioGateway
@@ -33,6 +37,53 @@ def truth_from_yolo_dir(
                 txt.read_text(), (entry.width, entry.height), num_classes
             )
     return truth
+
+
+def truth_to_json(truth: Mapping[str, Detections]) -> str:
+    """Ground truth (sha256 -> pixel boxes, with their ``polygons`` when they have them) as JSON
+    text; `truth_from_json` reads it back exactly (floats keep their repr)."""
+    rows = []
+    for sha in sorted(truth):
+        det = truth[sha]
+        rows.append(
+            {
+                "sha256": sha,
+                "image_wh": list(det.image_wh),
+                "class_id": [int(c) for c in det.class_id],
+                "xyxy": det.xyxy.tolist(),
+                "polygons": None
+                if det.polygons is None
+                else [[ring.tolist() for ring in rings] for rings in det.polygons],
+            }
+        )
+    return json.dumps({"truth": rows})
+
+
+def truth_from_json(text: str) -> dict[str, Detections]:
+    """`truth_to_json`'s text -> sha256 -> pixel boxes (with pixel polygon rings when stored)."""
+    out: dict[str, Detections] = {}
+    for row in json.loads(text)["truth"]:
+        polys = row.get("polygons")
+        out[row["sha256"]] = Detections(
+            np.asarray(row["xyxy"], dtype=np.float64).reshape(-1, 4),
+            np.asarray(row["class_id"], dtype=np.int64),
+            (int(row["image_wh"][0]), int(row["image_wh"][1])),
+            polygons=None
+            if polys is None
+            else tuple(
+                tuple(np.asarray(r, dtype=np.float64).reshape(-1, 2) for r in rings)
+                for rings in polys
+            ),
+        )
+    return out
+
+
+def boxes_and_polygons(det: Detections) -> tuple[Detections, tuple[Rings, ...]]:
+    """Split ground truth into its boxes (without outlines) and the rings parallel to them, as a
+    dataset version stores them (`loop.datasets.LabeledImage`): ``()`` when it has none."""
+    if det.polygons is None:
+        return det, ()
+    return Detections(det.xyxy, det.class_id, det.image_wh), tuple(det.polygons)
 
 
 def answer_open_tasks(
@@ -67,8 +118,10 @@ class OracleGateway:
     push -> pull -> dataset-version code without a Label Studio server. Each answer carries the
     pre-annotation the task was pushed with as its ``prediction``, as Label Studio's does, so
     `Project.pull` writes the same correction analytics (what a labeler would have accepted,
-    adjusted, relabeled, removed and added). ``truth``: sha256 -> pixel boxes. A pushed image
-    without ground truth is a programming error (`DatasetError`).
+    adjusted, relabeled, removed and added). ``truth``: sha256 -> pixel boxes; ground truth with
+    ``polygons`` (a ``segment`` replay) is answered as polygon instances, the way a pull from
+    Label Studio hands a segment project its polygons. A pushed image without ground truth is a
+    programming error (`DatasetError`).
     """
 
     def __init__(self, truth: Mapping[str, Detections], annotator: str = "oracle") -> None:
@@ -125,20 +178,26 @@ class OracleGateway:
     def pull(self, project_id: int, class_names: list[str], **_: Any) -> PullResult:
         """Every task pushed since the last pull, answered with its ground truth."""
         now = datetime.now(UTC)
-        labels = [
-            PulledLabel(
-                task_id=self._tasks[sha],
-                sha256=sha,
-                detections=self.truth[sha],
-                annotation_id=self._tasks[sha],
-                annotator=self.annotator,
-                lead_time=None,
-                updated_at=now,
-                ground_truth=True,
-                prediction=self._shown[sha][0],
-                prediction_model_version=self._shown[sha][1],
-            )
-            for sha in self._open
-        ]
+        labels = []
+        for sha in self._open:
+            boxes, polygons = boxes_and_polygons(self.truth[sha])
+            labels.append(self._answer(sha, boxes, polygons, now))
         self._open = []
         return PullResult(labels=labels)
+
+    def _answer(
+        self, sha: str, boxes: Detections, polygons: tuple[Rings, ...], now: datetime
+    ) -> PulledLabel:
+        return PulledLabel(
+            task_id=self._tasks[sha],
+            sha256=sha,
+            detections=boxes,
+            annotation_id=self._tasks[sha],
+            annotator=self.annotator,
+            lead_time=None,
+            updated_at=now,
+            ground_truth=True,
+            prediction=self._shown[sha][0],
+            prediction_model_version=self._shown[sha][1],
+            polygons=polygons,
+        )

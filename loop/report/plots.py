@@ -248,7 +248,11 @@ def plot_curves(
     import matplotlib.pyplot as plt
 
     names = sorted({c["strategy"] for c in curves}, key=lambda n: (n != "random", n))
-    key = "map50" if metric == "test_map50" else "map50_95"
+    keys = {"test_map50": "map50", "test_map50_95": "map50_95", "test_mask_map50": "mask_map50"}
+    if metric not in keys:
+        raise ValueError(f"plot_curves draws one of {sorted(keys)}, got {metric!r}")
+    key = keys[metric]
+    banded = key in ("map50", "mask_map50")
     with_actions = any(r.get("actions_total") for c in curves for r in c["rounds"])
     fig, axes = plt.subplots(
         1, 2 if with_actions else 1, figsize=(12 if with_actions else 7, 4.5), dpi=120
@@ -257,16 +261,16 @@ def plot_curves(
     for name in names:
         mine = [c for c in curves if c["strategy"] == name]
         mc = mean_curve(mine)
-        pts = [p for p in mc if p[f"{key}_mean"] is not None]
+        pts = [p for p in mc if p.get(f"{key}_mean") is not None]
         n_seeds = max((p["n_seeds"] for p in mc), default=0)
         style = "--" if name == "random" else "-"
         for ax, xkey in zip(axes, ("labeled", "actions_mean"), strict=False):
             xs = [p[xkey] for p in pts]
             ys = [p[f"{key}_mean"] for p in pts]
             (line,) = ax.plot(xs, ys, style, marker="o", ms=3, label=f"{name} ({n_seeds} seeds)")
-            if key == "map50":
-                lo = [p["map50_min"] for p in pts]
-                hi = [p["map50_max"] for p in pts]
+            if banded:
+                lo = [p[f"{key}_min"] for p in pts]
+                hi = [p[f"{key}_max"] for p in pts]
                 ax.fill_between(xs, lo, hi, color=line.get_color(), alpha=0.15, linewidth=0)
             if name == "random" and ys:
                 # What the other strategies must reach: random's final mean (savings target).
@@ -281,7 +285,11 @@ def plot_curves(
             ax.axhline(0.95 * top, color="k", linewidth=0.6, linestyle=":", label="95 % of it")
         ax.set_ylim(bottom=0.0, top=max(0.05, ax.get_ylim()[1]))
         ax.set_xlabel(xlabel)
-        ax.set_ylabel("test mAP50" if key == "map50" else "test mAP50-95")
+        ax.set_ylabel(
+            {"map50": "test mAP50", "map50_95": "test mAP50-95", "mask_map50": "test mask mAP50"}[
+                key
+            ]
+        )
         ax.grid(alpha=0.3)
         ax.legend(loc="lower right", fontsize=8)
     axes[0].set_title(title or "oracle replay")

@@ -48,6 +48,9 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from label_efficiency import SHARED_WEIGHTS, neu_det_path  # noqa: E402
 
 from loop.annotator_quality import AnnotatedTask, annotator_quality  # noqa: E402
 from loop.config import MlflowConfig, ProjectConfig, SplitConfig, TrainConfig  # noqa: E402
@@ -60,7 +63,6 @@ from loop.project import Project  # noqa: E402
 from loop.replay_dataset import prepare_dataset  # noqa: E402
 from loop.simulate import truth_from_yolo_dir  # noqa: E402
 
-SHARED_WEIGHTS = REPO.parent / "shared" / "models" / "yolov8n.pt"
 FULL: dict[str, Any] = {
     "max_images": 1200,
     "folds": 4,
@@ -93,13 +95,6 @@ ANNOTATORS = (
     AnnotatorRates("sloppy", miss=0.25, shift=0.10, swap=0.10),
 )
 TOP_SHARES = (0.05, 0.10)
-
-
-def neu_det_path(arg: str | None) -> Path:
-    if arg:
-        return Path(arg)
-    env = os.environ.get("DEFECT_LOOP_NEU_DET")
-    return Path(env) if env else REPO.parent / "shared" / "datasets" / "neu-det"
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:

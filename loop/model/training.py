@@ -320,7 +320,13 @@ def train(
             else:
                 model = YOLO(source)
                 if model.task == "detect":
-                    # A detector seeds backbone and neck; the mask head starts fresh.
+                    # A detector seeds backbone and neck; the mask head starts fresh. Ultralytics
+                    # trains this pre-built model (``load`` sets its checkpoint) and seeds torch
+                    # only later, so the unseeded tensors would take whatever the process's
+                    # random state is now: seed it, or two same-seed trainings differ.
+                    import torch
+
+                    torch.manual_seed(cfg.seed)
                     model = YOLO(arch, task="segment")
                     transfer = _transfer(model, Path(source))
                     _log_transfer(transfer)

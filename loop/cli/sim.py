@@ -16,6 +16,7 @@ from pydantic import ValidationError
 from loop.cli.common import ConfigOpt, console, run
 from loop.config import (
     DEFAULT_CONFIG_NAME,
+    TASK_TYPES,
     SelectConfig,
     SplitConfig,
     TrainConfig,
@@ -98,6 +99,15 @@ def import_voc(
     run(go)
 
 
+def _mask_classes(pairs: list[str]) -> tuple[tuple[str, str], ...]:
+    """``["FOLDER=CLASS", ...]`` -> ``((folder, class), ...)`` in the order given (the class
+    order); `loop.mask_import.parse_folder_classes` checks the pairs."""
+    from loop.mask_import import parse_folder_classes
+
+    classes = list(dict.fromkeys(p.partition("=")[2].strip() for p in pairs))
+    return tuple(parse_folder_classes(pairs, classes).items())
+
+
 def simulate(
     dataset: Annotated[
         Path, typer.Argument(help="fully labeled dataset: YOLO folder or Pascal VOC folder")
@@ -142,22 +152,62 @@ def simulate(
         bool, typer.Option("--resume/--fresh", help="keep finished curves of the same settings")
     ] = True,
     keep_work: Annotated[bool, typer.Option(help="keep each curve's workspace")] = False,
+    task: Annotated[
+        str | None,
+        typer.Option(
+            help="'detect' (boxes, the default) or 'segment' (instance masks: DATASET is a mask-PNG "
+            "folder, e.g. magnetic-tile; polygon labels, the segmentation model, savings on mask "
+            "mAP50); default: the --config's task"
+        ),
+    ] = None,
+    folder_class: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="with --task segment: FOLDER=CLASS, the class of the masks under a top folder of "
+            "DATASET (repeat it, one per defect folder; classes in the order given; folders "
+            "not named, e.g. MT_Free, hold defect-free images)"
+        ),
+    ] = None,
+    mask_threshold: Annotated[
+        float, typer.Option(help="with --task segment: a pixel is defect at this value or above")
+    ] = 128,
+    min_area: Annotated[
+        int,
+        typer.Option(min=1, help="with --task segment: smaller mask regions (pixels) are dropped"),
+    ] = 4,
     config: Annotated[
         Path | None,
         typer.Option("--config", "-c", help="take train/select/split defaults from this YAML"),
     ] = None,
 ) -> None:
     """Oracle replay: run the loop on a fully labeled dataset with ground truth as the labeler
-    and compare strategies by learning curves (writes replay.json and replay.png in --out)."""
+    and compare strategies by learning curves (writes replay.json and replay.png in --out).
+
+    Boxes: DATASET is a YOLO or Pascal VOC folder. Masks (--task segment): DATASET is a folder of
+    images with a <stem>.png mask beside each, classes from --folder-class, e.g.
+    `defect-loop simulate magnetic-tile --task segment --folder-class MT_Crack=crack ...`."""
     from loop.replay import ReplaySettings, run_replay
 
     def go() -> None:
         if config is not None:
             cfg = load_config(config)
             train, select, split = cfg.train, cfg.select, cfg.split
+            kind = task or cfg.task
         else:
             train = TrainConfig(imgsz=224, epochs=15, min_iterations=300)
             select, split = SelectConfig(), SplitConfig()
+            kind = task or "detect"
+        task_type = next((t for t in TASK_TYPES if t == kind), None)
+        if task_type is None:
+            raise ConfigError(f"--task must be one of {list(TASK_TYPES)}, got {kind!r}")
+        mask_classes = _mask_classes(folder_class or [])
+        if task_type == "segment" and not mask_classes:
+            raise ConfigError(
+                "--task segment replays a mask-PNG folder: name each defect folder's class with "
+                "--folder-class FOLDER=CLASS (e.g. --folder-class MT_Crack=crack)"
+            )
+        if task_type != "segment" and mask_classes:
+            raise ConfigError("--folder-class maps mask folders: add --task segment")
         overrides = {
             "weights": None if weights is None else weights.expanduser().resolve(),
             "init": init,
@@ -199,6 +249,10 @@ def simulate(
             max_images=max_images,
             log_mlflow=mlflow,
             keep_work=keep_work,
+            task=task_type,
+            mask_classes=mask_classes,
+            mask_threshold=mask_threshold,
+            mask_min_area=min_area,
         )
         doc = run_replay(
             settings,

@@ -35,7 +35,7 @@ def _simulate(tmp_path: Path, *extra: str) -> Any:
     )
 
 
-def test_segment_replay_of_a_mask_folder(tmp_path: Path, recorded: list[ReplaySettings]):
+def test_segment_replay_of_a_mask_folder(tmp_path: Path, recorded: list[ReplaySettings]) -> None:
     res = _simulate(
         tmp_path,
         "--task",
@@ -60,7 +60,7 @@ def test_segment_replay_of_a_mask_folder(tmp_path: Path, recorded: list[ReplaySe
     assert s.strategies == ("random", "mask_stability")
 
 
-def test_boxes_stay_the_default(tmp_path: Path, recorded: list[ReplaySettings]):
+def test_boxes_stay_the_default(tmp_path: Path, recorded: list[ReplaySettings]) -> None:
     res = _simulate(tmp_path)
     assert res.exit_code == 0, res.output
     (s,) = recorded
@@ -69,7 +69,7 @@ def test_boxes_stay_the_default(tmp_path: Path, recorded: list[ReplaySettings]):
 
 def test_the_task_comes_from_the_config_unless_given(
     tmp_path: Path, recorded: list[ReplaySettings]
-):
+) -> None:
     cfg = tmp_path / "project.yaml"
     cfg.write_text("classes: [crack, blowhole]\ntask: segment\n")
     res = _simulate(tmp_path, "-c", str(cfg), "--folder-class", "MT_Crack=crack")
@@ -98,7 +98,7 @@ def test_the_task_comes_from_the_config_unless_given(
 )
 def test_bad_options_are_refused_with_what_to_do(
     tmp_path: Path, recorded: list[ReplaySettings], extra: list[str], message: str
-):
+) -> None:
     res = _simulate(tmp_path, *extra)
     assert res.exit_code == 2, res.output
     assert message in " ".join(res.output.split())

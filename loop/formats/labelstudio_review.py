@@ -27,9 +27,9 @@ from loop.formats.labelstudio import (
     POLYGON_NAME,
     TO_NAME,
     detections_to_ls_results,
-    ring_to_ls_points,
     without_scores,
 )
+from loop.formats.labelstudio_regions import ring_to_ls_points
 from loop.polygons import Rings
 
 REVIEW_MODEL_VERSION = "review:crossfit"

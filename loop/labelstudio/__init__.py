@@ -12,8 +12,10 @@
 - `loop.labelstudio.labeler`: a simulated labeler's helpers (demo and tests).
 
 What the JSON means (regions <-> `Detections`, the rules that make an annotation a label) is pure
-code in `loop.formats.labelstudio` and `loop.formats.labelstudio_config`; the types a push takes
-and a pull returns are backend-neutral (`loop.labeling`), shared with the oracle labeler.
+code in `loop.formats.labelstudio` (rectangles, task fields), `loop.formats.labelstudio_regions`
+(polygons, brush, keypoints), `loop.formats.labelstudio_pull` (the pull rules) and
+`loop.formats.labelstudio_config`; the types a push takes and a pull returns are
+backend-neutral (`loop.labeling`), shared with the oracle labeler.
 """
 
 from __future__ import annotations

@@ -4,7 +4,7 @@ own RLE codec (`label_studio_sdk.converter.brush`).
 A brush region's ``value.rle`` is a list of byte values: Label Studio's run-length code of the
 image's RGBA pixels, row by row (``height x width x 4`` values, the first 32 bits their count).
 The mask is the alpha channel; a pixel is painted where its alpha is at least
-`ALPHA_THRESHOLD`. The pull rules (`loop.formats.labelstudio`) get `rle_to_mask` handed in by
+`ALPHA_THRESHOLD`. The pull rules (`loop.formats.labelstudio_pull`) get `rle_to_mask` handed in by
 the gateway, so they stay free of the SDK.
 """
 

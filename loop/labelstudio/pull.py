@@ -3,7 +3,7 @@
 Pull is incremental: a cursor on the tasks' ``updated_at`` (an annotation created, updated or
 deleted bumps it) selects what changed; tasks whose annotations were all deleted are reported in
 ``unlabeled_task_ids`` so that their labels can be dropped. What an exported task means (label,
-rejection, skip) is decided by the pure rules of `loop.formats.labelstudio.judge_task`.
+rejection, skip) is decided by the pure rules of `loop.formats.labelstudio_pull.judge_task`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from loop.errors import ConfigError, LabelStudioError
-from loop.formats.labelstudio import format_cursor, judge_task, parse_time, task_key
+from loop.formats.labelstudio import format_cursor, parse_time, task_key
 from loop.formats.labelstudio_config import check_class_names
+from loop.formats.labelstudio_pull import judge_task
 from loop.keypoints import KeypointNames
 from loop.labeling import PullResult
 from loop.labelstudio.brush import rle_to_mask
@@ -160,9 +161,9 @@ class Pulling(Transport):
         regions as the polygons of their painted pixels (decoded by label-studio-sdk,
         `loop.labelstudio.brush`; `segment` projects); otherwise each polygon becomes its bounding
         box. ``keypoints``: the config's keypoint names per class: keypoint regions are kept
-        per instance (`loop.formats.labelstudio.ls_results_to_keypoints`).
+        per instance (`loop.formats.labelstudio_regions.ls_results_to_keypoints`).
 
-        Each exported task is judged by the pull rules (`loop.formats.labelstudio.judge_task`):
+        Each exported task is judged by the pull rules (`loop.formats.labelstudio_pull.judge_task`):
         a usable one goes to ``labels``; one that cannot be used goes to ``rejected`` with its
         task id and the reason, never blocking the others; one whose annotations were all
         cancelled goes to ``skipped_task_ids``.

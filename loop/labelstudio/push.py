@@ -28,8 +28,8 @@ from loop.errors import (
     ServiceError,
     UnknownLabelError,
 )
-from loop.formats.labelstudio import prediction_to_ls_results
 from loop.formats.labelstudio_config import check_class_names
+from loop.formats.labelstudio_regions import prediction_to_ls_results
 from loop.labeling import PushItem, PushSummary
 from loop.labelstudio.transport import (
     BULK_TIMEOUT_S,

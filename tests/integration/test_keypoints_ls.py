@@ -22,7 +22,7 @@ import yaml
 from loop.config import load_config
 from loop.datasets import assign_split, diff_versions
 from loop.detections import Detections
-from loop.formats.labelstudio import keypoint_to_ls_result, mask_to_ls_brush_result
+from loop.formats.labelstudio_regions import keypoint_to_ls_result, mask_to_ls_brush_result
 from loop.keypoints import Keypoint
 from loop.labelstudio.brush import mask_to_rle
 from loop.polygons import rings_to_mask

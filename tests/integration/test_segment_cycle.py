@@ -25,7 +25,7 @@ from typer.testing import CliRunner
 
 from loop.annotation_log import read_outcomes
 from loop.config import load_config
-from loop.formats.labelstudio import keypoint_to_ls_result, ls_points_to_ring
+from loop.formats.labelstudio_regions import keypoint_to_ls_result, ls_points_to_ring
 from loop.keypoints import Keypoint
 from loop.offline import deny_network
 from loop.polygons import rings_to_mask

@@ -11,11 +11,8 @@ import pytest
 from ls_json import rect
 
 from loop.errors import ConversionError
-from loop.formats.labelstudio import (
-    judge_task,
-    ls_results_to_instances,
-    mask_to_ls_brush_result,
-)
+from loop.formats.labelstudio_pull import judge_task
+from loop.formats.labelstudio_regions import ls_results_to_instances, mask_to_ls_brush_result
 from loop.labelstudio.brush import mask_to_rle, rle_to_mask
 from loop.polygons import mask_iou, rings_bbox, rings_to_mask
 

@@ -182,7 +182,7 @@ def test_quality_config_errors_name_the_key(tmp_path, quality, field):
 def test_judge_task_keeps_every_annotator_and_names_unusable_ones():
     from ls_json import rect
 
-    from loop.formats.labelstudio import judge_task
+    from loop.formats.labelstudio_pull import judge_task
 
     def ann(aid, result, when, by, **kw):
         return {"id": aid, "result": result, "was_cancelled": False, "ground_truth": False,

@@ -10,7 +10,8 @@ import pytest
 
 from loop.detections import Detections
 from loop.errors import ConversionError, UnknownLabelError
-from loop.formats.labelstudio import ls_results_to_detections, ls_results_to_instances
+from loop.formats.labelstudio import ls_results_to_detections
+from loop.formats.labelstudio_regions import ls_results_to_instances
 from loop.formats.labelstudio_review import (
     REVIEW_MODEL_VERSION,
     REVIEW_VIEW_TITLE,

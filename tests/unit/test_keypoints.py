@@ -26,8 +26,9 @@ from loop.datasets import (
 )
 from loop.detections import Detections
 from loop.errors import ConfigError, ConversionError, DatasetError
-from loop.formats.labelstudio import judge_task, keypoint_to_ls_result
 from loop.formats.labelstudio_config import has_control, label_config_xml
+from loop.formats.labelstudio_pull import judge_task
+from loop.formats.labelstudio_regions import keypoint_to_ls_result
 from loop.formats.yolo import (
     instances_to_yolo_pose_lines,
     pose_slots,

@@ -8,10 +8,8 @@ import pytest
 
 from loop.detections import Detections
 from loop.errors import ConversionError, UnknownLabelError
-from loop.formats.labelstudio import (
-    POLYGON,
-    RECTANGLE,
-    detections_to_ls_results,
+from loop.formats.labelstudio import POLYGON, RECTANGLE, detections_to_ls_results
+from loop.formats.labelstudio_regions import (
     instances_to_ls_results,
     ls_results_to_instances,
     outer_rings,

@@ -14,8 +14,8 @@ from ls_json import poly, rect
 
 from loop.config import load_config
 from loop.errors import ConfigError, ConversionError
-from loop.formats.labelstudio import (
-    judge_task,
+from loop.formats.labelstudio_pull import judge_task
+from loop.formats.labelstudio_regions import (
     ls_points_to_ring,
     ls_results_to_instances,
     ring_to_ls_points,

@@ -1,4 +1,4 @@
-"""The pull rules (`loop.formats.labelstudio.judge_task`) on plain dicts: what an exported Label
+"""The pull rules (`loop.formats.labelstudio_pull.judge_task`) on plain dicts: what an exported Label
 Studio task becomes (a label, a rejection with its reason, a skip, nothing), with no server and no
 gateway in between."""
 
@@ -11,7 +11,8 @@ import pytest
 from ls_json import poly, rect, verdict
 
 from loop.errors import ConversionError, UnknownLabelError
-from loop.formats.labelstudio import UnsafeImagePathError, judge_task
+from loop.formats.labelstudio import UnsafeImagePathError
+from loop.formats.labelstudio_pull import judge_task
 
 CLASSES = ["scratch", "dent", "crack"]
 DATA = {

@@ -29,7 +29,7 @@ from loop.annotation_log import (
 from loop.corrections import CorrectionInput, build_corrections
 from loop.detections import Detections
 from loop.errors import DatasetError
-from loop.formats.labelstudio import judge_task
+from loop.formats.labelstudio_pull import judge_task
 from loop.keypoints import Keypoint
 from loop.polygons import as_ring
 

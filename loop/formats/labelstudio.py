@@ -130,6 +130,33 @@ def size_field(value: Any, what: str, region: Any) -> int:
     return int(v)
 
 
+def region_value_label(r: dict[str, Any], kind: str, rid: Any) -> tuple[dict[str, Any], Any]:
+    """A region's ``value`` object and its one label (``value[kind]``, a one-element list;
+    ``kind`` the result type, e.g. ``rectanglelabels``); the label is not checked against a
+    class map. Raises `ConversionError` naming the region ``rid``."""
+    what = "keypoint" if kind == KEYPOINT else "region"
+    value = r.get("value")
+    if not isinstance(value, dict):
+        raise ConversionError(
+            f"{what} {rid!r}: value must be an object, got {type(value).__name__}"
+        )
+    labels = value.get(kind)
+    if not isinstance(labels, list) or len(labels) != 1:
+        raise ConversionError(f"{what} {rid!r} must carry exactly one label, got {labels!r}")
+    return value, labels[0]
+
+
+def region_size(r: dict[str, Any], rid: Any) -> tuple[int, int] | None:
+    """The ``(original_width, original_height)`` a region was drawn on (pixels), None when it
+    names neither; `ConversionError` when one is missing or not a whole number >= 1."""
+    if "original_width" not in r and "original_height" not in r:
+        return None
+    return (
+        size_field(r.get("original_width"), "original_width", rid),
+        size_field(r.get("original_height"), "original_height", rid),
+    )
+
+
 def ls_results_to_detections(
     results: list[dict[str, Any]],
     class_names: list[str],
@@ -157,17 +184,10 @@ def ls_results_to_detections(
         if r.get("type") != RECTANGLE:
             continue
         rid = r.get("id", f"#{i}")
-        value = r.get("value")
-        if not isinstance(value, dict):
-            raise ConversionError(
-                f"region {rid!r}: value must be an object, got {type(value).__name__}"
-            )
-        labels = value.get(RECTANGLE)
-        if not isinstance(labels, list) or len(labels) != 1:
-            raise ConversionError(f"region {rid!r} must carry exactly one label, got {labels!r}")
-        if not isinstance(labels[0], str) or labels[0] not in class_names:
+        value, label = region_value_label(r, RECTANGLE, rid)
+        if not isinstance(label, str) or label not in class_names:
             raise UnknownLabelError(
-                f"label {labels[0]!r} is not one of the project's classes {class_names}"
+                f"label {label!r} is not one of the project's classes {class_names}"
             )
         rotation = value.get("rotation")
         if rotation is not None and abs(number_field(rotation, "rotation", rid)) > 1e-6:
@@ -199,11 +219,8 @@ def ls_results_to_detections(
             raise ConversionError(
                 f"region {rid!r} has zero area (w={bw}, h={bh} %); delete it or redraw the box"
             )
-        if "original_width" in r or "original_height" in r:
-            r_wh = (
-                size_field(r.get("original_width"), "original_width", rid),
-                size_field(r.get("original_height"), "original_height", rid),
-            )
+        r_wh = region_size(r, rid)
+        if r_wh is not None:
             if seen_wh is not None and r_wh != seen_wh:
                 raise ConversionError(
                     f"region {rid!r} was drawn on a {r_wh[0]}x{r_wh[1]} image, another region "
@@ -213,7 +230,7 @@ def ls_results_to_detections(
             if wh is None:
                 wh = r_wh
         boxes.append([x, y, x + bw, y + bh])
-        ids.append(class_names.index(labels[0]))
+        ids.append(class_names.index(label))
     if wh is None:
         if boxes:
             raise ConversionError("results carry no original_width/height and no image size given")

@@ -44,7 +44,8 @@ from loop.formats.labelstudio import (
     detections_to_ls_results,
     ls_results_to_detections,
     number_field,
-    size_field,
+    region_size,
+    region_value_label,
 )
 from loop.keypoints import (
     DEFAULT_VISIBILITY,
@@ -219,12 +220,7 @@ def _brushes_as_rectangles(
             n_regions += kind in (RECTANGLE, POLYGON)
             continue
         rid = r.get("id", f"#{i}")
-        wh = image_wh
-        if "original_width" in r or "original_height" in r:
-            wh = (
-                size_field(r.get("original_width"), "original_width", rid),
-                size_field(r.get("original_height"), "original_height", rid),
-            )
+        wh = region_size(r, rid) or image_wh
         if wh is None:
             raise ConversionError(f"brush {rid!r} carries no original_width/height")
         value = r.get("value")
@@ -336,15 +332,7 @@ def ls_results_to_keypoints(
         if not isinstance(r, dict) or r.get("type") != KEYPOINT:
             continue
         rid = r.get("id", f"#{i}")
-        value = r.get("value")
-        if not isinstance(value, dict):
-            raise ConversionError(
-                f"keypoint {rid!r}: value must be an object, got {type(value).__name__}"
-            )
-        labels = value.get(KEYPOINT)
-        if not isinstance(labels, list) or len(labels) != 1:
-            raise ConversionError(f"keypoint {rid!r} must carry exactly one label, got {labels!r}")
-        label = labels[0]
+        value, label = region_value_label(r, KEYPOINT, rid)
         if not isinstance(label, str) or label not in table:
             raise UnknownLabelError(
                 f"keypoint label {str(label)[:80]!r} is not one of the configured keypoints "
@@ -358,16 +346,12 @@ def ls_results_to_keypoints(
             raise ConversionError(
                 f"keypoint {rid!r} ({label}) lies outside the image (x={x}, y={y} %)"
             )
-        if "original_width" in r or "original_height" in r:
-            r_wh = (
-                size_field(r.get("original_width"), "original_width", rid),
-                size_field(r.get("original_height"), "original_height", rid),
+        r_wh = region_size(r, rid)
+        if r_wh is not None and r_wh != (w, h):
+            raise ConversionError(
+                f"keypoint {rid!r} was placed on a {r_wh[0]}x{r_wh[1]} image, the regions "
+                f"on {w}x{h}; re-annotate the task"
             )
-            if r_wh != (w, h):
-                raise ConversionError(
-                    f"keypoint {rid!r} was placed on a {r_wh[0]}x{r_wh[1]} image, the regions "
-                    f"on {w}x{h}; re-annotate the task"
-                )
         px = min(max(x, 0.0), 100.0) / 100.0 * w
         py = min(max(y, 0.0), 100.0) / 100.0 * h
         cls, name = table[label]

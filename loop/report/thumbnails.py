@@ -22,25 +22,8 @@ def _short(text: str, n: int = 16) -> str:
     return text if len(text) <= n else text[: n - 1] + "…"
 
 
-def _dashed_rect(draw: Any, xy: tuple[float, float, float, float], color: Any, width: int) -> None:
-    x1, y1, x2, y2 = xy
-    dash, gap = 6.0, 4.0
-    for ax, ay, bx, by in ((x1, y1, x2, y1), (x2, y1, x2, y2), (x2, y2, x1, y2), (x1, y2, x1, y1)):
-        length = math.hypot(bx - ax, by - ay)
-        if length == 0:
-            continue
-        ux, uy = (bx - ax) / length, (by - ay) / length
-        t = 0.0
-        while t < length:
-            e = min(t + dash, length)
-            draw.line((ax + ux * t, ay + uy * t, ax + ux * e, ay + uy * e), fill=color, width=width)
-            t = e + gap
-
-
-FILL_ALPHA = 80  # of 255: the image stays visible under a mask overlay
-
-
 def _dashed_path(draw: Any, points: list[tuple[float, float]], color: Any, width: int) -> None:
+    """A closed dashed outline through ``points`` (pixels): 6 px dashes, 4 px gaps."""
     dash, gap = 6.0, 4.0
     for (ax, ay), (bx, by) in zip(points, points[1:] + points[:1], strict=True):
         length = math.hypot(bx - ax, by - ay)
@@ -52,6 +35,14 @@ def _dashed_path(draw: Any, points: list[tuple[float, float]], color: Any, width
             e = min(t + dash, length)
             draw.line((ax + ux * t, ay + uy * t, ax + ux * e, ay + uy * e), fill=color, width=width)
             t = e + gap
+
+
+def _dashed_rect(draw: Any, xy: tuple[float, float, float, float], color: Any, width: int) -> None:
+    x1, y1, x2, y2 = xy
+    _dashed_path(draw, [(x1, y1), (x2, y1), (x2, y2), (x1, y2)], color, width)
+
+
+FILL_ALPHA = 80  # of 255: the image stays visible under a mask overlay
 
 
 def _mask_overlay(img: Any, boxes: Sequence[Box], s: float, color: tuple[int, int, int]) -> Any:

@@ -50,3 +50,33 @@ def verdict(choice: str = "defect-free") -> dict[str, Any]:
         "to_name": "image",
         "value": {"choices": [choice]},
     }
+
+
+def task_data(width: int = 200, height: int = 100) -> dict[str, Any]:
+    """The task data defect-loop pushes (image URL, sha256, size in pixels)."""
+    return {
+        "image": "/data/local-files/?d=images/a.png",
+        "sha256": "a" * 64,
+        "width": width,
+        "height": height,
+    }
+
+
+def one_annotation_task(
+    result: list[Any],
+    tid: int = 7,
+    data: dict[str, Any] | None = None,
+    **annotation: Any,
+) -> dict[str, Any]:
+    """An exported task with one submitted annotation (id 1, user 1) whose regions are
+    ``result``; ``annotation`` adds or overrides the annotation's fields."""
+    ann = {
+        "id": 1,
+        "result": result,
+        "was_cancelled": False,
+        "ground_truth": False,
+        "updated_at": "2026-01-01T00:00:00Z",
+        "completed_by": 1,
+        **annotation,
+    }
+    return {"id": tid, "data": dict(data or task_data()), "annotations": [ann]}

@@ -8,7 +8,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from ls_json import rect
+from ls_json import one_annotation_task, rect, task_data
 
 from loop.errors import ConversionError
 from loop.formats.labelstudio_pull import judge_task
@@ -103,19 +103,11 @@ def test_without_a_decoder_brush_regions_are_ignored() -> None:
     assert len(det) == 0 and polygons == ()
 
 
-DATA = {"image": "/data/local-files/?d=images/a.png", "sha256": "a" * 64, "width": W, "height": H}
+DATA = task_data(W, H)
 
 
 def task(result: list, tid: int = 9) -> dict[str, Any]:
-    ann = {
-        "id": 1,
-        "result": result,
-        "was_cancelled": False,
-        "ground_truth": False,
-        "updated_at": "2026-01-01T00:00:00Z",
-        "completed_by": 1,
-    }
-    return {"id": tid, "data": dict(DATA), "annotations": [ann]}
+    return one_annotation_task(result, tid, DATA)
 
 
 def brush(mask: np.ndarray, label: str = "crack", **over: Any) -> dict[str, Any]:

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from ls_json import poly, rect
+from ls_json import one_annotation_task, poly, rect, task_data
 
 from loop.config import load_config
 from loop.datasets import (
@@ -331,24 +331,11 @@ def test_assignment_prefers_a_polygon_that_contains_the_point() -> None:
 
 
 # --- the pull rules --------------------------------------------------------------------------
-DATA = {
-    "image": "/data/local-files/?d=images/a.png",
-    "sha256": "a" * 64,
-    "width": 200,
-    "height": 100,
-}
+DATA = task_data()
 
 
 def task(result: list, tid: int = 7) -> dict[str, Any]:
-    ann = {
-        "id": 1,
-        "result": result,
-        "was_cancelled": False,
-        "ground_truth": False,
-        "updated_at": "2026-01-01T00:00:00Z",
-        "completed_by": 1,
-    }
-    return {"id": tid, "data": dict(DATA), "annotations": [ann]}
+    return one_annotation_task(result, tid, DATA)
 
 
 def kp(x: float, y: float, label: str = "crack/tip_a", parent: str | None = None, **extra: Any):

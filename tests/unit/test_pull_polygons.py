@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ls_json import poly, rect
+from ls_json import one_annotation_task, poly, rect, task_data
 
 from loop.config import load_config
 from loop.errors import ConfigError, ConversionError
@@ -23,24 +23,11 @@ from loop.formats.labelstudio_regions import (
 from loop.polygons import as_ring, ring_self_intersects
 
 CLASSES = ["scratch", "dent", "crack"]
-DATA = {
-    "image": "/data/local-files/?d=images/a.png",
-    "sha256": "a" * 64,
-    "width": 200,
-    "height": 100,
-}
+DATA = task_data()
 
 
 def task(result: list, tid: int = 7) -> dict[str, Any]:
-    ann = {
-        "id": 1,
-        "result": result,
-        "was_cancelled": False,
-        "ground_truth": False,
-        "updated_at": "2026-01-01T00:00:00Z",
-        "completed_by": 1,
-    }
-    return {"id": tid, "data": dict(DATA), "annotations": [ann]}
+    return one_annotation_task(result, tid, DATA)
 
 
 TRI_PCT = [[10, 10], [30, 5], [20, 40]]  # of 200 x 100 px

@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 import pytest
 import yaml
-from ls_json import poly, rect
+from ls_json import one_annotation_task, poly, rect, task_data
 
 from loop.annotation_log import (
     AnnotationRecord,
@@ -34,12 +34,7 @@ from loop.keypoints import Keypoint
 from loop.polygons import as_ring
 
 CLASSES = ["scratch", "dent", "crack"]
-DATA = {
-    "image": "/data/local-files/?d=images/a.png",
-    "sha256": "a" * 64,
-    "width": 200,
-    "height": 100,
-}
+DATA = task_data()
 USERS = {1: "ann@x", 2: "bob@x"}
 
 # An L-shaped suggestion (percent of 200 x 100 px) and the labeler's version of it: the inner
@@ -56,19 +51,9 @@ def _scored(region: dict[str, Any], rid: str, score: float) -> dict[str, Any]:
 
 
 def _task(result: list, prediction: list | None, tid: int = 7, **extra: Any) -> dict[str, Any]:
-    ann = {
-        "id": 1,
-        "result": result,
-        "was_cancelled": False,
-        "ground_truth": False,
-        "updated_at": "2026-01-01T00:00:00Z",
-        "completed_by": 1,
-        "lead_time": 3.0,
-        **extra,
-    }
     if prediction is not None:
-        ann["prediction"] = {"model_version": "seg-1", "result": prediction}
-    return {"id": tid, "data": dict(DATA), "annotations": [ann]}
+        extra["prediction"] = {"model_version": "seg-1", "result": prediction}
+    return one_annotation_task(result, tid, DATA, lead_time=3.0, **extra)
 
 
 PREDICTION = [

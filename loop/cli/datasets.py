@@ -18,7 +18,8 @@ import typer
 
 from loop.cli.common import ConfigOpt, run
 from loop.config import DEFAULT_CONFIG_NAME, load_config
-from loop.datasets import SPLITS, DatasetStore, diff_versions, export_yolo
+from loop.dataset_diff import diff_versions
+from loop.datasets import SPLITS, DatasetStore, export_yolo
 from loop.errors import DatasetError
 
 datasets_app = typer.Typer(

@@ -20,7 +20,8 @@ import pytest
 import yaml
 
 from loop.config import load_config
-from loop.datasets import assign_split, diff_versions
+from loop.dataset_diff import diff_versions
+from loop.datasets import assign_split
 from loop.detections import Detections
 from loop.formats.labelstudio_regions import keypoint_to_ls_result, mask_to_ls_brush_result
 from loop.keypoints import Keypoint

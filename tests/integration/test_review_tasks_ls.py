@@ -26,7 +26,8 @@ import pytest
 import yaml
 
 from loop.config import load_config
-from loop.datasets import assign_split, diff_versions
+from loop.dataset_diff import diff_versions
+from loop.datasets import assign_split
 from loop.detections import Detections
 from loop.formats.labelstudio import detections_to_ls_results
 from loop.formats.labelstudio_review import REVIEW_MODEL_VERSION, REVIEW_VIEW_TITLE

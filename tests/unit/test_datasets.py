@@ -297,7 +297,7 @@ def _diff_pair() -> tuple[DatasetVersion, DatasetVersion]:
 
 
 def test_diff_known_answer():
-    from loop.datasets import diff_versions
+    from loop.dataset_diff import diff_versions
 
     a, b = _diff_pair()
     d = diff_versions(a, b)
@@ -318,7 +318,7 @@ def test_diff_known_answer():
 def test_diff_text_and_dict():
     import json
 
-    from loop.datasets import diff_versions
+    from loop.dataset_diff import diff_versions
 
     a, b = _diff_pair()
     d = diff_versions(a, b)
@@ -338,7 +338,7 @@ def test_diff_text_and_dict():
 
 
 def test_diff_of_a_version_with_itself_is_empty_and_split_moves_are_reported():
-    from loop.datasets import diff_versions
+    from loop.dataset_diff import diff_versions
 
     a, _ = _diff_pair()
     same = diff_versions(a, a)
@@ -355,7 +355,7 @@ def test_diff_of_a_version_with_itself_is_empty_and_split_moves_are_reported():
 
 
 def test_diff_lists_are_capped_in_text():
-    from loop.datasets import diff_versions
+    from loop.dataset_diff import diff_versions
 
     a = DatasetVersion.create(CLASSES, [row(0)])
     b = a.with_labels([row(i) for i in range(1, 15)])

@@ -16,14 +16,8 @@ import yaml
 from ls_json import one_annotation_task, poly, rect, task_data
 
 from loop.config import load_config
-from loop.datasets import (
-    MANIFEST_FILE,
-    DatasetStore,
-    DatasetVersion,
-    LabeledImage,
-    diff_versions,
-    export_yolo,
-)
+from loop.dataset_diff import diff_versions
+from loop.datasets import MANIFEST_FILE, DatasetStore, DatasetVersion, LabeledImage, export_yolo
 from loop.detections import Detections
 from loop.errors import ConfigError, ConversionError, DatasetError
 from loop.formats.labelstudio_config import has_control, label_config_xml

@@ -12,13 +12,13 @@ import pyarrow.parquet as pq
 import pytest
 
 from loop.config import SplitConfig
+from loop.dataset_diff import diff_versions
 from loop.datasets import (
     MANIFEST_FILE,
     DatasetStore,
     DatasetVersion,
     LabeledImage,
     assign_split,
-    diff_versions,
     read_version_dir,
 )
 from loop.detections import Detections

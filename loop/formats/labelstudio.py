@@ -64,6 +64,29 @@ def _region_id(i: int, box: np.ndarray, cls: int) -> str:
     return digest[:10]
 
 
+def region_result(
+    region_id: str,
+    kind: str,
+    value: dict[str, Any],
+    image_wh: tuple[int, int],
+    from_name: str,
+    to_name: str = TO_NAME,
+) -> dict[str, Any]:
+    """One Label Studio result region of type ``kind`` (``rectanglelabels``, ...) with its
+    ``value`` (percent coordinates and the label list), drawn on an image of ``image_wh`` px."""
+    w, h = image_wh
+    return {
+        "id": region_id,
+        "type": kind,
+        "from_name": from_name,
+        "to_name": to_name,
+        "original_width": w,
+        "original_height": h,
+        "image_rotation": 0,
+        "value": value,
+    }
+
+
 def detections_to_ls_results(
     det: Detections,
     class_names: list[str],
@@ -80,23 +103,17 @@ def detections_to_ls_results(
         if not 0 <= int(cls) < len(class_names):
             raise UnknownLabelError(f"class id {int(cls)} has no name in {class_names}")
         x1, y1, x2, y2 = (float(v) for v in box)
-        result: dict[str, Any] = {
-            "id": _region_id(i, box, int(cls)),
-            "type": RECTANGLE,
-            "from_name": from_name,
-            "to_name": to_name,
-            "original_width": w,
-            "original_height": h,
-            "image_rotation": 0,
-            "value": {
-                "x": x1 / w * 100.0,
-                "y": y1 / h * 100.0,
-                "width": (x2 - x1) / w * 100.0,
-                "height": (y2 - y1) / h * 100.0,
-                "rotation": 0,
-                RECTANGLE: [class_names[int(cls)]],
-            },
+        value = {
+            "x": x1 / w * 100.0,
+            "y": y1 / h * 100.0,
+            "width": (x2 - x1) / w * 100.0,
+            "height": (y2 - y1) / h * 100.0,
+            "rotation": 0,
+            RECTANGLE: [class_names[int(cls)]],
         }
+        result = region_result(
+            _region_id(i, box, int(cls)), RECTANGLE, value, (w, h), from_name, to_name
+        )
         if det.confidence is not None:
             result["score"] = float(det.confidence[i])
         results.append(result)

@@ -44,6 +44,7 @@ from loop.formats.labelstudio import (
     detections_to_ls_results,
     ls_results_to_detections,
     number_field,
+    region_result,
     region_size,
     region_value_label,
 )
@@ -253,17 +254,8 @@ def mask_to_ls_brush_result(
 ) -> dict[str, Any]:
     """A brush region result from an already encoded ``rle`` (`loop.labelstudio.brush.
     mask_to_rle`) of class ``class_name`` on an image of ``image_wh`` pixels."""
-    w, h = image_wh
-    return {
-        "id": region_id,
-        "type": BRUSH,
-        "from_name": from_name,
-        "to_name": to_name,
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": {"format": "rle", "rle": list(rle), BRUSH: [class_name]},
-    }
+    value = {"format": "rle", "rle": list(rle), BRUSH: [class_name]}
+    return region_result(region_id, BRUSH, value, image_wh, from_name, to_name)
 
 
 def keypoint_to_ls_result(
@@ -278,21 +270,13 @@ def keypoint_to_ls_result(
     """A pixel keypoint of an instance of ``class_name`` -> a ``keypointlabels`` result (percent
     coordinates, label ``<class>/<name>``), linked to the region ``parent_id`` when given."""
     w, h = image_wh
-    result: dict[str, Any] = {
-        "id": region_id,
-        "type": KEYPOINT,
-        "from_name": from_name,
-        "to_name": to_name,
-        "original_width": w,
-        "original_height": h,
-        "image_rotation": 0,
-        "value": {
-            "x": kp.x / w * 100.0,
-            "y": kp.y / h * 100.0,
-            "width": 0.5,
-            KEYPOINT: [keypoint_label(class_name, kp.name)],
-        },
+    value = {
+        "x": kp.x / w * 100.0,
+        "y": kp.y / h * 100.0,
+        "width": 0.5,
+        KEYPOINT: [keypoint_label(class_name, kp.name)],
     }
+    result = region_result(region_id, KEYPOINT, value, image_wh, from_name, to_name)
     if parent_id is not None:
         result["parentID"] = parent_id
     return result
@@ -468,20 +452,12 @@ def instances_to_ls_results(
             digest = hashlib.sha1(
                 f"{i}:{k}:{int(cls)}:{np.round(ring, 3).tolist()}".encode()
             ).hexdigest()
-            result: dict[str, Any] = {
-                "id": digest[:10],
-                "type": POLYGON,
-                "from_name": from_name,
-                "to_name": to_name,
-                "original_width": w,
-                "original_height": h,
-                "image_rotation": 0,
-                "value": {
-                    "points": ring_to_ls_points(ring, (w, h)),
-                    "closed": True,
-                    POLYGON: [class_names[int(cls)]],
-                },
+            value = {
+                "points": ring_to_ls_points(ring, (w, h)),
+                "closed": True,
+                POLYGON: [class_names[int(cls)]],
             }
+            result = region_result(digest[:10], POLYGON, value, (w, h), from_name, to_name)
             if score is not None:
                 result["score"] = score
             results.append(result)

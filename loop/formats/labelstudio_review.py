@@ -25,8 +25,8 @@ from loop.errors import ConversionError, UnknownLabelError
 from loop.formats.labelstudio import (
     POLYGON,
     POLYGON_NAME,
-    TO_NAME,
     detections_to_ls_results,
+    region_result,
     without_scores,
 )
 from loop.formats.labelstudio_regions import ring_to_ls_points
@@ -70,22 +70,12 @@ def labels_to_ls_results(
         cls = int(labels.class_id[i])
         if not 0 <= cls < len(class_names):
             raise UnknownLabelError(f"class id {cls} has no name in {class_names}")
-        out.append(
-            {
-                "id": f"{rect['id']}p",
-                "type": POLYGON,
-                "from_name": POLYGON_NAME,
-                "to_name": TO_NAME,
-                "original_width": w,
-                "original_height": h,
-                "image_rotation": 0,
-                "value": {
-                    "points": ring_to_ls_points(rings[0], (w, h)),
-                    "closed": True,
-                    POLYGON: [class_names[cls]],
-                },
-            }
-        )
+        value = {
+            "points": ring_to_ls_points(rings[0], (w, h)),
+            "closed": True,
+            POLYGON: [class_names[cls]],
+        }
+        out.append(region_result(f"{rect['id']}p", POLYGON, value, (w, h), POLYGON_NAME))
     return out
 
 

@@ -36,15 +36,9 @@ from loop.errors import (
     ImageError,
     ModelError,
     TaskTypeChangedError,
-    UnknownLabelError,
 )
 from loop.formats.labelstudio import local_file_url
-from loop.formats.yolo import (
-    pose_slots,
-    yolo_lines_to_detections,
-    yolo_lines_to_instances,
-    yolo_pose_lines_to_instances,
-)
+from loop.formats.yolo import pose_slots
 from loop.images import (
     ImagePool,
     IngestReport,
@@ -53,11 +47,10 @@ from loop.images import (
     iter_image_files,
     sha256_file,
 )
-from loop.keypoints import InstanceKeypoints
-from loop.labelfiles import match_label_files
+from loop.label_import import mask_label_rows, yolo_label_rows
 from loop.labeling import LabelingBackend, PushSummary
 from loop.ledger import RejectionLog, TaskRejection
-from loop.polygons import Rings
+from loop.mask_import import pair_mask_files
 from loop.quality import gate_and_record, split_status
 from loop.scheduling import workspace_lock
 from loop.sync import PullOutcome
@@ -244,97 +237,45 @@ class Project:
             report = self.pool.ingest(files, self.cfg.ingest, on_progress)
             if labels_dir is None:
                 return report, None
-            labeled, problems = self._read_labels(source, files, labels_dir, report, slots)
-            if problems:
-                report.label_problems.extend(problems)
-                self.pool.record_rejected(problems)
-                self.pool.save()
+            found = yolo_label_rows(
+                source,
+                files,
+                labels_dir,
+                report,
+                self.cfg.classes,
+                self.cfg.task,
+                self.cfg.split,
+                slots,
+            )
+            labeled = found.rows
+            self._record_label_problems(report, found.problems)
             if label_limit is not None and label_limit < len(labeled):
                 rng = np.random.default_rng(seed)
                 keep = sorted(rng.choice(len(labeled), size=label_limit, replace=False).tolist())
                 labeled = [labeled[i] for i in keep]
-            if not labeled:
-                return report, None
-            current = self.current_version()
-            if current is None:
-                version = DatasetVersion.create(self.cfg.classes, labeled)
-            else:
-                version = current.with_labels(labeled)
-            if current is not None and version.digest == current.digest:
-                return report, current
-            self.set_version(version)
-            return report, version
+            return report, self._add_labels(labeled)
 
-    def _read_labels(
-        self,
-        source: Path,
-        files: list[Path],
-        labels_dir: Path,
-        report: IngestReport,
-        slots: tuple[tuple[str, ...], ...] = (),
-    ) -> tuple[list[LabeledImage], list[Rejected]]:
-        """The labeled rows of the ingested images (one per sha256, by sha256) and the label
-        files that could not be used, with the reason. ``slots``: the files hold pose
-        lines (`loop.formats.yolo.yolo_pose_lines_to_instances`)."""
-        match = match_label_files(source, files, labels_dir, report.accepted)
-        problems = list(match.problems)
-        found: dict[str, list[tuple[Path, Path, LabeledImage]]] = {}
-        for image, txt in sorted(match.labels.items()):
-            entry = report.accepted[str(image)]
-            polys: tuple[Rings, ...] = ()
-            kps: tuple[InstanceKeypoints, ...] = ()
-            try:
-                if slots:
-                    det, kps = yolo_pose_lines_to_instances(
-                        txt.read_text(), (entry.width, entry.height), slots
-                    )
-                elif self.cfg.task == "segment":
-                    det, polys = yolo_lines_to_instances(
-                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
-                    )
-                else:
-                    det = yolo_lines_to_detections(
-                        txt.read_text(), (entry.width, entry.height), len(self.cfg.classes)
-                    )
-            except (OSError, UnicodeDecodeError) as exc:
-                problems.append(Rejected(str(txt), f"unreadable label file: {exc}"))
-                continue
-            except (ConversionError, UnknownLabelError) as exc:
-                problems.append(
-                    Rejected(str(txt), f"{exc}; its image {image} was ingested without labels")
-                )
-                continue
-            row = LabeledImage(
-                entry.sha256,
-                entry.path,
-                entry.width,
-                entry.height,
-                assign_split(entry.sha256, self.cfg.split),
-                det,
-                {"source": "import", "file": str(txt)},
-                polys,
-                kps,
-            )
-            found.setdefault(entry.sha256, []).append((image, txt, row))
-        labeled: list[LabeledImage] = []
-        classes = list(self.cfg.classes)
-        for sha, rows in sorted(found.items()):
-            first = rows[0]
-            other = next(
-                (r for r in rows if r[2].canonical(classes) != first[2].canonical(classes)), None
-            )
-            if other is None:
-                labeled.append(first[2])
-                continue
-            problems.append(
-                Rejected(
-                    str(first[1]),
-                    f"conflicting labels for one image ({sha[:12]}, under two names): "
-                    f"{first[1]} (for {first[0]}) and {other[1]} (for {other[0]}) differ; "
-                    "neither was imported. Make them agree or remove one",
-                )
-            )
-        return labeled, problems
+    def _record_label_problems(self, report: IngestReport, problems: list[Rejected]) -> None:
+        """List label files that were not imported in ``report`` and in the pool (`status`)."""
+        if problems:
+            report.label_problems.extend(problems)
+            self.pool.record_rejected(problems)
+            self.pool.save()
+
+    def _add_labels(self, rows: list[LabeledImage]) -> DatasetVersion | None:
+        """A new current version with ``rows`` added (or replacing the same images); the
+        current version when nothing changed; None (no version) when there are no rows."""
+        if not rows:
+            return None
+        current = self.current_version()
+        if current is None:
+            version = DatasetVersion.create(self.cfg.classes, rows)
+        else:
+            version = current.with_labels(rows)
+        if current is not None and version.digest == current.digest:
+            return current
+        self.set_version(version)
+        return version
 
     def ingest_masks(
         self,
@@ -355,104 +296,25 @@ class Project:
         mask that cannot be used (unreadable, another size, no class for its folder, values only below the
         threshold) leaves its image unlabeled and is listed there too. Holds the workspace lock.
         """
-        from loop.formats.masks import mask_to_polygons
-        from loop.mask_import import class_of_image, pair_mask_files, read_mask
-        from loop.polygons import polygons_to_detections
-
         if not source.exists():
             raise ImageError(f"{source} does not exist; pass a folder of images and masks")
         pairs = pair_mask_files(iter_image_files(source))
-        classes = list(self.cfg.classes)
         with self.writing("ingest"):
             report = self.pool.ingest(pairs.images, self.cfg.ingest, on_progress)
-            problems: list[Rejected] = list(pairs.problems)
-            labeled: dict[str, LabeledImage] = {}
-            conflicted: set[str] = set()
-            for image, mask_path in sorted(pairs.masks.items()):
-                entry = report.accepted.get(str(image))
-                if entry is None:
-                    continue  # the image itself was rejected (and is listed as such)
-                try:
-                    mask = read_mask(mask_path, (entry.width, entry.height))
-                except ConversionError as exc:
-                    problems.append(Rejected(str(mask_path), f"{exc}; {image.name} unlabeled"))
-                    continue
-                found = mask_to_polygons(mask, threshold, min_area)
-                cls = class_of_image(image, source, folder_classes or {}, classes)
-                if cls is None and (found.instances or found.dropped):
-                    problems.append(
-                        Rejected(
-                            str(mask_path),
-                            f"its folder {image.relative_to(source).parts[0]!r} names no class "
-                            f"of {classes}; pass --folder-class FOLDER=CLASS. "
-                            f"{image.name} unlabeled",
-                        )
-                    )
-                    continue
-                if not found.instances and not found.dropped and mask.any():
-                    problems.append(
-                        Rejected(
-                            str(mask_path),
-                            f"values up to {int(mask.max())}, all below the threshold "
-                            f"{threshold:g}; pass a lower --mask-threshold. {image.name} unlabeled",
-                        )
-                    )
-                    continue
-                cid = classes.index(cls) if cls is not None else 0
-                det, polys = polygons_to_detections(
-                    [(cid, rings) for rings in found.instances], (entry.width, entry.height)
-                )
-                prov = {"source": "import-masks", "file": str(mask_path)}
-                if found.dropped:
-                    prov["dropped_regions"] = "; ".join(
-                        f"{d.area_px} px at {d.bbox}: {d.reason}" for d in found.dropped
-                    )
-                    report.dropped_regions.extend(
-                        Rejected(
-                            str(mask_path), f"region of {d.area_px} px at {d.bbox}: {d.reason}"
-                        )
-                        for d in found.dropped
-                    )
-                row = LabeledImage(
-                    entry.sha256,
-                    entry.path,
-                    entry.width,
-                    entry.height,
-                    assign_split(entry.sha256, self.cfg.split),
-                    det,
-                    prov,
-                    polys if self.cfg.task == "segment" else (),
-                )
-                earlier = labeled.get(entry.sha256)
-                if earlier is not None and earlier.canonical(classes) != row.canonical(classes):
-                    conflicted.add(entry.sha256)
-                    problems.append(
-                        Rejected(
-                            str(mask_path),
-                            f"conflicting masks for one image ({entry.sha256[:12]}, under two "
-                            f"names): {earlier.provenance['file']} differs; neither was imported",
-                        )
-                    )
-                labeled.setdefault(entry.sha256, row)
-            for sha in conflicted:
-                del labeled[sha]
-            if problems:
-                report.label_problems.extend(problems)
-                self.pool.record_rejected(problems)
-                self.pool.save()
-            if not labeled:
-                return report, None
-            current = self.current_version()
-            rows = list(labeled.values())
-            version = (
-                DatasetVersion.create(classes, rows)
-                if current is None
-                else current.with_labels(rows)
+            found = mask_label_rows(
+                source,
+                pairs.masks,
+                report,
+                self.cfg.classes,
+                folder_classes or {},
+                threshold,
+                min_area,
+                self.cfg.task,
+                self.cfg.split,
             )
-            if current is not None and version.digest == current.digest:
-                return report, current
-            self.set_version(version)
-            return report, version
+            report.dropped_regions.extend(found.dropped)
+            self._record_label_problems(report, [*pairs.problems, *found.problems])
+            return report, self._add_labels(found.rows)
 
     # ---------------------------------------------------------------- train
     def export(self, version: DatasetVersion) -> Path:

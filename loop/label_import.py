@@ -15,6 +15,7 @@ from pathlib import Path
 
 from loop.config import SplitConfig, TaskType
 from loop.datasets import LabeledImage, assign_split
+from loop.detections import Detections
 from loop.errors import ConversionError, UnknownLabelError
 from loop.formats.masks import mask_to_polygons
 from loop.formats.yolo import (
@@ -22,7 +23,7 @@ from loop.formats.yolo import (
     yolo_lines_to_instances,
     yolo_pose_lines_to_instances,
 )
-from loop.images import IngestReport, Rejected
+from loop.images import IngestReport, PoolImage, Rejected
 from loop.keypoints import InstanceKeypoints
 from loop.labelfiles import match_label_files
 from loop.mask_import import class_of_image, read_mask
@@ -38,6 +39,29 @@ class LabelRows:
     rows: list[LabeledImage]
     problems: list[Rejected]
     dropped: list[Rejected] = field(default_factory=list)
+
+
+def _row(
+    entry: PoolImage,
+    split: SplitConfig,
+    det: Detections,
+    provenance: dict[str, str],
+    polygons: tuple[Rings, ...] = (),
+    keypoints: tuple[InstanceKeypoints, ...] = (),
+) -> LabeledImage:
+    """The dataset row of a pooled image: its identity and size from the pool, its split from
+    its sha256 (`assign_split`), and the labels read for it."""
+    return LabeledImage(
+        entry.sha256,
+        entry.path,
+        entry.width,
+        entry.height,
+        assign_split(entry.sha256, split),
+        det,
+        provenance,
+        polygons,
+        keypoints,
+    )
 
 
 def yolo_label_rows(
@@ -77,17 +101,7 @@ def yolo_label_rows(
                 Rejected(str(txt), f"{exc}; its image {image} was ingested without labels")
             )
             continue
-        row = LabeledImage(
-            entry.sha256,
-            entry.path,
-            entry.width,
-            entry.height,
-            assign_split(entry.sha256, split),
-            det,
-            {"source": "import", "file": str(txt)},
-            polys,
-            kps,
-        )
+        row = _row(entry, split, det, {"source": "import", "file": str(txt)}, polys, kps)
         found.setdefault(entry.sha256, []).append((image, txt, row))
     labeled: list[LabeledImage] = []
     names = list(classes)
@@ -177,16 +191,7 @@ def mask_label_rows(
                 Rejected(str(mask_path), f"region of {d.area_px} px at {d.bbox}: {d.reason}")
                 for d in found.dropped
             )
-        row = LabeledImage(
-            entry.sha256,
-            entry.path,
-            entry.width,
-            entry.height,
-            assign_split(entry.sha256, split),
-            det,
-            prov,
-            polys if task == "segment" else (),
-        )
+        row = _row(entry, split, det, prov, polys if task == "segment" else ())
         earlier = labeled.get(entry.sha256)
         if earlier is not None and earlier.canonical(names) != row.canonical(names):
             conflicted.add(entry.sha256)

@@ -207,6 +207,12 @@ def test_same_seed_segment_trainings_ignore_the_process_random_state(tmp_path: P
     process, cause not found. Without the seeding this test fails (checked)."""
     import torch
 
+    from loop.offline import configure_ultralytics
+
+    # torch.load unpickles Ultralytics classes: import Ultralytics configured, or it writes its
+    # settings under ~/.config when this test runs alone.
+    configure_ultralytics(tmp_path / "yolo", threads=1)
+
     data = tmp_path / "ds"
     write_dataset(data / "train", 8, seed=2, size=64, polygons=True)
     (data / "data.yaml").write_text(

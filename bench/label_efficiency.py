@@ -36,6 +36,7 @@ import json
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -291,49 +292,76 @@ def result_doc(doc: dict[str, Any], settings: ReplaySettings, elapsed: float) ->
     )
 
 
+def run_bench(
+    settings: ReplaySettings,
+    *,
+    results: Path,
+    work: Path,
+    fresh: bool,
+    result_doc: Callable[[dict[str, Any], ReplaySettings, float], dict[str, Any]],
+    replay_png: Path | None,
+    plot: Callable[[dict[str, Any]], None] | None = None,
+) -> dict[str, Any]:
+    """Run (or resume) the replay in ``work`` and write ``results`` (the bench's result document
+    from ``result_doc``) after every finished curve; ``plot`` draws the bench's own figure then
+    (``replay_png``: the replay's standard figure instead, or None). Returns the final result
+    document. The replay's progress goes to stderr; so does anything training prints, as stdout
+    carries only the bench's JSON line."""
+    started = time.monotonic()
+    if settings.train.weights is None:
+        print(
+            f"no checkpoint at {SHARED_WEIGHTS} and no --weights: every curve trains "
+            f"{settings.train.model} from random weights (slower to learn; not the committed "
+            "protocol)",
+            file=sys.stderr,
+        )
+    else:
+        print(f"every training starts from {settings.train.weights}", file=sys.stderr)
+    png_name = results.with_suffix(".png").name
+
+    def on_save(doc: dict[str, Any]) -> None:
+        res = result_doc(doc, settings, time.monotonic() - started)
+        res["png"] = png_name  # beside this file
+        atomic_write_text(results, json.dumps(res, indent=1))
+        if plot is not None and doc["curves"]:
+            plot(doc)
+
+    def log(msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    with contextlib.redirect_stdout(sys.stderr):
+        doc = run_replay(
+            settings,
+            work / "replay.json",
+            work_dir=work,
+            png=replay_png,
+            resume=not fresh,
+            log=log,
+            on_save=on_save,
+        )
+    return result_doc(doc, settings, time.monotonic() - started)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
     out = sys.stdout
     dataset = neu_det_path(args.dataset)
     suffix = "_smoke" if args.smoke else ""
     results = args.results.resolve() / f"{args.name}{suffix}.json"
-    png = results.with_suffix(".png")
     work = args.work or REPO / "bench" / "work" / f"{args.name}{suffix}"
     if not dataset.is_dir():
         error = {"bench": "label_efficiency", "error": f"dataset not found: {dataset}"}
         print(json.dumps(error), file=out)
         return 2
     settings = settings_from(args, dataset)
-    started = time.monotonic()
-    if settings.train.weights is None:
-        print(
-            f"no checkpoint at {SHARED_WEIGHTS} and no --weights: every curve trains "
-            "yolov8n.yaml from random weights (slower to learn; not the committed protocol)",
-            file=sys.stderr,
-        )
-    else:
-        print(f"every training starts from {settings.train.weights}", file=sys.stderr)
-
-    def on_save(doc: dict[str, Any]) -> None:
-        res = result_doc(doc, settings, time.monotonic() - started)
-        res["png"] = png.name  # beside this file
-        atomic_write_text(results, json.dumps(res, indent=1))
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    # Training and MLflow may print; stdout carries only the final JSON line.
-    with contextlib.redirect_stdout(sys.stderr):
-        doc = run_replay(
-            settings,
-            work / "replay.json",
-            work_dir=work,
-            png=png,
-            resume=not args.fresh,
-            log=log,
-            on_save=on_save,
-        )
-    res = result_doc(doc, settings, time.monotonic() - started)
+    res = run_bench(
+        settings,
+        results=results,
+        work=work,
+        fresh=args.fresh,
+        result_doc=result_doc,
+        replay_png=results.with_suffix(".png"),
+    )
     line: dict[str, Any] = {
         k: res[k]
         for k in (

@@ -76,11 +76,9 @@ named in ``start``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -90,11 +88,10 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from label_efficiency import SHARED_WEIGHTS, repo_relative  # noqa: E402
+from label_efficiency import SHARED_WEIGHTS, repo_relative, run_bench  # noqa: E402
 
 from loop.config import SelectConfig, SplitConfig, TrainConfig  # noqa: E402
-from loop.images import atomic_write_text  # noqa: E402
-from loop.replay import ReplaySettings, run_replay  # noqa: E402
+from loop.replay import ReplaySettings  # noqa: E402
 from loop.savings import label_savings  # noqa: E402
 
 NAME = "label_efficiency_magnetic_tile"
@@ -448,38 +445,15 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(error), file=out)
         return 2
     settings = settings_from(args, dataset)
-    started = time.monotonic()
-    if settings.train.weights is None:
-        print(
-            f"no checkpoint at {SHARED_WEIGHTS} and no --weights: every curve trains "
-            "yolov8n-seg.yaml from random weights (not the committed protocol)",
-            file=sys.stderr,
-        )
-    else:
-        print(f"every training starts from {settings.train.weights}", file=sys.stderr)
-
-    def on_save(doc: dict[str, Any]) -> None:
-        res = result_doc(doc, settings, time.monotonic() - started)
-        res["png"] = png.name  # beside this file
-        atomic_write_text(results, json.dumps(res, indent=1))
-        if doc["curves"]:
-            plot_result(doc, png, f"oracle replay (segment): {dataset.name}")
-
-    def log(msg: str) -> None:
-        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-    # Training and MLflow may print; stdout carries only the final JSON line.
-    with contextlib.redirect_stdout(sys.stderr):
-        doc = run_replay(
-            settings,
-            work / "replay.json",
-            work_dir=work,
-            png=None,  # this benchmark draws its own figure (`plot_result`)
-            resume=not args.fresh,
-            log=log,
-            on_save=on_save,
-        )
-    res = result_doc(doc, settings, time.monotonic() - started)
+    res = run_bench(
+        settings,
+        results=results,
+        work=work,
+        fresh=args.fresh,
+        result_doc=result_doc,
+        replay_png=None,  # this benchmark draws its own figure (`plot_result`)
+        plot=lambda doc: plot_result(doc, png, f"oracle replay (segment): {dataset.name}"),
+    )
     line: dict[str, Any] = {
         k: res[k]
         for k in (

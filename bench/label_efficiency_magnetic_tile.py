@@ -25,21 +25,20 @@ curve of the same seed (same initial set):
 
 Why these settings (measured on this 2-core box; README, Benchmarks):
 
-- strategies: random against three: ``class_diversity`` (the NEU-DET winner), ``class_quota``
-  and ``entropy``. The class selectors split the batch into per-class quotas weighted by the
-  model's per-class difficulty; an image belongs to the quota of its most confident candidate's
-  class, and as every image keeps at least ``min_candidates`` (3) candidates, nearly every
-  image, defect-free or not, belongs to some quota. ``class_quota`` fills each quota with the
-  most uncertain images, ``class_diversity`` with diverse images from a shortlist five times
-  the quota (``hybrid_factor``); ``entropy`` takes the most uncertain images overall. Each
-  curve takes 11-18 min, so random against one strategy is about 80 min (the issue's 1.5 h);
-  all four about 2.6 h. The first full run had random and class_diversity; class_quota and
-  entropy were added to it by resumed runs of the same code and settings (the fingerprint a
-  resumed run checks covers every setting a curve depends on). ``mask_stability`` (the
-  mask-aware measure) runs three test-time-augmented passes of the segmentation model over the
-  whole pool every round: about 5x class_diversity's scoring time (measured on 96 images with a
-  real round-0 model). Add it with ``--strategies random,mask_stability`` (resuming keeps the
-  finished curves);
+- strategies: random against ``class_quota``, the strategy the README advises for a line that
+  is mostly good parts. The class selectors split the batch into per-class quotas weighted by
+  the model's per-class difficulty; an image belongs to the quota of its most confident
+  candidate's class, and as every image keeps at least ``min_candidates`` (3) candidates,
+  nearly every image, defect-free or not, belongs to some quota. ``class_quota`` fills each
+  quota with the most uncertain images, ``class_diversity`` with diverse images from a
+  shortlist five times the quota (``hybrid_factor``); ``entropy`` takes the most uncertain
+  images overall. Each curve takes 15-20 min, so random against one strategy is about 1 h
+  50 min. The earlier, best-epoch runs (below) measured class_diversity, class_quota and
+  entropy; add any strategy with ``--strategies random,class_quota,<name>`` (resuming keeps
+  the finished curves; the fingerprint a resumed run checks covers every setting a curve
+  depends on). ``mask_stability`` (the mask-aware measure) runs three test-time-augmented
+  passes of the segmentation model over the whole pool every round: about 5x class_diversity's
+  scoring time (measured on 96 images with a real round-0 model);
 - ``select.candidate_conf`` 0.1 (production default 0.01): the segmentation model outlines every
   candidate, and at 0.01 predicting the pool took 2.4x as long (the strategies read the most
   confident instances; at least 3 per image are kept either way, ``min_candidates``);
@@ -106,7 +105,7 @@ FOLDER_CLASSES: tuple[tuple[str, str], ...] = (
     ("MT_Uneven", "uneven"),
 )
 FULL: dict[str, Any] = {
-    "strategies": "random,class_diversity,class_quota,entropy",
+    "strategies": "random,class_quota",
     "base_strategy": "entropy",
     "seeds": "0,1,2",
     "initial": 50,

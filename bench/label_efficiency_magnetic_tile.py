@@ -32,8 +32,8 @@ Why these settings (measured on this 2-core box; README, Benchmarks):
   nearly every image, defect-free or not, belongs to some quota. ``class_quota`` fills each
   quota with the most uncertain images, ``class_diversity`` with diverse images from a
   shortlist five times the quota (``hybrid_factor``); ``entropy`` takes the most uncertain
-  images overall. Each curve takes 15-20 min, so random against one strategy is about 1 h
-  50 min. The earlier, best-epoch runs (below) measured class_diversity, class_quota and
+  images overall. Each curve took 16.5-23.6 min, so random against one strategy is about 2 h
+  (119 min measured). The earlier, best-epoch runs (below) measured class_diversity, class_quota and
   entropy; add any strategy with ``--strategies random,class_quota,<name>`` (resuming keeps
   the finished curves; the fingerprint a resumed run checks covers every setting a curve
   depends on). ``mask_stability`` (the mask-aware measure) runs three test-time-augmented
